@@ -1,0 +1,126 @@
+"""Starlette wiring: routes, lifespan-owned clients, health and metrics endpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .config import LoadedConfig
+from .credentials import TokenProvider, build_credential
+from .errors import GatewayError, NotFound
+from .exchange import Observer
+from .logs import AccessLog
+from .metrics import Metrics
+from .proxy import Proxy
+from .runtime import Gateway
+from .state import StateBackend
+from .state.memory import MemoryState
+from .upstream import new_client
+
+log = logging.getLogger("gateway")
+
+PREFIXES = ("/openai/v1", "/openai")
+
+
+def _error(exc: GatewayError) -> Response:
+    return Response(exc.body(), exc.status, media_type="application/json", headers=exc.headers)
+
+
+def build_state(loaded: LoadedConfig) -> StateBackend:
+    """The state backend the config selects."""
+    return MemoryState()
+
+
+def create_app(loaded: LoadedConfig, *, credential: Any = None) -> Starlette:
+    """The gateway ASGI app for a loaded config (``credential`` overrides azure-identity's)."""
+    cfg = loaded.config
+    metrics = Metrics(lambda: gateway.snap.loaded.config)
+    observers: list[Observer] = [metrics, AccessLog()]
+    needs_entra = any(r.auth == "entra" for r in cfg.resources.values())
+    tokens = None
+    if needs_entra:
+        tokens = TokenProvider(
+            credential or build_credential(cfg.credential, loaded.client_secret),
+            margin=cfg.credential.refresh_margin_seconds,
+            timeout=cfg.credential.timeout_seconds,
+            on_fetch=metrics.token_fetched,
+        )
+    gateway = Gateway(
+        loaded,
+        http=new_client(cfg.upstream),
+        state=build_state(loaded),
+        tokens=tokens,
+        observers=observers,
+    )
+    proxy = Proxy(gateway)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        try:
+            yield {"gateway": gateway}
+        finally:
+            await gateway.http.aclose()
+            await gateway.state.aclose()
+            if gateway.tokens is not None:
+                gateway.tokens.close()
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        problems = []
+        if gateway.draining:
+            problems.append("draining")
+        try:
+            await gateway.state.ping()
+        except GatewayError as exc:
+            problems.append(f"state: {exc.message}")
+        status = 503 if problems else 200
+        return JSONResponse({"ready": not problems, "problems": problems}, status)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def not_found(request: Request) -> Response:
+        return _error(
+            NotFound(f"Unknown path {request.url.path!r}; this gateway serves /openai/v1/responses.")
+        )
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        err = GatewayError(exc.detail, code="method_not_allowed" if exc.status_code == 405 else None)
+        err.status = exc.status_code
+        err.type = "invalid_request_error"
+        return _error(err)
+
+    routes = []
+    for prefix in PREFIXES:
+        base = prefix + "/responses"
+        routes += [
+            Route(base, proxy.endpoint("create"), methods=["POST"]),
+            Route(base + "/compact", proxy.endpoint("compact"), methods=["POST"]),
+            Route(base + "/input_tokens", proxy.endpoint("input_tokens"), methods=["POST"]),
+            Route(base + "/{response_id}", proxy.endpoint("retrieve"), methods=["GET"]),
+            Route(base + "/{response_id}", proxy.endpoint("delete"), methods=["DELETE"]),
+            Route(base + "/{response_id}/cancel", proxy.endpoint("cancel"), methods=["POST"]),
+            Route(base + "/{response_id}/input_items", proxy.endpoint("input_items"), methods=["GET"]),
+        ]
+    routes += [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/{path:path}", not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    app.state.gateway = gateway
+    app.state.metrics = metrics
+    return app

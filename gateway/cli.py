@@ -1,0 +1,192 @@
+"""The ``gateway`` command: serve, keys, simulate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+import uvicorn
+
+from .config import ConfigError, LoadedConfig, load_config, parse_config
+from .keys import hash_key, new_key
+from .logs import setup_logging
+
+
+def _uvicorn_config(app: object, host: str, port: int, log_level: str = "info") -> uvicorn.Config:
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        host=host,
+        port=port,
+        log_config=None,
+        log_level=log_level,
+        access_log=False,
+        server_header=False,
+        lifespan="on",
+        timeout_graceful_shutdown=30,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .app import create_app
+
+    path = args.config or os.environ.get("GATEWAY_CONFIG")
+    if not path:
+        print("gateway serve: give --config FILE or set GATEWAY_CONFIG", file=sys.stderr)
+        return 2
+    setup_logging(args.log_level)
+    try:
+        loaded = load_config(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    app = create_app(loaded)
+    uvicorn.Server(_uvicorn_config(app, args.host, args.port, args.log_level.lower())).run()
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        loaded = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    cfg = loaded.config
+    print(
+        f"{args.config}: ok ({len(cfg.tenants)} tenants, {len(cfg.models)} models, "
+        f"{len(cfg.resources)} resources)"
+    )
+    return 0
+
+
+def cmd_keys_new(args: argparse.Namespace) -> int:
+    key = new_key()
+    key_id = args.id or f"{args.tenant}-{time.strftime('%Y%m%d')}-{os.urandom(2).hex()}"
+    print(f"key: {key}")
+    print("# Give the key to the team once; it is not stored anywhere. Add this under")
+    print(f"# tenants.{args.tenant}.keys in the config:")
+    print(f'- {{id: {key_id}, sha256: "{hash_key(key)}"}}')
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .simulator import create_simulator
+
+    setup_logging("WARNING")
+    uvicorn.Server(_uvicorn_config(create_simulator(), args.host, args.port, "warning")).run()
+    return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def demo_config(sim_port: int, key: str) -> LoadedConfig:
+    """An in-memory config: one tenant, one model, on the local simulator via Entra."""
+    return parse_config(
+        {
+            "credential": {"type": "managed_identity"},
+            "resources": {
+                "sim-swc": {"endpoint": f"http://127.0.0.1:{sim_port}", "region": "swedencentral"}
+            },
+            "models": {"gpt-4.1": [{"resource": "sim-swc", "deployment": "gpt-41-sim"}]},
+            "tenants": {
+                "demo": {
+                    "keys": [{"id": "demo-key", "sha256": hash_key(key)}],
+                    "models": ["gpt-4.1"],
+                }
+            },
+        },
+        environ={},
+        source="<demo>",
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .app import create_app
+    from .simulator import IDENTITY_HEADER, create_simulator
+
+    setup_logging("WARNING")
+    sim_port = args.sim_port or _free_port()
+    sim = uvicorn.Server(_uvicorn_config(create_simulator(), "127.0.0.1", sim_port, "warning"))
+    threading.Thread(target=sim.run, daemon=True, name="simulator").start()
+    while not sim.started:
+        time.sleep(0.02)
+    # azure-identity's managed-identity flow, served by the simulator (App Service protocol).
+    os.environ["IDENTITY_ENDPOINT"] = f"http://127.0.0.1:{sim_port}/msi/token"
+    os.environ["IDENTITY_HEADER"] = IDENTITY_HEADER
+    key = new_key()
+    app = create_app(demo_config(sim_port, key))
+    base = f"http://{args.host}:{args.port}"
+    print(
+        f"""
+Gateway demo: gateway on {base}, simulated Azure OpenAI on 127.0.0.1:{sim_port}.
+Demo key (tenant 'demo', model 'gpt-4.1'): {key}
+
+  curl -s {base}/openai/v1/responses -H "api-key: {key}" \\
+       -H "content-type: application/json" -d '{{"model": "gpt-4.1", "input": "Hello"}}'
+
+  python3 -c '
+from openai import OpenAI
+client = OpenAI(base_url="{base}/openai/v1/", api_key="{key}")
+print(client.responses.create(model="gpt-4.1", input="Hello").output_text)'
+
+Ctrl-C stops both.
+""",
+        flush=True,
+    )
+    try:
+        uvicorn.Server(_uvicorn_config(app, args.host, args.port, "warning")).run()
+    finally:
+        sim.should_exit = True
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the gateway")
+    p.add_argument("--config", help="YAML config file (or set GATEWAY_CONFIG)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("check", help="validate a config file and exit")
+    p.add_argument("config")
+    p.set_defaults(func=cmd_check)
+
+    keys = sub.add_parser("keys", help="manage gateway keys").add_subparsers(dest="keys", required=True)
+    p = keys.add_parser("new", help="print a new key for TENANT and the entry to store")
+    p.add_argument("tenant")
+    p.add_argument("--id", help="key id (default: TENANT-DATE-RANDOM)")
+    p.set_defaults(func=cmd_keys_new)
+
+    p = sub.add_parser("simulate", help="serve the local Responses API simulator")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8081)
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("demo", help="simulator + gateway on loopback with a fresh demo key")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--sim-port", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gateway`` command."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""YAML config → validated, immutable config objects.
+
+The environment is read here and nowhere else: secrets named by ``*_env`` fields
+are resolved into ``LoadedConfig.secrets`` at load time, so a missing variable
+fails at start with the field that named it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_SCOPE = "https://cognitiveservices.azure.com/.default"
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+Positive = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class ConfigError(Exception):
+    """The config file is unusable; the message names each bad field path."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _env_name(value: str | None) -> str | None:
+    if value is not None and not _ENV_NAME.match(value):
+        raise ValueError(f"{value!r} is not an environment variable name")
+    return value
+
+
+class CredentialConfig(_Frozen):
+    type: Literal[
+        "default", "managed_identity", "workload_identity", "client_secret", "azure_cli"
+    ] = "default"
+    client_id: str | None = None
+    tenant_id: str | None = None
+    client_secret_env: str | None = None
+    token_file_path: str | None = None
+    refresh_margin_seconds: PositiveFloat = 300.0
+    timeout_seconds: PositiveFloat = 10.0
+
+    _check_env = field_validator("client_secret_env")(_env_name)
+
+    @model_validator(mode="after")
+    def _client_secret_fields(self) -> CredentialConfig:
+        if self.type == "client_secret":
+            missing = [
+                f for f in ("tenant_id", "client_id", "client_secret_env") if not getattr(self, f)
+            ]
+            if missing:
+                raise ValueError(f"type client_secret needs {', '.join(missing)}")
+        return self
+
+
+class ResourceConfig(_Frozen):
+    endpoint: str
+    region: str
+    auth: Literal["entra", "api_key"] = "entra"
+    api_key_env: str | None = None
+    scope: str = DEFAULT_SCOPE
+
+    _check_env = field_validator("api_key_env")(_env_name)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http(s) URL with a host")
+        if parts.query or parts.fragment or parts.path not in ("", "/"):
+            raise ValueError(f"{value!r} must be scheme://host[:port] with no path or query")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _auth_fields(self) -> ResourceConfig:
+        if self.auth == "api_key" and not self.api_key_env:
+            raise ValueError("auth: api_key needs api_key_env")
+        if self.auth == "entra" and self.api_key_env:
+            raise ValueError("api_key_env is only used with auth: api_key")
+        return self
+
+
+class TargetConfig(_Frozen):
+    resource: str
+    deployment: str
+
+
+class KeyConfig(_Frozen):
+    id: str
+    sha256: str
+    expires_at: datetime | None = None
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, value: str) -> str:
+        value = value.lower()
+        if not _HEX64.match(value):
+            raise ValueError("must be 64 hex characters (the SHA-256 of the key)")
+        return value
+
+    @field_validator("expires_at")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("must carry a time zone, e.g. 2027-01-31T00:00:00Z")
+        return value
+
+
+class QuotaConfig(_Frozen):
+    requests_per_minute: Positive | None = None
+    tokens_per_minute: Positive | None = None
+    tokens_per_day: Positive | None = None
+    tokens_per_month: Positive | None = None
+    max_concurrent_requests: Positive | None = None
+
+
+class McpPolicyConfig(_Frozen):
+    allowed_servers: tuple[str, ...] | None = None
+    require_approval: Literal["always"] | None = None
+
+
+class ToolPolicyConfig(_Frozen):
+    allowed: tuple[str, ...] | None = None
+
+
+class TenantConfig(_Frozen):
+    keys: tuple[KeyConfig, ...] = ()
+    models: tuple[str, ...] = ()
+    regions: tuple[str, ...] | None = None
+    quotas: QuotaConfig = QuotaConfig()
+    model_quotas: dict[str, QuotaConfig] = {}
+    mcp: McpPolicyConfig = McpPolicyConfig()
+    tools: ToolPolicyConfig = ToolPolicyConfig()
+
+
+class StateConfig(_Frozen):
+    backend: Literal["memory", "redis"] = "memory"
+    url_env: str | None = None
+    response_retention_days: PositiveFloat = 30.0
+    on_state_error: Literal["allow", "deny"] = "allow"
+    timeout_seconds: PositiveFloat = 0.5
+
+    _check_env = field_validator("url_env")(_env_name)
+
+    @model_validator(mode="after")
+    def _redis_url(self) -> StateConfig:
+        if self.backend == "redis" and not self.url_env:
+            raise ValueError("backend: redis needs url_env (the variable holding the Redis URL)")
+        return self
+
+
+class UpstreamConfig(_Frozen):
+    connect_timeout: PositiveFloat = 5.0
+    read_timeout: PositiveFloat = 600.0
+    write_timeout: PositiveFloat = 60.0
+    pool_timeout: PositiveFloat = 10.0
+    max_connections: Positive = 512
+    trust_env: bool = False
+
+
+class ServerConfig(_Frozen):
+    max_body_bytes: Positive = 50 * 1024 * 1024
+
+
+class AuditConfig(_Frozen):
+    path: str | None = None
+
+
+class Config(_Frozen):
+    credential: CredentialConfig = CredentialConfig()
+    resources: dict[str, ResourceConfig]
+    models: dict[str, tuple[TargetConfig, ...]]
+    tenants: dict[str, TenantConfig]
+    state: StateConfig = StateConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    server: ServerConfig = ServerConfig()
+    audit: AuditConfig = AuditConfig()
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A secret value whose repr never shows it."""
+
+    value: str = field(repr=False)
+
+    def __repr__(self) -> str:
+        return "Secret(****)"
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """The validated config plus the secrets its ``*_env`` fields named."""
+
+    config: Config
+    resource_keys: Mapping[str, Secret]
+    client_secret: Secret | None = None
+    redis_url: Secret | None = None
+    source: str = "<memory>"
+
+
+def _cross_check(cfg: Config) -> list[str]:
+    errors: list[str] = []
+    regions = {r.region for r in cfg.resources.values()}
+    for name in cfg.resources:
+        if not _NAME.match(name):
+            errors.append(f"resources.{name}: names use letters, digits, '.', '_' and '-'")
+    for model, targets in cfg.models.items():
+        if not targets:
+            errors.append(f"models.{model}: needs at least one {{resource, deployment}}")
+        for i, t in enumerate(targets):
+            if t.resource not in cfg.resources:
+                errors.append(f"models.{model}[{i}].resource: unknown resource {t.resource!r}")
+    ids: dict[str, str] = {}
+    hashes: dict[str, str] = {}
+    for tname, tenant in cfg.tenants.items():
+        if not _NAME.match(tname):
+            errors.append(f"tenants.{tname}: names use letters, digits, '.', '_' and '-'")
+        for i, key in enumerate(tenant.keys):
+            where = f"tenants.{tname}.keys[{i}]"
+            if key.id in ids:
+                errors.append(f"{where}.id: duplicate key id {key.id!r} (also {ids[key.id]})")
+            ids.setdefault(key.id, where)
+            if key.sha256 in hashes:
+                errors.append(f"{where}.sha256: duplicate key hash (also {hashes[key.sha256]})")
+            hashes.setdefault(key.sha256, where)
+        for i, region in enumerate(tenant.regions or ()):
+            if region not in regions:
+                errors.append(f"tenants.{tname}.regions[{i}]: no resource is in region {region!r}")
+        for model in tenant.model_quotas:
+            if model not in cfg.models:
+                errors.append(f"tenants.{tname}.model_quotas.{model}: unknown model")
+    return errors
+
+
+def _format_validation(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        path = ".".join(
+            f"[{p}]" if isinstance(p, int) else str(p) for p in err["loc"] if p != "__root__"
+        ).replace(".[", "[")
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{path or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(
+    data: Any, environ: Mapping[str, str] | None = None, source: str = "<memory>"
+) -> LoadedConfig:
+    """Validate a parsed YAML document and resolve the secrets it names."""
+    env = os.environ if environ is None else environ
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the config must be a YAML mapping")
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: invalid config\n{_format_validation(exc)}") from None
+    errors = _cross_check(cfg)
+
+    def secret(var: str, where: str) -> Secret | None:
+        value = env.get(var)
+        if not value:
+            errors.append(f"{where}: environment variable {var} is not set")
+            return None
+        return Secret(value)
+
+    keys: dict[str, Secret] = {}
+    for name, res in cfg.resources.items():
+        if res.api_key_env:
+            s = secret(res.api_key_env, f"resources.{name}.api_key_env")
+            if s:
+                keys[name] = s
+    client_secret = None
+    if cfg.credential.client_secret_env:
+        client_secret = secret(cfg.credential.client_secret_env, "credential.client_secret_env")
+    redis_url = None
+    if cfg.state.backend == "redis" and cfg.state.url_env:
+        redis_url = secret(cfg.state.url_env, "state.url_env")
+    if errors:
+        raise ConfigError(f"{source}: invalid config\n" + "\n".join(errors))
+    return LoadedConfig(cfg, keys, client_secret, redis_url, source)
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> LoadedConfig:
+    """Read, parse and validate the YAML config file at ``path``."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data, environ, str(path))

@@ -1,0 +1,111 @@
+"""Errors the gateway answers with, and how each maps to HTTP.
+
+Every error a client can see is a ``GatewayError``; its body has the shape the
+OpenAI SDKs parse: ``{"error": {"message", "type", "param", "code"}}``.
+
+    GatewayError
+    ├── BadRequest           400 invalid_request_error   (bad JSON, missing model, bad id)
+    ├── Unauthenticated      401 authentication_error    (no key, unknown key, expired key)
+    ├── Forbidden            403 permission_error        (model, region, tool, MCP server)
+    ├── NotFound             404 invalid_request_error   (unknown model, response, route)
+    ├── PayloadTooLarge      413 invalid_request_error
+    ├── RateLimited          429 rate_limit_error         (quota windows, spent budgets)
+    ├── UpstreamUnavailable  502 upstream_error           (connect failure, bad upstream)
+    ├── ServiceUnavailable   503 service_unavailable      (credential, state, audit sink)
+    └── UpstreamTimeout      504 timeout_error
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+
+class GatewayError(Exception):
+    """An error answered by the gateway itself, never by the upstream."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.param = param
+        self.headers = dict(headers or {})
+
+    def body(self) -> bytes:
+        """The OpenAI-shaped JSON error body."""
+        err = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return json.dumps({"error": err}).encode()
+
+
+class BadRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class Unauthenticated(GatewayError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class UpstreamUnavailable(GatewayError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_unavailable"
+
+
+class ServiceUnavailable(GatewayError):
+    status = 503
+    type = "service_unavailable"
+    code = "service_unavailable"
+
+
+class CredentialError(ServiceUnavailable):
+    code = "credential_unavailable"
+
+
+class StateError(ServiceUnavailable):
+    code = "state_unavailable"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    type = "timeout_error"
+    code = "upstream_timeout"

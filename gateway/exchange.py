@@ -1,0 +1,74 @@
+"""One request through the gateway, and the observers that are told about it.
+
+Observers (metrics, access log, audit) subscribe to a few typed hooks instead of
+patching the handler.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .keys import Principal
+from .routing import Target
+
+
+@dataclass
+class Exchange:
+    """What the gateway learned about one request while serving it."""
+
+    request_id: str
+    operation: str
+    method: str
+    client: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+    principal: Principal | None = None
+    model: str | None = None
+    target: Target | None = None
+    stream: bool = False
+    status: int = 0
+    error_code: str | None = None
+    upstream_status: int | None = None
+    upstream_started: float | None = None
+    upstream_seconds: float | None = None
+    ttfb_seconds: float | None = None
+    duration_seconds: float | None = None
+    upstream_request_id: str | None = None
+    response_id: str | None = None
+    previous_response_id: str | None = None
+    usage: dict[str, Any] | None = None
+    attempts: int = 0
+    interrupted: bool = False
+
+    @property
+    def tenant(self) -> str | None:
+        return self.principal.tenant if self.principal else None
+
+
+class Observer(Protocol):
+    """Hooks an observer may implement; each is called synchronously and must be cheap."""
+
+    def upstream_failed(self, ex: Exchange, target: Target, status: int | None) -> None: ...
+
+    def stream_event(self, ex: Exchange, event: dict[str, Any]) -> None: ...
+
+    def response_body(self, ex: Exchange, body: dict[str, Any]) -> None: ...
+
+    def finished(self, ex: Exchange) -> None: ...
+
+
+class BaseObserver:
+    """No-op implementations of every hook."""
+
+    def upstream_failed(self, ex: Exchange, target: Target, status: int | None) -> None:
+        return None
+
+    def stream_event(self, ex: Exchange, event: dict[str, Any]) -> None:
+        return None
+
+    def response_body(self, ex: Exchange, body: dict[str, Any]) -> None:
+        return None
+
+    def finished(self, ex: Exchange) -> None:
+        return None

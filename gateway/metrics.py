@@ -1,0 +1,162 @@
+"""Prometheus collectors, fed by the exchange observer hooks.
+
+Label values are bounded: tenants and models come from the config (anything
+else is ``other``), resources and regions likewise, statuses are numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from .config import Config
+from .exchange import BaseObserver, Exchange
+from .routing import Target
+
+OTHER = "other"
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+_TTFB = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+_TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
+
+
+class Metrics(BaseObserver):
+    """All gateway metrics on their own registry (one per app, so tests don't collide)."""
+
+    def __init__(self, config_source: Callable[[], Config]) -> None:
+        self._config = config_source
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "gateway_requests_total",
+            "Requests answered, by tenant, model, operation and status.",
+            ["tenant", "model", "operation", "status"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "gateway_request_duration_seconds",
+            "Time from request arrival to the last byte sent.",
+            ["tenant", "model", "operation", "stream"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "gateway_upstream_duration_seconds",
+            "Time from sending upstream to the end of the upstream answer.",
+            ["resource", "region", "operation"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.ttfb = Histogram(
+            "gateway_time_to_first_byte_seconds",
+            "Time from request arrival to the first body byte sent to the client.",
+            ["tenant", "model", "stream"],
+            buckets=_TTFB,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "gateway_tokens_total",
+            "Tokens reported by Azure usage, by kind (input, cached, output, reasoning).",
+            ["tenant", "model", "kind"],
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors_total",
+            "Upstream answers >= 400 and transport failures (status 'connect').",
+            ["resource", "region", "status"],
+            registry=r,
+        )
+        self.token_fetches = Counter(
+            "gateway_entra_token_fetches_total",
+            "Microsoft Entra token fetches, by result.",
+            ["result"],
+            registry=r,
+        )
+        self.interrupted = Counter(
+            "gateway_streams_interrupted_total",
+            "Streams that ended early (client disconnect or upstream break).",
+            ["tenant", "model"],
+            registry=r,
+        )
+        self.gen_ai_tokens = Histogram(
+            "gen_ai_client_token_usage",
+            "OpenTelemetry GenAI: tokens per operation, by token type (input, output).",
+            ["gen_ai_operation_name", "gen_ai_request_model", "gen_ai_token_type"],
+            buckets=_TOKENS,
+            registry=r,
+        )
+        self.gen_ai_duration = Histogram(
+            "gen_ai_client_operation_duration_seconds",
+            "OpenTelemetry GenAI: operation duration.",
+            ["gen_ai_operation_name", "gen_ai_request_model"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "gateway_inflight_requests", "Requests being served right now.", registry=r
+        )
+
+    def tenant_label(self, tenant: str | None) -> str:
+        return tenant if tenant is not None and tenant in self._config().tenants else OTHER
+
+    def model_label(self, model: str | None) -> str:
+        return model if model is not None and model in self._config().models else OTHER
+
+    def _target_labels(self, target: Target | None) -> tuple[str, str]:
+        if target is None or target.resource not in self._config().resources:
+            return OTHER, OTHER
+        return target.resource, target.region
+
+    def token_fetched(self, ok: bool) -> None:
+        self.token_fetches.labels("success" if ok else "failure").inc()
+
+    def upstream_failed(self, ex: Exchange, target: Target, status: int | None) -> None:
+        resource, region = self._target_labels(target)
+        self.upstream_errors.labels(resource, region, str(status) if status else "connect").inc()
+
+    def finished(self, ex: Exchange) -> None:
+        tenant = self.tenant_label(ex.tenant)
+        model = self.model_label(ex.model)
+        stream = "true" if ex.stream else "false"
+        self.requests.labels(tenant, model, ex.operation, str(ex.status)).inc()
+        if ex.duration_seconds is not None:
+            self.duration.labels(tenant, model, ex.operation, stream).observe(ex.duration_seconds)
+            if ex.status < 400:
+                self.gen_ai_duration.labels(ex.operation, model).observe(ex.duration_seconds)
+        if ex.ttfb_seconds is not None:
+            self.ttfb.labels(tenant, model, stream).observe(ex.ttfb_seconds)
+        if ex.upstream_seconds is not None:
+            resource, region = self._target_labels(ex.target)
+            self.upstream_duration.labels(resource, region, ex.operation).observe(
+                ex.upstream_seconds
+            )
+        if ex.interrupted:
+            self.interrupted.labels(tenant, model).inc()
+        if ex.usage and ex.operation in ("create", "compact"):
+            self._count_usage(tenant, model, ex.operation, ex.usage)
+
+    def _count_usage(self, tenant: str, model: str, operation: str, usage: dict[str, Any]) -> None:
+        kinds = token_kinds(usage)
+        for kind, n in kinds.items():
+            if n:
+                self.tokens.labels(tenant, model, kind).inc(n)
+        self.gen_ai_tokens.labels(operation, model, "input").observe(kinds["input"])
+        self.gen_ai_tokens.labels(operation, model, "output").observe(kinds["output"])
+
+
+def token_kinds(usage: dict[str, Any]) -> dict[str, int]:
+    """Input, cached, output and reasoning token counts of a Responses ``usage`` object."""
+
+    def num(value: Any) -> int:
+        return value if isinstance(value, int) and value >= 0 else 0
+
+    in_details = usage.get("input_tokens_details") or {}
+    out_details = usage.get("output_tokens_details") or {}
+    return {
+        "input": num(usage.get("input_tokens")),
+        "cached": num(in_details.get("cached_tokens") if isinstance(in_details, dict) else 0),
+        "output": num(usage.get("output_tokens")),
+        "reasoning": num(
+            out_details.get("reasoning_tokens") if isinstance(out_details, dict) else 0
+        ),
+    }

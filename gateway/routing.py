@@ -1,0 +1,86 @@
+"""Tenant + model → the ordered upstream targets that may serve a request."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from .config import Config, TenantConfig
+from .errors import BadRequest, Forbidden, NotFound
+from .policy import check_model, region_allowed
+
+
+class Target(NamedTuple):
+    """One Azure deployment on one resource."""
+
+    resource: str
+    endpoint: str
+    region: str
+    deployment: str
+
+
+class Router:
+    """Resolves logical model names to deployments, honouring policy."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        self._targets: dict[str, tuple[Target, ...]] = {
+            model: tuple(
+                Target(
+                    t.resource,
+                    config.resources[t.resource].endpoint,
+                    config.resources[t.resource].region,
+                    t.deployment,
+                )
+                for t in targets
+            )
+            for model, targets in config.models.items()
+        }
+
+    def targets(
+        self, tenant_name: str, tenant: TenantConfig, model: str, pinned: str | None = None
+    ) -> tuple[Target, ...]:
+        """Targets for ``model`` in fallback order, filtered by allowlist, region and pin."""
+        check_model(tenant_name, tenant, model)
+        targets = self._targets.get(model)
+        if targets is None:
+            raise NotFound(
+                f"The model '{model}' does not exist on this gateway.",
+                code="model_not_found",
+                param="model",
+            )
+        allowed = tuple(t for t in targets if region_allowed(tenant, t.region))
+        if not allowed:
+            raise Forbidden(
+                f"Model '{model}' is only deployed in "
+                f"{', '.join(sorted({t.region for t in targets}))}, and tenant '{tenant_name}' "
+                f"is pinned to regions {', '.join(tenant.regions or ())} (data residency).",
+                code="region_not_allowed",
+                param="model",
+            )
+        if pinned is not None:
+            allowed = tuple(t for t in allowed if t.resource == pinned)
+            if not allowed:
+                raise BadRequest(
+                    f"Model '{model}' has no deployment on the resource that holds the "
+                    "referenced response; use a model deployed there.",
+                    code="model_not_on_resource",
+                    param="model",
+                )
+        return allowed
+
+    def deployment_on(
+        self, tenant_name: str, tenant: TenantConfig, model: str, resource: str, where: str
+    ) -> str | None:
+        """The deployment of an extra model (a tool's, a header's) on ``resource``."""
+        check_model(tenant_name, tenant, model, where)
+        targets = self._targets.get(model)
+        if targets is None:
+            raise NotFound(
+                f"The model '{model}' named in {where} does not exist on this gateway.",
+                code="model_not_found",
+                param=where,
+            )
+        for t in targets:
+            if t.resource == resource and region_allowed(tenant, t.region):
+                return t.deployment
+        return None

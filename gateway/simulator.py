@@ -1,0 +1,462 @@
+"""A local Azure OpenAI Responses API simulator, and a managed-identity token endpoint.
+
+For the demo and the tests: both path forms, JSON and SSE with ``sequence_number``,
+background mode with cancel and stream resume, input_items, compact, MCP items
+when MCP tools are sent, and injected failures. Control per request with headers
+``x-sim-status`` (answer with that error), ``x-sim-delay`` (seconds between stream
+events) and ``x-sim-hang`` (seconds before answering), or through ``SimState``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+Json = dict[str, Any]
+IDENTITY_HEADER = "sim-identity-header"
+
+
+@dataclass
+class Recorded:
+    """One request as the simulator received it."""
+
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class SimState:
+    """Everything the simulator remembers; tests read and steer it."""
+
+    region: str = "swedencentral"
+    api_key: str = "sim-api-key"
+    delay: float = 0.0
+    background_seconds: float = 0.3
+    token_expires_in: float = 3600.0
+    token_delay: float = 0.0
+    fail_queue: list[int] = field(default_factory=list)
+    responses: dict[str, Json] = field(default_factory=dict)
+    inputs: dict[str, list[Json]] = field(default_factory=dict)
+    events: dict[str, list[Json]] = field(default_factory=dict)
+    ready_at: dict[str, float] = field(default_factory=dict)
+    requests: list[Recorded] = field(default_factory=list)
+    sent_streams: list[bytes] = field(default_factory=list)
+    tokens_issued: list[str] = field(default_factory=list)
+    on_request: Callable[[Recorded], None] | None = None
+
+    def api_requests(self) -> list[Recorded]:
+        return [r for r in self.requests if "/responses" in r.path]
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+def _error(status: int, message: str, code: str, param: str | None = None) -> Response:
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
+    return JSONResponse(body, status)
+
+
+def _input_items(body: Json) -> list[Json]:
+    raw = body.get("input")
+    if isinstance(raw, str):
+        raw = [{"role": "user", "content": raw}]
+    items = []
+    for item in raw if isinstance(raw, list) else []:
+        if not isinstance(item, dict):
+            continue
+        item = dict(item)
+        if item.get("type") is None and "role" in item:
+            item["type"] = "message"
+            if isinstance(item.get("content"), str):
+                item["content"] = [{"type": "input_text", "text": item["content"]}]
+        item.setdefault("id", _id("msg" if item["type"] == "message" else "item"))
+        items.append(item)
+    return items
+
+
+def _user_text(items: list[Json]) -> str:
+    for item in reversed(items):
+        for part in item.get("content") or []:
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                return str(part["text"])
+    return "hello"
+
+
+def _usage(inp: int, out: int) -> Json:
+    return {
+        "input_tokens": inp,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": out,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": inp + out,
+    }
+
+
+def _mcp_items(body: Json, items: list[Json], text: str) -> tuple[list[Json], bool]:
+    """MCP output items for the request's MCP tools; True when approval is awaited."""
+    out: list[Json] = []
+    waiting = False
+    approvals = {
+        i.get("approval_request_id"): i for i in items if i.get("type") == "mcp_approval_response"
+    }
+    for tool in body.get("tools") or []:
+        if not isinstance(tool, dict) or tool.get("type") != "mcp":
+            continue
+        label = tool.get("server_label", "mcp")
+        args = json.dumps({"query": text, "api_key": "sk-sim-argument-secret"})
+        approved = next((a for a in approvals.values() if a.get("approve") is True), None)
+        if not body.get("previous_response_id"):
+            out.append(
+                {
+                    "type": "mcp_list_tools",
+                    "id": _id("mcpl"),
+                    "server_label": label,
+                    "tools": [
+                        {"name": "search", "input_schema": {"type": "object"}, "description": "Search"},
+                        {"name": "fetch", "input_schema": {"type": "object"}, "description": "Fetch"},
+                    ],
+                }
+            )
+        if approved is not None or tool.get("require_approval") == "never":
+            out.append(
+                {
+                    "type": "mcp_call",
+                    "id": _id("mcp"),
+                    "server_label": label,
+                    "name": "search",
+                    "arguments": args,
+                    "output": f"results for {text}",
+                    "error": None,
+                    "approval_request_id": approved.get("approval_request_id") if approved else None,
+                    "status": "completed",
+                }
+            )
+        else:
+            waiting = True
+            out.append(
+                {
+                    "type": "mcp_approval_request",
+                    "id": _id("mcpr"),
+                    "server_label": label,
+                    "name": "search",
+                    "arguments": args,
+                }
+            )
+    return out, waiting
+
+
+def build_response(body: Json, items: list[Json], status: str = "completed") -> Json:
+    """A Responses API ``response`` object answering ``body``."""
+    text = _user_text(items)
+    output, waiting = _mcp_items(body, items, text)
+    reply = f"Echo: {text}"
+    if not waiting:
+        output.append(
+            {
+                "type": "message",
+                "id": _id("msg"),
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": reply, "annotations": []}],
+            }
+        )
+    out_tokens = len(reply.split()) + 3 * len(output)
+    return {
+        "id": _id("resp"),
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": status,
+        "background": bool(body.get("background")),
+        "model": body.get("model"),
+        "output": output,
+        "previous_response_id": body.get("previous_response_id"),
+        "parallel_tool_calls": True,
+        "tool_choice": body.get("tool_choice", "auto"),
+        "tools": body.get("tools") or [],
+        "store": body.get("store", True),
+        "text": {"format": {"type": "text"}},
+        "metadata": body.get("metadata") or {},
+        "error": None,
+        "incomplete_details": None,
+        "usage": _usage(sum(len(_user_text([i]).split()) for i in items) + 5, out_tokens),
+    }
+
+
+def stream_events(resp: Json) -> list[Json]:
+    """The SSE events that produce ``resp``, numbered from 0."""
+    events: list[Json] = []
+    shell = {**resp, "status": "in_progress", "output": [], "usage": None}
+    events.append({"type": "response.created", "response": shell})
+    events.append({"type": "response.in_progress", "response": shell})
+    for idx, item in enumerate(resp["output"]):
+        base = {"output_index": idx, "item_id": item["id"]}
+        events.append({"type": "response.output_item.added", "output_index": idx, "item": item})
+        if item["type"] == "message":
+            text = item["content"][0]["text"]
+            part = {"type": "output_text", "text": "", "annotations": []}
+            events.append({"type": "response.content_part.added", **base, "content_index": 0, "part": part})
+            words = text.split(" ")
+            for n, word in enumerate(words):
+                delta = word if n == 0 else " " + word
+                events.append(
+                    {"type": "response.output_text.delta", **base, "content_index": 0, "delta": delta, "logprobs": []}
+                )
+            events.append({"type": "response.output_text.done", **base, "content_index": 0, "text": text, "logprobs": []})
+            events.append(
+                {"type": "response.content_part.done", **base, "content_index": 0, "part": item["content"][0]}
+            )
+        elif item["type"] == "mcp_list_tools":
+            events.append({"type": "response.mcp_list_tools.in_progress", **base})
+            events.append({"type": "response.mcp_list_tools.completed", **base})
+        elif item["type"] == "mcp_call":
+            events.append({"type": "response.mcp_call.in_progress", **base})
+            events.append({"type": "response.mcp_call_arguments.delta", **base, "delta": item["arguments"]})
+            events.append({"type": "response.mcp_call_arguments.done", **base, "arguments": item["arguments"]})
+            events.append({"type": "response.mcp_call.completed", **base})
+        events.append({"type": "response.output_item.done", "output_index": idx, "item": item})
+    events.append({"type": "response.completed", "response": resp})
+    for seq, ev in enumerate(events):
+        ev["sequence_number"] = seq
+    return events
+
+
+def encode_event(event: Json) -> bytes:
+    """One SSE frame, as Azure writes them."""
+    return f"event: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n".encode()
+
+
+def create_simulator(state: SimState | None = None) -> Starlette:
+    """The simulator ASGI app; ``app.state.sim`` is its ``SimState``."""
+    sim = state or SimState()
+
+    async def record(request: Request) -> tuple[Recorded, Response | None]:
+        rec = Recorded(
+            request.method,
+            request.url.path,
+            request.url.query,
+            {k.lower(): v for k, v in request.headers.items()},
+            await request.body(),
+        )
+        sim.requests.append(rec)
+        if sim.on_request is not None:
+            sim.on_request(rec)
+        if request.url.path.startswith("/openai/responses") and "api-version" not in request.query_params:
+            return rec, _error(404, "Resource not found", "404")
+        auth = rec.headers.get("authorization", "")
+        if not (auth.startswith("Bearer sim-token-") or rec.headers.get("api-key") == sim.api_key):
+            return rec, _error(401, "Access denied due to invalid credentials.", "401")
+        hang = float(rec.headers.get("x-sim-hang", "0"))
+        if hang:
+            await asyncio.sleep(hang)
+        status = int(rec.headers.get("x-sim-status", "0")) or (sim.fail_queue.pop(0) if sim.fail_queue else 0)
+        if status:
+            resp = _error(status, f"Simulated upstream error {status}.", str(status))
+            resp.headers["retry-after"] = "1"
+            return rec, resp
+        return rec, None
+
+    def headers() -> dict[str, str]:
+        return {
+            "x-request-id": _id("sim"),
+            "apim-request-id": _id("apim"),
+            "x-ms-region": sim.region,
+            "x-ratelimit-remaining-requests": "4999",
+            "x-ratelimit-remaining-tokens": "123456",
+        }
+
+    def emit(events: list[Json], delay: float) -> AsyncIterator[bytes]:
+        async def gen() -> AsyncIterator[bytes]:
+            sent = bytearray()
+            try:
+                for ev in events:
+                    if delay:
+                        await asyncio.sleep(delay)
+                    chunk = encode_event(ev)
+                    sent += chunk
+                    yield chunk
+            finally:
+                sim.sent_streams.append(bytes(sent))
+
+        return gen()
+
+    def current(rid: str) -> Json | None:
+        resp = sim.responses.get(rid)
+        if resp is not None and resp["status"] in ("queued", "in_progress"):
+            if time.time() >= sim.ready_at.get(rid, 0):
+                final = sim.events[rid][-1]["response"]
+                resp.update(final, status="completed")
+        return resp
+
+    def not_found(rid: str) -> Response:
+        return _error(404, f"Response with id '{rid}' not found.", "not_found", "response_id")
+
+    async def create(request: Request) -> Response:
+        rec, err = await record(request)
+        if err:
+            return err
+        body = json.loads(rec.body)
+        prev = body.get("previous_response_id")
+        if prev and prev not in sim.responses:
+            return _error(
+                400, f"Previous response with id '{prev}' not found.", "previous_response_not_found",
+                "previous_response_id",
+            )
+        items = _input_items(body)
+        resp = build_response(body, items)
+        events = stream_events(resp)
+        delay = float(rec.headers.get("x-sim-delay", sim.delay))
+        if body.get("store", True) is not False:
+            sim.inputs[resp["id"]] = items
+            sim.events[resp["id"]] = events
+            stored = dict(resp)
+            if body.get("background"):
+                stored.update(status="queued", output=[], usage=None)
+                span = max(sim.background_seconds, delay * len(events))
+                sim.ready_at[resp["id"]] = time.time() + span
+            sim.responses[resp["id"]] = stored
+        if body.get("stream"):
+            return StreamingResponse(emit(events, delay), media_type="text/event-stream", headers=headers())
+        out = sim.responses.get(resp["id"], resp) if body.get("background") else resp
+        return JSONResponse(out, headers=headers())
+
+    async def retrieve(request: Request) -> Response:
+        rec, err = await record(request)
+        if err:
+            return err
+        rid = request.path_params["rid"]
+        resp = current(rid)
+        if resp is None:
+            return not_found(rid)
+        if request.query_params.get("stream") == "true":
+            after = int(request.query_params.get("starting_after", "-1"))
+            events = [e for e in sim.events.get(rid, []) if e["sequence_number"] > after]
+            delay = float(rec.headers.get("x-sim-delay", sim.delay))
+            return StreamingResponse(emit(events, delay), media_type="text/event-stream", headers=headers())
+        return JSONResponse(resp, headers=headers())
+
+    async def delete(request: Request) -> Response:
+        rec, err = await record(request)
+        if err:
+            return err
+        rid = request.path_params["rid"]
+        if sim.responses.pop(rid, None) is None:
+            return not_found(rid)
+        return JSONResponse({"id": rid, "object": "response.deleted", "deleted": True}, headers=headers())
+
+    async def cancel(request: Request) -> Response:
+        rec, err = await record(request)
+        if err:
+            return err
+        rid = request.path_params["rid"]
+        resp = current(rid)
+        if resp is None:
+            return not_found(rid)
+        if not resp.get("background"):
+            return _error(400, "Only background responses can be cancelled.", "invalid_request")
+        if resp["status"] in ("queued", "in_progress"):
+            resp["status"] = "cancelled"
+            sim.ready_at.pop(rid, None)
+        return JSONResponse(resp, headers=headers())
+
+    async def input_items(request: Request) -> Response:
+        rec, err = await record(request)
+        if err:
+            return err
+        rid = request.path_params["rid"]
+        if rid not in sim.responses:
+            return not_found(rid)
+        q = request.query_params
+        items = list(sim.inputs.get(rid, []))
+        if q.get("order", "desc") == "desc":
+            items.reverse()
+        if q.get("after"):
+            ids = [i["id"] for i in items]
+            items = items[ids.index(q["after"]) + 1 :] if q["after"] in ids else []
+        limit = int(q.get("limit", "20"))
+        page = items[:limit]
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": page,
+                "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None,
+                "has_more": len(items) > limit,
+            },
+            headers=headers(),
+        )
+
+    async def compact(request: Request) -> Response:
+        rec, err = await record(request)
+        if err:
+            return err
+        body = json.loads(rec.body)
+        prev = body.get("previous_response_id")
+        if prev and prev not in sim.responses:
+            return _error(400, f"Previous response with id '{prev}' not found.", "previous_response_not_found")
+        items = sim.inputs.get(prev, []) if prev else _input_items(body)
+        out = {
+            "id": _id("cmp"),
+            "object": "response.compaction",
+            "created_at": int(time.time()),
+            "output": [*items, {"type": "compaction", "id": _id("cmp"), "encrypted_content": "c2lt"}],
+            "usage": _usage(len(items) * 4 + 1, 8),
+        }
+        return JSONResponse(out, headers=headers())
+
+    async def input_tokens(request: Request) -> Response:
+        rec, err = await record(request)
+        if err:
+            return err
+        items = _input_items(json.loads(rec.body))
+        count = sum(len(_user_text([i]).split()) for i in items) + 5
+        return JSONResponse({"object": "response.input_tokens", "input_tokens": count}, headers=headers())
+
+    async def token(request: Request) -> Response:
+        sim.requests.append(
+            Recorded("GET", request.url.path, request.url.query, dict(request.headers), b"")
+        )
+        if request.headers.get("x-identity-header") != IDENTITY_HEADER:
+            return JSONResponse({"error": "invalid identity header"}, 401)
+        if not request.query_params.get("resource"):
+            return JSONResponse({"error": "resource is required"}, 400)
+        if sim.token_delay:
+            await asyncio.sleep(sim.token_delay)
+        tok = f"sim-token-{len(sim.tokens_issued)}-{secrets.token_hex(8)}"
+        sim.tokens_issued.append(tok)
+        return JSONResponse(
+            {
+                "access_token": tok,
+                "expires_on": str(int(time.time() + sim.token_expires_in)),
+                "resource": request.query_params["resource"],
+                "token_type": "Bearer",
+            }
+        )
+
+    routes = [Route("/msi/token", token, methods=["GET"])]
+    for prefix in ("/openai/v1/responses", "/openai/responses"):
+        routes += [
+            Route(prefix, create, methods=["POST"]),
+            Route(prefix + "/compact", compact, methods=["POST"]),
+            Route(prefix + "/input_tokens", input_tokens, methods=["POST"]),
+            Route(prefix + "/{rid}", retrieve, methods=["GET"]),
+            Route(prefix + "/{rid}", delete, methods=["DELETE"]),
+            Route(prefix + "/{rid}/cancel", cancel, methods=["POST"]),
+            Route(prefix + "/{rid}/input_items", input_items, methods=["GET"]),
+        ]
+    app = Starlette(routes=routes)
+    app.state.sim = sim
+    return app

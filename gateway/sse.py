@@ -1,0 +1,104 @@
+"""A read-only side tap on a Server-Sent Events byte stream.
+
+The relay forwards the upstream bytes untouched; this module only reads a copy
+to learn the response id, the final usage and the items observers care about.
+Delta events (the bulk of a stream) are recognised by a prefix check and never
+JSON-decoded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("gateway.sse")
+
+Event = dict[str, Any]
+
+FINAL_TYPES = frozenset({"response.completed", "response.incomplete", "response.failed"})
+_ID_TYPES = frozenset({"response.created", "response.queued", "response.in_progress"})
+_MAX_PENDING = 64 * 1024 * 1024
+
+
+class SseTap:
+    """Parses SSE events out of chunks fed to it; never alters the chunks."""
+
+    def __init__(self, on_event: Callable[[Event], None] | None = None) -> None:
+        self._pending = bytearray()
+        self._data: list[bytes] = []
+        self._on_event = on_event
+        self.disabled = False
+        self.response_id: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self.final_type: str | None = None
+        self.last_sequence: int | None = None
+        self.events = 0
+
+    def feed(self, chunk: bytes) -> None:
+        """Read one chunk of the stream."""
+        if self.disabled:
+            return
+        self._pending += chunk
+        end = self._pending.rfind(b"\n")
+        if end < 0:
+            if len(self._pending) > _MAX_PENDING:
+                self._give_up("an SSE line exceeded 64 MiB")
+            return
+        lines = bytes(self._pending[:end]).split(b"\n")
+        del self._pending[: end + 1]
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                self._dispatch()
+            elif line.startswith(b"data:"):
+                value = line[5:]
+                self._data.append(value[1:] if value.startswith(b" ") else value)
+
+    def close(self) -> None:
+        """End of stream: dispatch a last event that lacked its blank line."""
+        if not self.disabled and self._pending:
+            self.feed(b"\n")
+        if self._data:
+            self._dispatch()
+
+    def _give_up(self, why: str) -> None:
+        log.warning("sse tap disabled", extra={"reason": why})
+        self.disabled = True
+        self._pending.clear()
+        self._data.clear()
+
+    def _dispatch(self) -> None:
+        if not self._data:
+            return
+        data = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
+        self._data = []
+        self.events += 1
+        if b'.delta"' in data[:80]:
+            return
+        try:
+            event = json.loads(data)
+        except ValueError:
+            return
+        if isinstance(event, dict):
+            self.observe(event)
+
+    def observe(self, event: Event) -> None:
+        """Take note of one decoded event."""
+        seq = event.get("sequence_number")
+        if isinstance(seq, int):
+            self.last_sequence = seq
+        etype = event.get("type")
+        response = event.get("response")
+        if isinstance(response, dict):
+            if etype in _ID_TYPES and isinstance(response.get("id"), str):
+                self.response_id = self.response_id or response["id"]
+            if etype in FINAL_TYPES:
+                self.final_type = etype
+                usage = response.get("usage")
+                if isinstance(usage, dict):
+                    self.usage = usage
+        if self._on_event is not None:
+            self._on_event(event)
