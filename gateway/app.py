@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -24,15 +25,17 @@ from .proxy import Proxy
 from .runtime import Gateway
 from .state import StateBackend
 from .state.memory import MemoryState
-from .upstream import new_client
+from .upstream import new_client, safe_request_id
 
 log = logging.getLogger("gateway")
 
 PREFIXES = ("/openai/v1", "/openai")
 
 
-def _error(exc: GatewayError) -> Response:
-    return Response(exc.body(), exc.status, media_type="application/json", headers=exc.headers)
+def _error(exc: GatewayError, request: Request) -> Response:
+    rid = safe_request_id(request.headers.get("x-request-id")) or uuid.uuid4().hex
+    headers = {**exc.headers, "x-request-id": rid}
+    return Response(exc.body(), exc.status, media_type="application/json", headers=headers)
 
 
 def build_state(loaded: LoadedConfig) -> StateBackend:
@@ -90,17 +93,18 @@ def create_app(loaded: LoadedConfig, *, credential: Any = None) -> Starlette:
     async def metrics_endpoint(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def not_found(request: Request) -> Response:
-        return _error(
-            NotFound(f"Unknown path {request.url.path!r}; this gateway serves /openai/v1/responses.")
-        )
-
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        err = GatewayError(exc.detail, code="method_not_allowed" if exc.status_code == 405 else None)
-        err.status = exc.status_code
-        err.type = "invalid_request_error"
-        return _error(err)
+        if exc.status_code == 404:
+            err: GatewayError = NotFound(
+                f"Unknown path {request.url.path!r}; this gateway serves /openai/v1/responses."
+            )
+        else:
+            err = GatewayError(f"{exc.detail} ({request.method} {request.url.path}).")
+            err.code = "method_not_allowed" if exc.status_code == 405 else "http_error"
+            err.status = exc.status_code
+            err.type = "invalid_request_error"
+        return _error(err, request)
 
     routes = []
     for prefix in PREFIXES:
@@ -112,15 +116,18 @@ def create_app(loaded: LoadedConfig, *, credential: Any = None) -> Starlette:
             Route(base + "/{response_id}", proxy.endpoint("retrieve"), methods=["GET"]),
             Route(base + "/{response_id}", proxy.endpoint("delete"), methods=["DELETE"]),
             Route(base + "/{response_id}/cancel", proxy.endpoint("cancel"), methods=["POST"]),
-            Route(base + "/{response_id}/input_items", proxy.endpoint("input_items"), methods=["GET"]),
+            Route(
+                base + "/{response_id}/input_items", proxy.endpoint("input_items"), methods=["GET"]
+            ),
         ]
     routes += [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
-        Route("/{path:path}", not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    app = Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error}
+    )
     app.state.gateway = gateway
     app.state.metrics = metrics
     return app

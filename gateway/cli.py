@@ -163,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.set_defaults(func=cmd_check)
 
-    keys = sub.add_parser("keys", help="manage gateway keys").add_subparsers(dest="keys", required=True)
+    keys = sub.add_parser("keys", help="manage gateway keys").add_subparsers(
+        dest="keys", required=True
+    )
     p = keys.add_parser("new", help="print a new key for TENANT and the entry to store")
     p.add_argument("tenant")
     p.add_argument("--id", help="key id (default: TENANT-DATE-RANDOM)")

@@ -37,7 +37,7 @@ def build_credential(cfg: CredentialConfig, client_secret: Secret | None) -> Syn
     from azure import identity
 
     if cfg.type == "managed_identity":
-        return identity.ManagedIdentityCredential(client_id=cfg.client_id)  # type: ignore[no-any-return]
+        return identity.ManagedIdentityCredential(client_id=cfg.client_id)
     if cfg.type == "workload_identity":
         kwargs = {
             k: v
@@ -48,15 +48,13 @@ def build_credential(cfg: CredentialConfig, client_secret: Secret | None) -> Syn
             )
             if v
         }
-        return identity.WorkloadIdentityCredential(**kwargs)  # type: ignore[no-any-return]
+        return identity.WorkloadIdentityCredential(**kwargs)
     if cfg.type == "client_secret":
         assert cfg.tenant_id and cfg.client_id and client_secret is not None
-        return identity.ClientSecretCredential(  # type: ignore[no-any-return]
-            cfg.tenant_id, cfg.client_id, client_secret.value
-        )
+        return identity.ClientSecretCredential(cfg.tenant_id, cfg.client_id, client_secret.value)
     if cfg.type == "azure_cli":
-        return identity.AzureCliCredential()  # type: ignore[no-any-return]
-    return identity.DefaultAzureCredential(  # type: ignore[no-any-return]
+        return identity.AzureCliCredential()
+    return identity.DefaultAzureCredential(
         managed_identity_client_id=cfg.client_id,
         exclude_interactive_browser_credential=True,
     )

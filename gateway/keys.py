@@ -65,7 +65,8 @@ class KeyRing:
         key = presented_key(headers)
         if key is None:
             raise Unauthenticated(
-                "No gateway key provided. Send it as 'api-key: KEY' or 'Authorization: Bearer KEY'.",
+                "No gateway key provided. "
+                "Send it as 'api-key: KEY' or 'Authorization: Bearer KEY'.",
                 code="missing_api_key",
             )
         digest = hashlib.sha256(key.encode()).digest()

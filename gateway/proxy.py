@@ -72,7 +72,9 @@ async def _read_json(request: Request, limit: int) -> dict[str, Any]:
         body = json.loads(raw)
     except ValueError as exc:
         where = (
-            f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+            f" at line {exc.lineno} column {exc.colno}"
+            if isinstance(exc, json.JSONDecodeError)
+            else ""
         )
         raise BadRequest(f"Request body is not valid JSON{where}.", code="invalid_json") from None
     if not isinstance(body, dict):

@@ -71,7 +71,9 @@ class ErrorResponse:
         headers += [(k.lower().encode(), v.encode()) for k, v in self.exc.headers.items()]
         self.ex.error_code = self.exc.code
         try:
-            await send({"type": "http.response.start", "status": self.exc.status, "headers": headers})
+            await send(
+                {"type": "http.response.start", "status": self.exc.status, "headers": headers}
+            )
             await send({"type": "http.response.body", "body": body})
         finally:
             finish(self.ex, self.gw, self.exc.status)
@@ -104,7 +106,9 @@ class JsonRelay:
         headers = response_headers(resp.headers, ex.request_id)
         headers.append((b"content-length", str(len(raw)).encode()))
         try:
-            await send({"type": "http.response.start", "status": resp.status_code, "headers": headers})
+            await send(
+                {"type": "http.response.start", "status": resp.status_code, "headers": headers}
+            )
             await send({"type": "http.response.body", "body": raw})
             ex.ttfb_seconds = time.perf_counter() - ex.started
         finally:

@@ -66,7 +66,9 @@ def _id(prefix: str) -> str:
 
 
 def _error(status: int, message: str, code: str, param: str | None = None) -> Response:
-    body = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
+    body = {
+        "error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}
+    }
     return JSONResponse(body, status)
 
 
@@ -126,8 +128,16 @@ def _mcp_items(body: Json, items: list[Json], text: str) -> tuple[list[Json], bo
                     "id": _id("mcpl"),
                     "server_label": label,
                     "tools": [
-                        {"name": "search", "input_schema": {"type": "object"}, "description": "Search"},
-                        {"name": "fetch", "input_schema": {"type": "object"}, "description": "Fetch"},
+                        {
+                            "name": "search",
+                            "input_schema": {"type": "object"},
+                            "description": "Search",
+                        },
+                        {
+                            "name": "fetch",
+                            "input_schema": {"type": "object"},
+                            "description": "Fetch",
+                        },
                     ],
                 }
             )
@@ -141,7 +151,9 @@ def _mcp_items(body: Json, items: list[Json], text: str) -> tuple[list[Json], bo
                     "arguments": args,
                     "output": f"results for {text}",
                     "error": None,
-                    "approval_request_id": approved.get("approval_request_id") if approved else None,
+                    "approval_request_id": approved.get("approval_request_id")
+                    if approved
+                    else None,
                     "status": "completed",
                 }
             )
@@ -208,24 +220,49 @@ def stream_events(resp: Json) -> list[Json]:
         if item["type"] == "message":
             text = item["content"][0]["text"]
             part = {"type": "output_text", "text": "", "annotations": []}
-            events.append({"type": "response.content_part.added", **base, "content_index": 0, "part": part})
+            events.append(
+                {"type": "response.content_part.added", **base, "content_index": 0, "part": part}
+            )
             words = text.split(" ")
             for n, word in enumerate(words):
                 delta = word if n == 0 else " " + word
                 events.append(
-                    {"type": "response.output_text.delta", **base, "content_index": 0, "delta": delta, "logprobs": []}
+                    {
+                        "type": "response.output_text.delta",
+                        **base,
+                        "content_index": 0,
+                        "delta": delta,
+                        "logprobs": [],
+                    }
                 )
-            events.append({"type": "response.output_text.done", **base, "content_index": 0, "text": text, "logprobs": []})
             events.append(
-                {"type": "response.content_part.done", **base, "content_index": 0, "part": item["content"][0]}
+                {
+                    "type": "response.output_text.done",
+                    **base,
+                    "content_index": 0,
+                    "text": text,
+                    "logprobs": [],
+                }
+            )
+            events.append(
+                {
+                    "type": "response.content_part.done",
+                    **base,
+                    "content_index": 0,
+                    "part": item["content"][0],
+                }
             )
         elif item["type"] == "mcp_list_tools":
             events.append({"type": "response.mcp_list_tools.in_progress", **base})
             events.append({"type": "response.mcp_list_tools.completed", **base})
         elif item["type"] == "mcp_call":
             events.append({"type": "response.mcp_call.in_progress", **base})
-            events.append({"type": "response.mcp_call_arguments.delta", **base, "delta": item["arguments"]})
-            events.append({"type": "response.mcp_call_arguments.done", **base, "arguments": item["arguments"]})
+            events.append(
+                {"type": "response.mcp_call_arguments.delta", **base, "delta": item["arguments"]}
+            )
+            events.append(
+                {"type": "response.mcp_call_arguments.done", **base, "arguments": item["arguments"]}
+            )
             events.append({"type": "response.mcp_call.completed", **base})
         events.append({"type": "response.output_item.done", "output_index": idx, "item": item})
     events.append({"type": "response.completed", "response": resp})
@@ -254,7 +291,10 @@ def create_simulator(state: SimState | None = None) -> Starlette:
         sim.requests.append(rec)
         if sim.on_request is not None:
             sim.on_request(rec)
-        if request.url.path.startswith("/openai/responses") and "api-version" not in request.query_params:
+        if (
+            request.url.path.startswith("/openai/responses")
+            and "api-version" not in request.query_params
+        ):
             return rec, _error(404, "Resource not found", "404")
         auth = rec.headers.get("authorization", "")
         if not (auth.startswith("Bearer sim-token-") or rec.headers.get("api-key") == sim.api_key):
@@ -262,7 +302,9 @@ def create_simulator(state: SimState | None = None) -> Starlette:
         hang = float(rec.headers.get("x-sim-hang", "0"))
         if hang:
             await asyncio.sleep(hang)
-        status = int(rec.headers.get("x-sim-status", "0")) or (sim.fail_queue.pop(0) if sim.fail_queue else 0)
+        status = int(rec.headers.get("x-sim-status", "0")) or (
+            sim.fail_queue.pop(0) if sim.fail_queue else 0
+        )
         if status:
             resp = _error(status, f"Simulated upstream error {status}.", str(status))
             resp.headers["retry-after"] = "1"
@@ -295,10 +337,9 @@ def create_simulator(state: SimState | None = None) -> Starlette:
 
     def current(rid: str) -> Json | None:
         resp = sim.responses.get(rid)
-        if resp is not None and resp["status"] in ("queued", "in_progress"):
-            if time.time() >= sim.ready_at.get(rid, 0):
-                final = sim.events[rid][-1]["response"]
-                resp.update(final, status="completed")
+        pending = resp is not None and resp["status"] in ("queued", "in_progress")
+        if resp is not None and pending and time.time() >= sim.ready_at.get(rid, 0):
+            resp.update(sim.events[rid][-1]["response"], status="completed")
         return resp
 
     def not_found(rid: str) -> Response:
@@ -312,7 +353,9 @@ def create_simulator(state: SimState | None = None) -> Starlette:
         prev = body.get("previous_response_id")
         if prev and prev not in sim.responses:
             return _error(
-                400, f"Previous response with id '{prev}' not found.", "previous_response_not_found",
+                400,
+                f"Previous response with id '{prev}' not found.",
+                "previous_response_not_found",
                 "previous_response_id",
             )
         items = _input_items(body)
@@ -329,7 +372,9 @@ def create_simulator(state: SimState | None = None) -> Starlette:
                 sim.ready_at[resp["id"]] = time.time() + span
             sim.responses[resp["id"]] = stored
         if body.get("stream"):
-            return StreamingResponse(emit(events, delay), media_type="text/event-stream", headers=headers())
+            return StreamingResponse(
+                emit(events, delay), media_type="text/event-stream", headers=headers()
+            )
         out = sim.responses.get(resp["id"], resp) if body.get("background") else resp
         return JSONResponse(out, headers=headers())
 
@@ -345,20 +390,24 @@ def create_simulator(state: SimState | None = None) -> Starlette:
             after = int(request.query_params.get("starting_after", "-1"))
             events = [e for e in sim.events.get(rid, []) if e["sequence_number"] > after]
             delay = float(rec.headers.get("x-sim-delay", sim.delay))
-            return StreamingResponse(emit(events, delay), media_type="text/event-stream", headers=headers())
+            return StreamingResponse(
+                emit(events, delay), media_type="text/event-stream", headers=headers()
+            )
         return JSONResponse(resp, headers=headers())
 
     async def delete(request: Request) -> Response:
-        rec, err = await record(request)
+        _, err = await record(request)
         if err:
             return err
         rid = request.path_params["rid"]
         if sim.responses.pop(rid, None) is None:
             return not_found(rid)
-        return JSONResponse({"id": rid, "object": "response.deleted", "deleted": True}, headers=headers())
+        return JSONResponse(
+            {"id": rid, "object": "response.deleted", "deleted": True}, headers=headers()
+        )
 
     async def cancel(request: Request) -> Response:
-        rec, err = await record(request)
+        _, err = await record(request)
         if err:
             return err
         rid = request.path_params["rid"]
@@ -373,7 +422,7 @@ def create_simulator(state: SimState | None = None) -> Starlette:
         return JSONResponse(resp, headers=headers())
 
     async def input_items(request: Request) -> Response:
-        rec, err = await record(request)
+        _, err = await record(request)
         if err:
             return err
         rid = request.path_params["rid"]
@@ -406,13 +455,18 @@ def create_simulator(state: SimState | None = None) -> Starlette:
         body = json.loads(rec.body)
         prev = body.get("previous_response_id")
         if prev and prev not in sim.responses:
-            return _error(400, f"Previous response with id '{prev}' not found.", "previous_response_not_found")
+            return _error(
+                400, f"Previous response with id '{prev}' not found.", "previous_response_not_found"
+            )
         items = sim.inputs.get(prev, []) if prev else _input_items(body)
         out = {
             "id": _id("cmp"),
             "object": "response.compaction",
             "created_at": int(time.time()),
-            "output": [*items, {"type": "compaction", "id": _id("cmp"), "encrypted_content": "c2lt"}],
+            "output": [
+                *items,
+                {"type": "compaction", "id": _id("cmp"), "encrypted_content": "c2lt"},
+            ],
             "usage": _usage(len(items) * 4 + 1, 8),
         }
         return JSONResponse(out, headers=headers())
@@ -423,7 +477,9 @@ def create_simulator(state: SimState | None = None) -> Starlette:
             return err
         items = _input_items(json.loads(rec.body))
         count = sum(len(_user_text([i]).split()) for i in items) + 5
-        return JSONResponse({"object": "response.input_tokens", "input_tokens": count}, headers=headers())
+        return JSONResponse(
+            {"object": "response.input_tokens", "input_tokens": count}, headers=headers()
+        )
 
     async def token(request: Request) -> Response:
         sim.requests.append(

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from harness import Server, Sim, Tenants, base_config, gateway, simulator
+
+from gateway.simulator import IDENTITY_HEADER
+
+
+@pytest.fixture
+def sim() -> Iterator[Sim]:
+    with simulator("swedencentral") as s:
+        yield s
+
+
+@pytest.fixture
+def sim2() -> Iterator[Sim]:
+    with simulator("francecentral") as s:
+        yield s
+
+
+@pytest.fixture
+def tenants() -> Tenants:
+    return Tenants()
+
+
+@pytest.fixture
+def identity(sim: Sim, monkeypatch: pytest.MonkeyPatch) -> Sim:
+    """azure-identity's managed-identity flow, pointed at the simulator's token endpoint."""
+    monkeypatch.setenv("IDENTITY_ENDPOINT", f"{sim.url}/msi/token")
+    monkeypatch.setenv("IDENTITY_HEADER", IDENTITY_HEADER)
+    for var in (
+        "MSI_ENDPOINT",
+        "MSI_SECRET",
+        "AZURE_CLIENT_ID",
+        "AZURE_TENANT_ID",
+        "AZURE_FEDERATED_TOKEN_FILE",
+        "AZURE_CLIENT_SECRET",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    return sim
+
+
+@pytest.fixture
+def gw(identity: Sim, tenants: Tenants) -> Iterator[Server]:
+    """A gateway in front of one simulator, with tenants team-a and team-b."""
+    with gateway(base_config({"swc": identity}, tenants)) as server:
+        yield server

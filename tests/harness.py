@@ -1,0 +1,126 @@
+"""Real uvicorn servers on loopback for the tests: simulators and gateways."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+
+from gateway.app import create_app
+from gateway.config import parse_config
+from gateway.keys import hash_key, new_key
+from gateway.simulator import SimState, create_simulator
+
+
+class Server:
+    """A uvicorn server in a thread, on a socket bound before start."""
+
+    def __init__(self, app: Any) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            app,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            server_header=False,
+            timeout_graceful_shutdown=2,
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]})
+
+    def start(self) -> Server:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+@contextmanager
+def serving(app: Any) -> Iterator[Server]:
+    server = Server(app).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass
+class Sim:
+    server: Server
+    state: SimState
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+
+@contextmanager
+def simulator(region: str = "swedencentral") -> Iterator[Sim]:
+    state = SimState(region=region)
+    with serving(create_simulator(state)) as server:
+        yield Sim(server, state)
+
+
+@dataclass
+class Tenants:
+    """Fresh keys for the test tenants."""
+
+    keys: dict[str, str] = field(default_factory=dict)
+
+    def key(self, tenant: str) -> str:
+        if tenant not in self.keys:
+            self.keys[tenant] = new_key()
+        return self.keys[tenant]
+
+    def entry(self, tenant: str, key_id: str | None = None) -> dict[str, str]:
+        return {"id": key_id or f"{tenant}-key", "sha256": hash_key(self.key(tenant))}
+
+
+def base_config(sims: dict[str, Sim], tenants: Tenants, **overrides: Any) -> dict[str, Any]:
+    """Resources per simulator, model gpt-4.1 on all of them in order, tenants a and b."""
+    resources = {
+        name: {"endpoint": sim.url, "region": sim.state.region} for name, sim in sims.items()
+    }
+    cfg: dict[str, Any] = {
+        "credential": {"type": "managed_identity"},
+        "resources": resources,
+        "models": {
+            "gpt-4.1": [{"resource": n, "deployment": f"dep-41-{n}"} for n in sims],
+            "gpt-4o-mini": [{"resource": n, "deployment": f"dep-4om-{n}"} for n in sims],
+            "gpt-image-1": [{"resource": n, "deployment": f"dep-img-{n}"} for n in sims],
+            "o3": [{"resource": n, "deployment": f"dep-o3-{n}"} for n in sims],
+        },
+        "tenants": {
+            "team-a": {"keys": [tenants.entry("team-a")], "models": ["gpt-4*", "gpt-image-1"]},
+            "team-b": {"keys": [tenants.entry("team-b")], "models": ["gpt-4.1"]},
+        },
+        "upstream": {"read_timeout": 5.0, "connect_timeout": 1.0},
+    }
+    for key, value in overrides.items():
+        cfg[key] = value
+    return cfg
+
+
+@contextmanager
+def gateway(cfg: dict[str, Any], environ: dict[str, str] | None = None) -> Iterator[Server]:
+    loaded = parse_config(cfg, environ or {})
+    with serving(create_app(loaded)) as server:
+        yield server

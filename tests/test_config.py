@@ -1,0 +1,133 @@
+"""Config validation: each class of bad config names the field that is wrong."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import ConfigError, load_config, parse_config
+
+HASH = "a" * 64
+GOOD: dict[str, Any] = {
+    "resources": {
+        "swc": {"endpoint": "https://contoso-swc.openai.azure.com", "region": "swedencentral"}
+    },
+    "models": {"gpt-4.1": [{"resource": "swc", "deployment": "gpt-41-prod"}]},
+    "tenants": {
+        "team-a": {
+            "keys": [{"id": "a1", "sha256": HASH}],
+            "models": ["gpt-4.1"],
+            "quotas": {"requests_per_minute": 10},
+        }
+    },
+}
+
+
+def _bad(mutate: Any, environ: dict[str, str] | None = None) -> str:
+    cfg = copy.deepcopy(GOOD)
+    mutate(cfg)
+    with pytest.raises(ConfigError) as info:
+        parse_config(cfg, environ or {})
+    return str(info.value)
+
+
+def test_good_config_loads() -> None:
+    loaded = parse_config(GOOD, {})
+    assert loaded.config.resources["swc"].scope == "https://cognitiveservices.azure.com/.default"
+    assert loaded.config.server.max_body_bytes == 50 * 1024 * 1024
+    assert loaded.config.state.response_retention_days == 30
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda c: c.update(extra=1), "extra: Extra inputs are not permitted"),
+        (
+            lambda c: c["tenants"]["team-a"].update(modles=["x"]),
+            "tenants.team-a.modles: Extra inputs",
+        ),
+        (
+            lambda c: c["models"]["gpt-4.1"][0].update(resource="nope"),
+            "models.gpt-4.1[0].resource: unknown resource 'nope'",
+        ),
+        (lambda c: c["resources"]["swc"].update(endpoint="ftp://x"), "resources.swc.endpoint"),
+        (
+            lambda c: c["resources"]["swc"].update(endpoint="https://x/openai/v1"),
+            "resources.swc.endpoint: 'https://x/openai/v1' must be scheme://host",
+        ),
+        (
+            lambda c: c["tenants"]["team-a"]["keys"].append({"id": "a1", "sha256": "b" * 64}),
+            "tenants.team-a.keys[1].id: duplicate key id 'a1'",
+        ),
+        (
+            lambda c: c["tenants"]["team-a"]["keys"].append({"id": "a2", "sha256": HASH}),
+            "tenants.team-a.keys[1].sha256: duplicate key hash",
+        ),
+        (
+            lambda c: c["tenants"]["team-a"]["keys"][0].update(sha256="xyz"),
+            "tenants.team-a.keys[0].sha256: must be 64 hex characters",
+        ),
+        (
+            lambda c: c["tenants"]["team-a"]["quotas"].update(requests_per_minute=0),
+            "tenants.team-a.quotas.requests_per_minute: Input should be greater than 0",
+        ),
+        (
+            lambda c: c["tenants"]["team-a"].update(regions=["mars"]),
+            "tenants.team-a.regions[0]: no resource is in region 'mars'",
+        ),
+        (
+            lambda c: c["resources"]["swc"].update(auth="api_key"),
+            "resources.swc: auth: api_key needs api_key_env",
+        ),
+        (
+            lambda c: c["resources"]["swc"].update(auth="api_key", api_key_env="NOT SET"),
+            "resources.swc.api_key_env: 'NOT SET' is not an environment variable name",
+        ),
+        (
+            lambda c: c.update(credential={"type": "client_secret"}),
+            "credential: type client_secret needs tenant_id, client_id, client_secret_env",
+        ),
+        (lambda c: c.update(credential={"type": "magic"}), "credential.type"),
+        (lambda c: c.update(state={"backend": "redis"}), "state: backend: redis needs url_env"),
+        (lambda c: c.pop("models"), "models: Field required"),
+    ],
+)
+def test_bad_config_names_the_field(mutate: Any, expected: str) -> None:
+    assert expected in _bad(mutate)
+
+
+def test_secrets_come_from_the_environment() -> None:
+    def api_key(c: dict[str, Any]) -> None:
+        c["resources"]["swc"].update(auth="api_key", api_key_env="AOAI_SWC_KEY")
+
+    msg = _bad(api_key)
+    assert "resources.swc.api_key_env: environment variable AOAI_SWC_KEY is not set" in msg
+    cfg = copy.deepcopy(GOOD)
+    api_key(cfg)
+    loaded = parse_config(cfg, {"AOAI_SWC_KEY": "s3cret-value"})
+    assert loaded.resource_keys["swc"].value == "s3cret-value"
+    assert "s3cret-value" not in repr(loaded)
+
+
+def test_config_is_frozen() -> None:
+    loaded = parse_config(GOOD, {})
+    with pytest.raises(Exception, match="frozen"):
+        loaded.config.tenants["team-a"].models = ("*",)  # type: ignore[misc]
+
+
+def test_load_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("resources: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_example_config_is_valid() -> None:
+    example = Path(__file__).parent.parent / "config" / "example.yaml"
+    loaded = load_config(example, {"AOAI_FR_KEY": "x", "REDIS_URL": "redis://127.0.0.1:6379/0"})
+    assert loaded.config.tenants

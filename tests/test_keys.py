@@ -1,0 +1,75 @@
+"""Keys: generation, storage as hashes, lookup, and the CLI."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from gateway.config import parse_config
+from gateway.errors import Unauthenticated
+from gateway.keys import KeyRing, hash_key, new_key, presented_key
+
+
+def test_new_keys_are_long_and_unique() -> None:
+    keys = {new_key() for _ in range(100)}
+    assert len(keys) == 100
+    for k in keys:
+        assert k.startswith("gk-") and len(k) >= 3 + 43  # 32 bytes, base64url
+
+
+def test_presented_key_forms() -> None:
+    assert presented_key({"api-key": " k1 "}) == "k1"
+    assert presented_key({"authorization": "Bearer k2"}) == "k2"
+    assert presented_key({"authorization": "bearer k3"}) == "k3"
+    assert presented_key({"authorization": "Basic abc"}) is None
+    assert presented_key({}) is None
+
+
+def _ring(expires_at: str | None = None) -> tuple[KeyRing, str]:
+    key = new_key()
+    entry: dict[str, str] = {"id": "k1", "sha256": hash_key(key)}
+    if expires_at:
+        entry["expires_at"] = expires_at
+    cfg = parse_config(
+        {
+            "resources": {"r": {"endpoint": "https://r.example.com", "region": "x"}},
+            "models": {},
+            "tenants": {"t": {"keys": [entry]}},
+        },
+        {},
+    )
+    return KeyRing(cfg.config), key
+
+
+def test_lookup_by_hash() -> None:
+    ring, key = _ring()
+    assert ring.authenticate({"api-key": key}) == ("t", "k1")
+    with pytest.raises(Unauthenticated) as info:
+        ring.authenticate({"api-key": key + "x"})
+    assert key not in info.value.message
+
+
+def test_expired_key() -> None:
+    soon = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    ring, key = _ring(soon)
+    assert ring.authenticate({"api-key": key}).tenant == "t"
+    with pytest.raises(Unauthenticated) as info:
+        ring.authenticate({"api-key": key}, now=datetime.now(UTC) + timedelta(hours=2))
+    assert info.value.code == "expired_api_key" and key not in info.value.message
+
+
+def test_keys_new_cli() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "keys", "new", "team-a", "--id", "team-a-ci"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    key = re.search(r"^key: (gk-\S+)$", out, re.M).group(1)  # type: ignore[union-attr]
+    line = re.search(r'- \{id: team-a-ci, sha256: "([0-9a-f]{64})"\}', out)
+    assert line and line.group(1) == hash_key(key)
+    assert out.count(key) == 1  # printed once
