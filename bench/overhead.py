@@ -1,0 +1,187 @@
+"""Added latency of the gateway: the simulator directly vs through the gateway, in one run.
+
+Starts the simulator and a gateway (each its own process, one worker) on loopback,
+then sends the same requests to both at a fixed concurrency and prints:
+- non-streaming: latency p50/p99 direct and via the gateway, and the difference;
+- streaming: time to first byte p50/p99 direct and via the gateway, and the difference.
+
+    python bench/overhead.py [--requests 2000] [--concurrency 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import yaml
+
+from gateway.keys import hash_key, new_key
+
+BODY = {"model": "gpt-4.1", "input": "benchmark the gateway overhead please"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+@contextmanager
+def process(args: list[str], env: dict[str, str] | None = None) -> Iterator[None]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", *args],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextmanager
+def servers(extra_config: dict[str, object] | None = None) -> Iterator[tuple[str, str, str]]:
+    """(simulator URL, gateway URL, gateway key)."""
+    sim_port, gw_port = free_port(), free_port()
+    key = new_key()
+    cfg = {
+        "resources": {
+            "sim": {
+                "endpoint": f"http://127.0.0.1:{sim_port}",
+                "region": "swedencentral",
+                "auth": "api_key",
+                "api_key_env": "BENCH_SIM_KEY",
+            }
+        },
+        "models": {"gpt-4.1": [{"resource": "sim", "deployment": "gpt-4.1"}]},
+        "tenants": {"bench": {"keys": [{"id": "bench", "sha256": hash_key(key)}], "models": ["*"]}},
+        **(extra_config or {}),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "gateway.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        with (
+            process(["simulate", "--port", str(sim_port)]),
+            process(
+                [
+                    "serve",
+                    "--config",
+                    str(path),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(gw_port),
+                    "--log-level",
+                    "WARNING",
+                ],
+                {"BENCH_SIM_KEY": "sim-api-key"},
+            ),
+        ):
+            sim, gw = f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{gw_port}"
+            wait_ready(sim + "/openai/v1/responses/x")
+            wait_ready(gw + "/healthz")
+            yield sim, gw, key
+
+
+async def run(
+    n: int, concurrency: int, one: Callable[[httpx.AsyncClient], Awaitable[float]]
+) -> list[float]:
+    """``n`` timings of ``one``, ``concurrency`` at a time, after a short warm-up."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=30, trust_env=False) as client:
+        for _ in range(min(50, n)):
+            await one(client)
+        out: list[float] = []
+        queue = iter(range(n))
+
+        async def worker() -> None:
+            for _ in queue:
+                out.append(await one(client))
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return out
+
+
+def timed_json(
+    url: str, headers: dict[str, str]
+) -> Callable[[httpx.AsyncClient], Awaitable[float]]:
+    async def one(client: httpx.AsyncClient) -> float:
+        t = time.perf_counter()
+        r = await client.post(url, json=BODY, headers=headers)
+        r.raise_for_status()
+        return time.perf_counter() - t
+
+    return one
+
+
+def timed_ttfb(
+    url: str, headers: dict[str, str]
+) -> Callable[[httpx.AsyncClient], Awaitable[float]]:
+    async def one(client: httpx.AsyncClient) -> float:
+        t = time.perf_counter()
+        async with client.stream("POST", url, json={**BODY, "stream": True}, headers=headers) as r:
+            first = None
+            async for _ in r.aiter_raw():
+                first = first or time.perf_counter() - t
+        return first or 0.0
+
+    return one
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] * 1000
+
+
+def report(name: str, direct: list[float], via: list[float]) -> None:
+    d50, d99, g50, g99 = pct(direct, 50), pct(direct, 99), pct(via, 50), pct(via, 99)
+    print(
+        f"{name:<12} direct p50 {d50:7.3f} ms p99 {d99:7.3f} ms | via gateway p50 {g50:7.3f} ms "
+        f"p99 {g99:7.3f} ms | added p50 {g50 - d50:+7.3f} ms p99 {g99 - d99:+7.3f} ms"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--concurrency", type=int, default=4)
+    args = ap.parse_args()
+    with servers() as (sim, gw, key):
+        sim_h = {"api-key": "sim-api-key"}
+        gw_h = {"api-key": key}
+        path = "/openai/v1/responses"
+        print(f"{args.requests} requests per case, concurrency {args.concurrency}, one worker each")
+        direct = asyncio.run(run(args.requests, args.concurrency, timed_json(sim + path, sim_h)))
+        via = asyncio.run(run(args.requests, args.concurrency, timed_json(gw + path, gw_h)))
+        report("json", direct, via)
+        n = max(args.requests // 4, 100)
+        direct = asyncio.run(run(n, args.concurrency, timed_ttfb(sim + path, sim_h)))
+        via = asyncio.run(run(n, args.concurrency, timed_ttfb(gw + path, gw_h)))
+        report("stream ttfb", direct, via)
+
+
+if __name__ == "__main__":
+    main()
