@@ -116,3 +116,15 @@ def test_hung_credential_times_out() -> None:
         return time.monotonic() - started
 
     assert asyncio.run(timed()) < 0.9  # the request is answered; the thread ends on its own
+
+
+def test_api_key_resource_gets_its_own_key(sim: Sim, tenants: Tenants) -> None:
+    from harness import base_config, gateway
+
+    cfg = base_config({"swc": sim}, tenants)
+    cfg["resources"]["swc"].update(auth="api_key", api_key_env="AOAI_SWC_KEY")
+    with gateway(cfg, {"AOAI_SWC_KEY": "sim-api-key"}) as gw:
+        assert _create(gw, tenants.key("team-a")).status_code == 200
+    sent = sim.state.api_requests()[-1].headers
+    assert sent["api-key"] == "sim-api-key" and "authorization" not in sent
+    assert _token_fetches(sim) == 0
