@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .admission import QuotaGate
 from .config import LoadedConfig
 from .credentials import TokenProvider, build_credential
 from .errors import GatewayError, NotFound
@@ -40,6 +41,12 @@ def _error(exc: GatewayError, request: Request) -> Response:
 
 def build_state(loaded: LoadedConfig) -> StateBackend:
     """The state backend the config selects."""
+    st = loaded.config.state
+    if st.backend == "redis":
+        from .state.redis import RedisState
+
+        assert loaded.redis_url is not None
+        return RedisState(loaded.redis_url.value, timeout=st.timeout_seconds)
     return MemoryState()
 
 
@@ -57,12 +64,22 @@ def create_app(loaded: LoadedConfig, *, credential: Any = None) -> Starlette:
             timeout=cfg.credential.timeout_seconds,
             on_fetch=metrics.token_fetched,
         )
+    state = build_state(loaded)
+    gate = QuotaGate(
+        state,
+        on_state_error=cfg.state.on_state_error,
+        lease_seconds=cfg.state.lease_seconds,
+        retention_seconds=cfg.state.response_retention_days * 86400.0,
+        on_error=metrics.state_failed,
+        on_estimate=metrics.tokens_estimated,
+    )
     gateway = Gateway(
         loaded,
         http=new_client(cfg.upstream),
-        state=build_state(loaded),
+        state=state,
         tokens=tokens,
         observers=observers,
+        gate=gate,
     )
     proxy = Proxy(gateway)
 

@@ -153,6 +153,7 @@ class StateConfig(_Frozen):
     response_retention_days: PositiveFloat = 30.0
     on_state_error: Literal["allow", "deny"] = "allow"
     timeout_seconds: PositiveFloat = 0.5
+    lease_seconds: PositiveFloat = 300.0
 
     _check_env = field_validator("url_env")(_env_name)
 

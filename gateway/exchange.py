@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .keys import Principal
+from .quotas import Admission, QuotaScope
 from .routing import Target
 
 
@@ -40,6 +41,13 @@ class Exchange:
     usage: dict[str, Any] | None = None
     attempts: int = 0
     interrupted: bool = False
+    request_bytes: int = 0
+    stream_events: int = 0
+    quota_scopes: list[QuotaScope] = field(default_factory=list)
+    admission: Admission | None = None
+    quota_reason: str | None = None
+    leased: bool = False
+    estimated_tokens: int = 0
 
     @property
     def tenant(self) -> str | None:

@@ -92,6 +92,24 @@ class Metrics(BaseObserver):
             buckets=_LATENCY,
             registry=r,
         )
+        self.quota_refusals = Counter(
+            "gateway_quota_refusals_total",
+            "Requests refused by a quota, by tenant and reason.",
+            ["tenant", "reason"],
+            registry=r,
+        )
+        self.state_errors = Counter(
+            "gateway_state_errors_total",
+            "State backend (Redis) failures, by operation.",
+            ["operation"],
+            registry=r,
+        )
+        self.estimated_tokens = Counter(
+            "gateway_estimated_tokens_total",
+            "Tokens charged by estimate: streams cut before Azure reported usage.",
+            ["tenant", "model"],
+            registry=r,
+        )
         self.inflight = Gauge(
             "gateway_inflight_requests", "Requests being served right now.", registry=r
         )
@@ -107,6 +125,14 @@ class Metrics(BaseObserver):
             return OTHER, OTHER
         return target.resource, target.region
 
+    def state_failed(self, operation: str) -> None:
+        self.state_errors.labels(operation).inc()
+
+    def tokens_estimated(self, ex: Exchange, tokens: int) -> None:
+        self.estimated_tokens.labels(self.tenant_label(ex.tenant), self.model_label(ex.model)).inc(
+            tokens
+        )
+
     def token_fetched(self, ok: bool) -> None:
         self.token_fetches.labels("success" if ok else "failure").inc()
 
@@ -119,6 +145,8 @@ class Metrics(BaseObserver):
         model = self.model_label(ex.model)
         stream = "true" if ex.stream else "false"
         self.requests.labels(tenant, model, ex.operation, str(ex.status)).inc()
+        if ex.quota_reason:
+            self.quota_refusals.labels(tenant, ex.quota_reason).inc()
         if ex.duration_seconds is not None:
             self.duration.labels(tenant, model, ex.operation, stream).observe(ex.duration_seconds)
             if ex.status < 400:

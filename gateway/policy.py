@@ -24,6 +24,22 @@ def check_model(tenant_name: str, tenant: TenantConfig, model: str, where: str =
         )
 
 
+def check_tools(tenant_name: str, tenant: TenantConfig, tools: object) -> None:
+    """Raise 403 ``tool_not_allowed`` for a tool type outside the tenant's list."""
+    allowed = tenant.tools.allowed
+    if allowed is None or not isinstance(tools, list):
+        return
+    for i, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind not in allowed:
+            raise Forbidden(
+                f"Tenant '{tenant_name}' may not use tools of type '{kind}' (tools[{i}]); "
+                f"allowed: {', '.join(allowed) or 'none'}.",
+                code="tool_not_allowed",
+                param=f"tools[{i}].type",
+            )
+
+
 def region_allowed(tenant: TenantConfig, region: str) -> bool:
     """Whether the tenant's residency pin (if any) admits ``region``."""
     return tenant.regions is None or region in tenant.regions

@@ -17,6 +17,7 @@ from starlette.types import Receive, Scope, Send
 from .errors import BadRequest, GatewayError, NotFound, PayloadTooLarge
 from .exchange import Exchange
 from .keys import Principal
+from .policy import check_tools
 from .relay import ErrorResponse, JsonRelay, StreamRelay
 from .routing import Target
 from .runtime import Gateway, Snapshot
@@ -54,7 +55,7 @@ def _exchange(request: Request, operation: str) -> Exchange:
     return Exchange(request_id=rid, operation=operation, method=request.method, client=client)
 
 
-async def _read_json(request: Request, limit: int) -> dict[str, Any]:
+async def _read_json(request: Request, limit: int, ex: Exchange) -> dict[str, Any]:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"Request body is {declared} bytes; the limit is {limit} bytes.")
@@ -66,6 +67,7 @@ async def _read_json(request: Request, limit: int) -> dict[str, Any]:
             raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
         chunks.append(chunk)
     raw = b"".join(chunks)
+    ex.request_bytes = size
     if not raw.strip():
         raise BadRequest("Request body is empty; send a JSON object.", code="invalid_json")
     try:
@@ -146,7 +148,8 @@ class Proxy:
         principal = snap.keyring.authenticate(request.headers)
         ex.principal = principal
         tenant = snap.loaded.config.tenants[principal.tenant]
-        body = await _read_json(request, snap.loaded.config.server.max_body_bytes)
+        body = await _read_json(request, snap.loaded.config.server.max_body_bytes, ex)
+        check_tools(principal.tenant, tenant, body.get("tools"))
         model = body.get("model")
         ex.stream = body.get("stream") is True
         pinned = None
@@ -158,6 +161,7 @@ class Proxy:
         if model is None and pinned is not None and ex.operation != "create":
             target = self._resource_target(snap, pinned)
             attempts = [Attempt(target, json.dumps(body).encode(), [])]
+            await self.gw.gate.admit(ex, principal.tenant, tenant, "")
             return await self._forward(request, ex, snap, attempts)
         if not isinstance(model, str) or not model:
             raise BadRequest(
@@ -168,6 +172,7 @@ class Proxy:
         ex.model = model
         targets = snap.router.targets(principal.tenant, tenant, model, pinned)
         attempts = self._attempts(snap, principal, body, request, targets)
+        await self.gw.gate.admit(ex, principal.tenant, tenant, model)
         return await self._forward(request, ex, snap, attempts)
 
     def _attempts(
@@ -233,6 +238,9 @@ class Proxy:
         rid = _response_id(request.path_params["response_id"], "response_id")
         ex.response_id = rid
         binding = await self._owned(principal, rid, "response_id")
+        ex.model = binding.model or None
+        tenant = snap.loaded.config.tenants[principal.tenant]
+        await self.gw.gate.admit(ex, principal.tenant, tenant, binding.model)
         body = None
         if request.method == "POST":
             raw = await request.body()
@@ -306,7 +314,7 @@ class Proxy:
     def _binder(self, ex: Exchange, snap: Snapshot) -> Callable[[str], Awaitable[None]]:
         ttl = snap.loaded.config.state.response_retention_days * 86400.0
         assert ex.principal is not None and ex.target is not None
-        binding = Binding(ex.principal.tenant, ex.target.resource)
+        binding = Binding(ex.principal.tenant, ex.target.resource, ex.model or "")
 
         async def bind(response_id: str) -> None:
             ex.response_id = response_id

@@ -18,6 +18,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from .errors import GatewayError
 from .exchange import Exchange
+from .quotas import ratelimit_headers
 from .sse import SseTap
 from .upstream import map_transport_error, response_headers
 
@@ -27,6 +28,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.relay")
 
 Binder = Callable[[str], Awaitable[None]]
+
+
+async def settle(ex: Exchange, gw: Gateway) -> None:
+    """Release quota leases and charge tokens; shielded, so a cancelled stream still pays."""
+    with anyio.CancelScope(shield=True):
+        await gw.gate.settle(ex)
+
+
+def quota_headers(ex: Exchange) -> list[tuple[bytes, bytes]]:
+    """The tenant's own ``x-ratelimit-*`` headers, when a quota applies."""
+    if ex.admission is None:
+        return []
+    return [(k.encode(), v.encode()) for k, v in ratelimit_headers(ex.admission).items()]
 
 
 def finish(ex: Exchange, gw: Gateway, status: int) -> None:
@@ -68,7 +82,10 @@ class ErrorResponse:
             (b"content-length", str(len(body)).encode()),
             (b"x-request-id", self.ex.request_id.encode()),
         ]
-        headers += [(k.lower().encode(), v.encode()) for k, v in self.exc.headers.items()]
+        extra = {k.lower(): v for k, v in self.exc.headers.items()}
+        if self.ex.admission is not None and not any(k.startswith("x-ratelimit-") for k in extra):
+            extra.update(ratelimit_headers(self.ex.admission))
+        headers += [(k.encode(), v.encode()) for k, v in extra.items()]
         self.ex.error_code = self.exc.code
         try:
             await send(
@@ -76,6 +93,7 @@ class ErrorResponse:
             )
             await send({"type": "http.response.body", "body": body})
         finally:
+            await settle(self.ex, self.gw)
             finish(self.ex, self.gw, self.exc.status)
 
 
@@ -103,7 +121,7 @@ class JsonRelay:
         ex.upstream_seconds = time.perf_counter() - (ex.upstream_started or ex.started)
         if resp.status_code < 300:
             await self._inspect(raw)
-        headers = response_headers(resp.headers, ex.request_id)
+        headers = response_headers(resp.headers, ex.request_id) + quota_headers(ex)
         headers.append((b"content-length", str(len(raw)).encode()))
         try:
             await send(
@@ -112,6 +130,7 @@ class JsonRelay:
             await send({"type": "http.response.body", "body": raw})
             ex.ttfb_seconds = time.perf_counter() - ex.started
         finally:
+            await settle(ex, gw)
             finish(ex, gw, resp.status_code)
 
     async def _inspect(self, raw: bytes) -> None:
@@ -157,7 +176,7 @@ class StreamRelay:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ex, gw, resp, tap = self.ex, self.gw, self.upstream, self.tap
-        headers = response_headers(resp.headers, ex.request_id)
+        headers = response_headers(resp.headers, ex.request_id) + quota_headers(ex)
         status = resp.status_code
         bound = False
         try:
@@ -199,8 +218,12 @@ class StreamRelay:
                 await resp.aclose()
             tap.close()
             ex.upstream_seconds = time.perf_counter() - (ex.upstream_started or ex.started)
+            ex.stream_events = tap.events
             if tap.usage is not None:
                 ex.usage = tap.usage
+            elif tap.final_type is None and status < 300:
+                ex.interrupted = True
+            await settle(ex, gw)
             finish(ex, gw, status)
 
     def _error_event(self, exc: Exception) -> bytes:

@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import httpx
 
+from .admission import QuotaGate
 from .config import LoadedConfig
 from .credentials import TokenProvider
 from .errors import UpstreamUnavailable
@@ -42,12 +43,14 @@ class Gateway:
         state: StateBackend,
         tokens: TokenProvider | None,
         observers: list[Observer],
+        gate: QuotaGate,
     ) -> None:
         self.snap = snapshot(loaded)
         self.http = http
         self.state = state
         self.tokens = tokens
         self.observers = observers
+        self.gate = gate
         self.draining = False
 
     def swap(self, loaded: LoadedConfig) -> None:

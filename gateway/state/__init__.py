@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+if TYPE_CHECKING:
+    from ..quotas import Admission, QuotaScope, Windows
 
 
 class Binding(NamedTuple):
-    """Which tenant created a response, and on which resource it lives."""
+    """Which tenant created a response, on which resource it lives, for which model."""
 
     tenant: str
     resource: str
+    model: str = ""
 
 
 class StateBackend(Protocol):
@@ -23,6 +27,19 @@ class StateBackend(Protocol):
 
     async def delete_binding(self, response_id: str) -> None:
         """Forget ``response_id`` (after a successful delete)."""
+
+    async def admit(
+        self, scopes: list[QuotaScope], lease: str, lease_ttl: float, w: Windows
+    ) -> Admission:
+        """Check every scope and, only if all pass, take a request and a lease (atomic)."""
+
+    async def charge(
+        self, scopes: list[QuotaScope], tokens: int, w: Windows, once: str | None, ttl: float
+    ) -> bool:
+        """Charge ``tokens`` to every scope; with ``once``, only the first time for that id."""
+
+    async def release(self, scopes: list[QuotaScope], lease: str) -> None:
+        """Give back a concurrency lease."""
 
     async def ping(self) -> None:
         """Raise ``StateError`` if the backend cannot be reached."""

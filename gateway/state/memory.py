@@ -1,19 +1,37 @@
-"""In-memory state for a single replica."""
+"""In-memory state for a single replica (asyncio makes each method atomic)."""
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
 
+from ..quotas import Admission, QuotaScope, Windows
 from . import Binding
 
 
+class _Bucket:
+    __slots__ = ("level", "ts")
+
+    def __init__(self, level: float, ts: float) -> None:
+        self.level = level
+        self.ts = ts
+
+    def refill(self, cap: int, now: float) -> float:
+        self.level = min(float(cap), self.level + (now - self.ts) * cap / 60.0)
+        self.ts = now
+        return self.level
+
+
 class MemoryState:
-    """Response bindings in a dict, oldest evicted first past ``max_bindings``."""
+    """Response bindings and quota counters in dicts; bindings evicted oldest first."""
 
     def __init__(self, max_bindings: int = 1_000_000) -> None:
         self._bindings: OrderedDict[str, tuple[Binding, float]] = OrderedDict()
         self._max = max_bindings
+        self._buckets: dict[tuple[str, str, str], _Bucket] = {}
+        self._counters: dict[tuple[str, str, str], int] = {}
+        self._leases: dict[tuple[str, str], dict[str, float]] = {}
+        self._charged: dict[str, float] = {}
 
     async def bind_response(self, response_id: str, binding: Binding, ttl: float) -> None:
         self._bindings[response_id] = (binding, time.monotonic() + ttl)
@@ -32,6 +50,80 @@ class MemoryState:
 
     async def delete_binding(self, response_id: str) -> None:
         self._bindings.pop(response_id, None)
+
+    def _bucket(self, s: QuotaScope, kind: str, cap: int, now: float) -> _Bucket:
+        key = (s.tenant, s.model, kind)
+        b = self._buckets.get(key)
+        if b is None:
+            b = self._buckets[key] = _Bucket(float(cap), now)
+        b.refill(cap, now)
+        return b
+
+    def _live_leases(self, s: QuotaScope, now: float) -> dict[str, float]:
+        leases = self._leases.setdefault((s.tenant, s.model), {})
+        for lid in [lid for lid, exp in leases.items() if exp <= now]:
+            del leases[lid]
+        return leases
+
+    async def admit(
+        self, scopes: list[QuotaScope], lease: str, lease_ttl: float, w: Windows
+    ) -> Admission:
+        now = w.now
+        first: Admission | None = None
+        for s in scopes:
+            req = self._bucket(s, "rq", s.rpm, now) if s.rpm else None
+            tok = self._bucket(s, "tk", s.tpm, now) if s.tpm else None
+            reason, retry = None, 0.0
+            if req is not None and req.level < 1:
+                reason, retry = "requests_per_minute", (1 - req.level) * 60 / s.rpm
+            elif tok is not None and tok.level <= 0:
+                reason, retry = "tokens_per_minute", (1 - tok.level) * 60 / s.tpm
+            elif s.tpd and self._counters.get((s.tenant, s.model, w.day), 0) >= s.tpd:
+                reason, retry = "tokens_per_day", w.day_left
+            elif s.tpmonth and self._counters.get((s.tenant, s.model, w.month), 0) >= s.tpmonth:
+                reason, retry = "tokens_per_month", w.month_left
+            elif s.concurrency and len(self._live_leases(s, now)) >= s.concurrency:
+                reason, retry = "max_concurrent_requests", 1.0
+            adm = Admission(
+                reason is None,
+                reason,
+                retry,
+                s.rpm,
+                int(req.level) - (reason is None) if req else 0,
+                (s.rpm - (req.level - 1)) * 60 / s.rpm if req else 0.0,
+                s.tpm,
+                int(tok.level) if tok else 0,
+                max(0.0, (s.tpm - tok.level) * 60 / s.tpm) if tok else 0.0,
+                lease,
+            )
+            if reason is not None:
+                return adm
+            first = first or adm
+        for s in scopes:
+            if s.rpm:
+                self._bucket(s, "rq", s.rpm, now).level -= 1
+            if s.concurrency:
+                self._live_leases(s, now)[lease] = now + lease_ttl
+        return first or Admission(True, lease=lease)
+
+    async def charge(
+        self, scopes: list[QuotaScope], tokens: int, w: Windows, once: str | None, ttl: float
+    ) -> bool:
+        if once is not None:
+            if self._charged.get(once, 0) > w.now:
+                return False
+            self._charged[once] = w.now + ttl
+        for s in scopes:
+            if s.tpm:
+                self._bucket(s, "tk", s.tpm, w.now).level -= tokens
+            for window in (w.day, w.month):
+                key = (s.tenant, s.model, window)
+                self._counters[key] = self._counters.get(key, 0) + tokens
+        return True
+
+    async def release(self, scopes: list[QuotaScope], lease: str) -> None:
+        for s in scopes:
+            self._leases.get((s.tenant, s.model), {}).pop(lease, None)
 
     async def ping(self) -> None:
         return None

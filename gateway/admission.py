@@ -1,0 +1,89 @@
+"""The quota gate on the request path: admit before forwarding, settle when done."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from .config import TenantConfig
+from .errors import StateError
+from .exchange import Exchange
+from .metrics import token_kinds
+from .quotas import estimate_tokens, refusal, scopes_for, windows
+from .state import StateBackend
+
+log = logging.getLogger("gateway.quotas")
+
+
+class QuotaGate:
+    """Admits requests against the tenant's quotas and charges their tokens afterwards."""
+
+    def __init__(
+        self,
+        state: StateBackend,
+        *,
+        on_state_error: str = "allow",
+        lease_seconds: float = 300.0,
+        retention_seconds: float = 30 * 86400.0,
+        on_error: Callable[[str], None] | None = None,
+        on_estimate: Callable[[Exchange, int], None] | None = None,
+    ) -> None:
+        self.state = state
+        self.on_state_error = on_state_error
+        self.lease_seconds = lease_seconds
+        self.retention = retention_seconds
+        self._on_error = on_error
+        self._on_estimate = on_estimate
+
+    def _state_failed(self, what: str, exc: StateError) -> None:
+        if self._on_error:
+            self._on_error(what)
+        log.error(
+            "state backend failed",
+            extra={"operation": what, "policy": self.on_state_error, "reason": exc.message},
+        )
+
+    async def admit(self, ex: Exchange, tenant_name: str, tenant: TenantConfig, model: str) -> None:
+        """Admit ``ex`` or raise the 429 (or, with ``deny``, the 503) that refuses it."""
+        scopes = scopes_for(tenant_name, tenant, model)
+        ex.quota_scopes = scopes
+        if not scopes:
+            return
+        try:
+            adm = await self.state.admit(scopes, ex.request_id, self.lease_seconds, windows())
+        except StateError as exc:
+            self._state_failed("admit", exc)
+            ex.quota_scopes = []
+            if self.on_state_error == "deny":
+                raise
+            return
+        ex.admission = adm
+        if not adm.allowed:
+            ex.quota_scopes = []
+            ex.quota_reason = adm.reason
+            raise refusal(adm, tenant_name)
+        ex.leased = any(s.concurrency for s in scopes)
+
+    async def settle(self, ex: Exchange) -> None:
+        """Release the lease and charge the tokens the response used (or an estimate)."""
+        scopes = ex.quota_scopes
+        if not scopes:
+            return
+        ex.quota_scopes = []
+        try:
+            if ex.leased:
+                await self.state.release(scopes, ex.request_id)
+            tokens = 0
+            if ex.usage:
+                kinds = token_kinds(ex.usage)
+                total = ex.usage.get("total_tokens")
+                tokens = total if isinstance(total, int) else kinds["input"] + kinds["output"]
+            elif ex.interrupted and ex.operation == "create" and ex.stream:
+                tokens = estimate_tokens(ex.request_bytes, ex.stream_events)
+                ex.estimated_tokens = tokens
+                if self._on_estimate:
+                    self._on_estimate(ex, tokens)
+            if tokens > 0:
+                await self.state.charge(scopes, tokens, windows(), ex.response_id, self.retention)
+        except StateError as exc:
+            self._state_failed("settle", exc)

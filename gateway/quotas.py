@@ -1,0 +1,165 @@
+"""Quota admission and token accounting, over a state backend.
+
+Strategy (the same on every backend, atomic per request):
+- ``requests_per_minute``: a token bucket of ``rpm`` requests refilling at rpm/60 per
+  second. A request takes one; an empty bucket refuses (429, ``Retry-After`` = time
+  to the next request).
+- ``tokens_per_minute``: a bucket of ``tpm`` tokens refilling at tpm/60 per second,
+  charged with Azure's ``usage.total_tokens`` when the response ends. A request is
+  admitted while the bucket is above zero; the last admitted requests may take it
+  below zero (debt), which later refills. Overshoot is therefore bounded by the
+  tokens of the requests in flight when the budget ran out.
+- ``tokens_per_day`` / ``tokens_per_month``: counters per UTC day / month. A spent
+  budget refuses with 429 ``insufficient_quota`` and ``x-should-retry: false``.
+- ``max_concurrent_requests``: leases (request id → expiry) released when the
+  response ends; a replica that dies leaves leases that expire after ``lease_seconds``.
+
+Each of these applies per tenant (``quotas``) and per tenant+model (``model_quotas``).
+"""
+
+from __future__ import annotations
+
+import calendar
+import time
+from datetime import UTC, datetime
+from typing import NamedTuple
+
+from .config import QuotaConfig, TenantConfig
+from .errors import RateLimited
+
+REASONS = (
+    "requests_per_minute",
+    "tokens_per_minute",
+    "tokens_per_day",
+    "tokens_per_month",
+    "max_concurrent_requests",
+)
+
+
+class QuotaScope(NamedTuple):
+    """The limits of one scope: a tenant (model "") or a tenant+model."""
+
+    tenant: str
+    model: str
+    rpm: int
+    tpm: int
+    tpd: int
+    tpmonth: int
+    concurrency: int
+
+
+class Windows(NamedTuple):
+    """Calendar windows at one instant: ids and seconds left."""
+
+    now: float
+    day: str
+    day_left: float
+    month: str
+    month_left: float
+
+
+class Admission(NamedTuple):
+    """The outcome of admitting one request; headers and metrics read from it."""
+
+    allowed: bool
+    reason: str | None = None
+    retry_after: float = 0.0
+    limit_requests: int = 0
+    remaining_requests: int = 0
+    reset_requests: float = 0.0
+    limit_tokens: int = 0
+    remaining_tokens: int = 0
+    reset_tokens: float = 0.0
+    lease: str | None = None
+
+
+UNLIMITED = Admission(True)
+
+
+def windows(now: float | None = None) -> Windows:
+    """The UTC day and month containing ``now``."""
+    t = time.time() if now is None else now
+    d = datetime.fromtimestamp(t, UTC)
+    day_start = datetime(d.year, d.month, d.day, tzinfo=UTC).timestamp()
+    days = calendar.monthrange(d.year, d.month)[1]
+    month_start = datetime(d.year, d.month, 1, tzinfo=UTC).timestamp()
+    return Windows(
+        t,
+        d.strftime("%Y%m%d"),
+        day_start + 86400 - t,
+        d.strftime("%Y%m"),
+        month_start + days * 86400 - t,
+    )
+
+
+def _scope(tenant: str, model: str, q: QuotaConfig) -> QuotaScope | None:
+    values = (
+        q.requests_per_minute or 0,
+        q.tokens_per_minute or 0,
+        q.tokens_per_day or 0,
+        q.tokens_per_month or 0,
+        q.max_concurrent_requests or 0,
+    )
+    if not any(values):
+        return None
+    return QuotaScope(tenant, model, *values)
+
+
+def scopes_for(tenant_name: str, tenant: TenantConfig, model: str | None) -> list[QuotaScope]:
+    """The quota scopes a request of ``tenant`` for ``model`` must pass."""
+    out = []
+    base = _scope(tenant_name, "", tenant.quotas)
+    if base:
+        out.append(base)
+    if model and model in tenant.model_quotas:
+        per_model = _scope(tenant_name, model, tenant.model_quotas[model])
+        if per_model:
+            out.append(per_model)
+    return out
+
+
+def ratelimit_headers(adm: Admission) -> dict[str, str]:
+    """``x-ratelimit-*`` headers describing the tenant's own quota."""
+    h: dict[str, str] = {}
+    if adm.limit_requests:
+        h["x-ratelimit-limit-requests"] = str(adm.limit_requests)
+        h["x-ratelimit-remaining-requests"] = str(max(adm.remaining_requests, 0))
+        h["x-ratelimit-reset-requests"] = f"{adm.reset_requests:.3f}s"
+    if adm.limit_tokens:
+        h["x-ratelimit-limit-tokens"] = str(adm.limit_tokens)
+        h["x-ratelimit-remaining-tokens"] = str(max(adm.remaining_tokens, 0))
+        h["x-ratelimit-reset-tokens"] = f"{adm.reset_tokens:.3f}s"
+    return h
+
+
+def refusal(adm: Admission, tenant: str) -> RateLimited:
+    """The 429 a refused admission answers with."""
+    headers = ratelimit_headers(adm)
+    retry = max(adm.retry_after, 0.001)
+    headers["retry-after"] = str(max(1, int(retry + 0.999)))
+    headers["retry-after-ms"] = str(int(retry * 1000))
+    reason = adm.reason or "quota"
+    if reason in ("tokens_per_day", "tokens_per_month"):
+        headers["x-should-retry"] = "false"
+        period = "day" if reason == "tokens_per_day" else "month"
+        return RateLimited(
+            f"Tenant '{tenant}' has spent its token budget for this {period} ({reason}); "
+            f"it resets in {int(retry)} s. Ask your platform team to raise it.",
+            code="insufficient_quota",
+            headers=headers,
+        )
+    what = {
+        "requests_per_minute": "request rate limit",
+        "tokens_per_minute": "token rate limit",
+        "max_concurrent_requests": "limit of concurrent requests",
+    }.get(reason, reason)
+    return RateLimited(
+        f"Tenant '{tenant}' is over its {what} ({reason}); retry after {retry:.3f} s.",
+        code="rate_limit_exceeded",
+        headers=headers,
+    )
+
+
+def estimate_tokens(request_bytes: int, output_events: int) -> int:
+    """Tokens to charge for a stream cut before its usage arrived."""
+    return request_bytes // 4 + output_events
