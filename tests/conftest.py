@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from harness import Server, Sim, Tenants, base_config, gateway, simulator
+from harness import RedisServer, Server, Sim, Tenants, base_config, gateway, simulator
 
 from gateway.simulator import IDENTITY_HEADER
 
@@ -52,3 +52,22 @@ def gw(identity: Sim, tenants: Tenants) -> Iterator[Server]:
     """A gateway in front of one simulator, with tenants team-a and team-b."""
     with gateway(base_config({"swc": identity}, tenants)) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(str(tmp_path_factory.mktemp("redis"))).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend(request: pytest.FixtureRequest) -> tuple[dict[str, object], dict[str, str]]:
+    """(state config, environment) for each state backend."""
+    if request.param == "memory":
+        return {"backend": "memory"}, {}
+    server: RedisServer = request.getfixturevalue("redis_server")
+    server.flush()
+    return {"backend": "redis", "url_env": "REDIS_URL"}, {"REDIS_URL": server.url}
