@@ -177,3 +177,67 @@ class RedisServer:
             self.proc.terminate()
             self.proc.wait(10)
             self.proc = None
+
+
+class GatewayProcess:
+    """`gateway serve` in its own process: a replica."""
+
+    def __init__(self, cfg: dict[str, Any], tmpdir: str, env: dict[str, str]) -> None:
+        import yaml
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.path = f"{tmpdir}/gateway-{self.port}.yaml"
+        with open(self.path, "w") as f:
+            yaml.safe_dump(cfg, f)
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> GatewayProcess:
+        import os
+        import sys
+
+        import httpx
+
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gateway.cli",
+                "serve",
+                "--config",
+                self.path,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "WARNING",
+            ],
+            env={**os.environ, **self.env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited: {self.proc.stderr.read()!r}")  # type: ignore[union-attr]
+            try:
+                httpx.get(self.url + "/healthz", timeout=0.5)
+                return self
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError("gateway did not start")
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is not None:
+            if kill:
+                self.proc.kill()
+            else:
+                self.proc.terminate()
+            self.proc.wait(30)
+            if self.proc.stderr:
+                self.proc.stderr.close()
+            self.proc = None
