@@ -79,8 +79,11 @@ def servers(extra_config: dict[str, object] | None = None) -> Iterator[tuple[str
         },
         "models": {"gpt-4.1": [{"resource": "sim", "deployment": "gpt-4.1"}]},
         "tenants": {"bench": {"keys": [{"id": "bench", "sha256": hash_key(key)}], "models": ["*"]}},
-        **(extra_config or {}),
     }
+    extra = dict(extra_config or {})
+    if "quotas" in extra:
+        cfg["tenants"]["bench"]["quotas"] = extra.pop("quotas")  # type: ignore[index]
+    cfg.update(extra)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "gateway.yaml"
         path.write_text(yaml.safe_dump(cfg))
