@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
@@ -192,3 +193,29 @@ def test_expired_key_refused_and_rotation(identity: Sim, tenants: Tenants) -> No
     assert r.json()["error"]["code"] == "expired_api_key"
     assert "team-a-old" in r.json()["error"]["message"] and old_key not in r.text
     assert new.status_code == 200
+
+
+def test_background_response_charged_once_when_usage_known(
+    identity: Sim, tenants: Tenants, backend: Backend
+) -> None:
+    key = tenants.key("team-a")
+    identity.state.background_seconds = 0.2
+    body = {"model": "gpt-4.1", "input": "one two three", "background": True}
+    direct = httpx.post(
+        f"{identity.url}/openai/v1/responses",
+        json={"model": "gpt-4.1", "input": "one two three"},
+        headers={"api-key": "sim-api-key"},
+    )
+    per_response = direct.json()["usage"]["total_tokens"]
+    with _gw(identity, tenants, backend, tokens_per_day=int(per_response * 1.5)) as gw:
+        queued = _post(gw, key, body)
+        assert queued.status_code == 200 and queued.json()["status"] == "queued"
+        rid = queued.json()["id"]
+        time.sleep(0.3)
+        for _ in range(3):  # retrieves of the finished response: charged on the first only
+            got = httpx.get(f"{gw.url}/openai/v1/responses/{rid}", headers={"api-key": key})
+            assert got.json()["status"] == "completed"
+        assert _post(gw, key).status_code == 200  # 1 charge < budget: still admitted
+        refused = _post(gw, key)  # now 2 charges > budget
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "insufficient_quota"
