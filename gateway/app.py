@@ -16,6 +16,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .admission import QuotaGate
+from .audit import Auditor, Redactor
+from .audit_sinks import FileSink, RedisStreamSink, Sink, StdoutSink
 from .config import LoadedConfig
 from .credentials import TokenProvider, build_credential
 from .errors import GatewayError, NotFound
@@ -50,6 +52,32 @@ def build_state(loaded: LoadedConfig) -> StateBackend:
     return MemoryState()
 
 
+def build_auditor(loaded: LoadedConfig, metrics: Metrics) -> Auditor:
+    """The MCP auditor with the sinks the config names."""
+    cfg = loaded.config.audit
+    sinks: list[Sink] = []
+    for sink, url in zip(cfg.all_sinks(), loaded.audit_urls, strict=True):
+        if sink.type == "file":
+            assert sink.path is not None
+            sinks.append(FileSink(sink.path, sink.max_bytes, sink.backups, sink.fsync))
+        elif sink.type == "stdout":
+            sinks.append(StdoutSink())
+        else:
+            assert url is not None
+            sinks.append(
+                RedisStreamSink(
+                    url.value, sink.stream, sink.maxlen, loaded.config.state.timeout_seconds
+                )
+            )
+    return Auditor(
+        sinks,
+        Redactor((*cfg.secret_keys, *cfg.extra_secret_keys), cfg.max_output_chars),
+        on_failure=cfg.on_failure,
+        on_record=metrics.audit_record,
+        on_write_failure=metrics.audit_failed,
+    )
+
+
 def create_app(loaded: LoadedConfig, *, credential: Any = None) -> Starlette:
     """The gateway ASGI app for a loaded config (``credential`` overrides azure-identity's)."""
     cfg = loaded.config
@@ -65,6 +93,7 @@ def create_app(loaded: LoadedConfig, *, credential: Any = None) -> Starlette:
             on_fetch=metrics.token_fetched,
         )
     state = build_state(loaded)
+    auditor = build_auditor(loaded, metrics)
     gate = QuotaGate(
         state,
         on_state_error=cfg.state.on_state_error,
@@ -80,6 +109,7 @@ def create_app(loaded: LoadedConfig, *, credential: Any = None) -> Starlette:
         tokens=tokens,
         observers=observers,
         gate=gate,
+        audit=auditor,
     )
     proxy = Proxy(gateway)
 
@@ -90,6 +120,7 @@ def create_app(loaded: LoadedConfig, *, credential: Any = None) -> Starlette:
         finally:
             await gateway.http.aclose()
             await gateway.state.aclose()
+            await gateway.audit.aclose()
             if gateway.tokens is not None:
                 gateway.tokens.close()
 

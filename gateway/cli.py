@@ -73,6 +73,17 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from .audit_sinks import verify
+
+    count, problem = verify(args.files)
+    if problem:
+        print(f"FAILED after {count} good records: {problem}", file=sys.stderr)
+        return 1
+    print(f"ok: {count} records, chain intact across {len(args.files)} file(s)")
+    return 0
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from .simulator import create_simulator
 
@@ -170,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("tenant")
     p.add_argument("--id", help="key id (default: TENANT-DATE-RANDOM)")
     p.set_defaults(func=cmd_keys_new)
+
+    audit = sub.add_parser("audit", help="MCP audit trail tools").add_subparsers(
+        dest="audit", required=True
+    )
+    p = audit.add_parser("verify", help="check the hash chain of audit files (oldest first)")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(func=cmd_audit_verify)
 
     p = sub.add_parser("simulate", help="serve the local Responses API simulator")
     p.add_argument("--host", default="127.0.0.1")

@@ -7,6 +7,7 @@ fails at start with the field that named it.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -175,10 +176,68 @@ class UpstreamConfig(_Frozen):
 
 class ServerConfig(_Frozen):
     max_body_bytes: Positive = 50 * 1024 * 1024
+    trusted_proxies: tuple[str, ...] = ()
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not an IP address or CIDR") from None
+        return value
+
+
+DEFAULT_SECRET_KEYS = (
+    "password",
+    "passwd",
+    "token",
+    "secret",
+    "api_key",
+    "apikey",
+    "api-key",
+    "authorization",
+    "credential",
+    "private_key",
+    "cookie",
+)
+
+
+class AuditSinkConfig(_Frozen):
+    type: Literal["file", "stdout", "redis"]
+    path: str | None = None
+    max_bytes: Annotated[int, Field(ge=0)] = 100 * 1024 * 1024
+    backups: Annotated[int, Field(ge=0)] = 10
+    fsync: bool = True
+    url_env: str | None = None
+    stream: str = "gateway:audit"
+    maxlen: Positive = 1_000_000
+
+    _check_env = field_validator("url_env")(_env_name)
+
+    @model_validator(mode="after")
+    def _fields(self) -> AuditSinkConfig:
+        if self.type == "file" and not self.path:
+            raise ValueError("type: file needs path")
+        if self.type == "redis" and not self.url_env:
+            raise ValueError("type: redis needs url_env")
+        return self
 
 
 class AuditConfig(_Frozen):
     path: str | None = None
+    sinks: tuple[AuditSinkConfig, ...] = ()
+    on_failure: Literal["reject", "allow"] = "reject"
+    secret_keys: tuple[str, ...] = DEFAULT_SECRET_KEYS
+    extra_secret_keys: tuple[str, ...] = ()
+    max_output_chars: Positive = 4096
+
+    def all_sinks(self) -> tuple[AuditSinkConfig, ...]:
+        """``sinks``, plus a file sink for the ``path`` shorthand."""
+        if self.path:
+            return (AuditSinkConfig(type="file", path=self.path), *self.sinks)
+        return self.sinks
 
 
 class Config(_Frozen):
@@ -211,6 +270,7 @@ class LoadedConfig:
     client_secret: Secret | None = None
     redis_url: Secret | None = None
     source: str = "<memory>"
+    audit_urls: tuple[Secret | None, ...] = ()
 
 
 def _cross_check(cfg: Config) -> list[str]:
@@ -290,9 +350,15 @@ def parse_config(
     redis_url = None
     if cfg.state.backend == "redis" and cfg.state.url_env:
         redis_url = secret(cfg.state.url_env, "state.url_env")
+    audit_urls = tuple(
+        secret(s.url_env, f"audit.sinks[{i}].url_env") if s.url_env else None
+        for i, s in enumerate(cfg.audit.sinks)
+    )
+    if cfg.audit.path:
+        audit_urls = (None, *audit_urls)
     if errors:
         raise ConfigError(f"{source}: invalid config\n" + "\n".join(errors))
-    return LoadedConfig(cfg, keys, client_secret, redis_url, source)
+    return LoadedConfig(cfg, keys, client_secret, redis_url, source, audit_urls)
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> LoadedConfig:

@@ -48,6 +48,8 @@ class Exchange:
     quota_reason: str | None = None
     leased: bool = False
     estimated_tokens: int = 0
+    audited_items: set[str] = field(default_factory=set)
+    pending_audit: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def tenant(self) -> str | None:

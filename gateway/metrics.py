@@ -6,6 +6,7 @@ else is ``other``), resources and regions likewise, statuses are numbers.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ from .exchange import BaseObserver, Exchange
 from .routing import Target
 
 OTHER = "other"
+_LABEL = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _TTFB = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 _TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
@@ -110,6 +112,34 @@ class Metrics(BaseObserver):
             ["tenant", "model"],
             registry=r,
         )
+        self.mcp_tools = Counter(
+            "gateway_mcp_tools_offered_total",
+            "MCP tool definitions sent by clients, by tenant and server label.",
+            ["tenant", "server_label"],
+            registry=r,
+        )
+        self.mcp_calls = Counter(
+            "gateway_mcp_calls_total",
+            "MCP calls seen in responses, by tenant, server label and outcome.",
+            ["tenant", "server_label", "outcome"],
+            registry=r,
+        )
+        self.mcp_approvals = Counter(
+            "gateway_mcp_approvals_total",
+            "MCP approval requests (from Azure) and responses (from clients).",
+            ["tenant", "server_label", "kind"],
+            registry=r,
+        )
+        self.audit_records = Counter(
+            "gateway_audit_records_total", "Audit records written, by event.", ["event"], registry=r
+        )
+        self.audit_failures = Counter(
+            "gateway_audit_write_failures_total",
+            "Audit batches a sink failed to write, by sink type.",
+            ["sink"],
+            registry=r,
+        )
+        self._labels: set[str] = set()
         self.inflight = Gauge(
             "gateway_inflight_requests", "Requests being served right now.", registry=r
         )
@@ -124,6 +154,33 @@ class Metrics(BaseObserver):
         if target is None or target.resource not in self._config().resources:
             return OTHER, OTHER
         return target.resource, target.region
+
+    def server_label(self, label: object) -> str:
+        """Client-chosen MCP server labels, bounded: the first 100 sane ones, then ``other``."""
+        if not isinstance(label, str) or not _LABEL.match(label):
+            return OTHER
+        if label not in self._labels:
+            if len(self._labels) >= 100:
+                return OTHER
+            self._labels.add(label)
+        return label
+
+    def audit_record(self, ex: Exchange, rec: dict[str, Any]) -> None:
+        event = rec.get("event", "")
+        tenant = self.tenant_label(ex.tenant)
+        self.audit_records.labels(event).inc()
+        label = self.server_label(rec.get("server_label"))
+        if event == "mcp.tool":
+            self.mcp_tools.labels(tenant, label).inc()
+        elif event == "mcp.call" and rec.get("source") == "response":
+            self.mcp_calls.labels(tenant, label, "error" if rec.get("error") else "ok").inc()
+        elif event == "mcp.approval_request" and rec.get("source") == "response":
+            self.mcp_approvals.labels(tenant, label, "request").inc()
+        elif event == "mcp.approval":
+            self.mcp_approvals.labels(tenant, OTHER, "response").inc()
+
+    def audit_failed(self, sink: str) -> None:
+        self.audit_failures.labels(sink.split(":", 1)[0]).inc()
 
     def state_failed(self, operation: str) -> None:
         self.state_errors.labels(operation).inc()

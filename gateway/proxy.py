@@ -14,13 +14,14 @@ import httpx
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
+from .audit import check_mcp_policy
 from .errors import BadRequest, GatewayError, NotFound, PayloadTooLarge
 from .exchange import Exchange
 from .keys import Principal
 from .policy import check_tools
 from .relay import ErrorResponse, JsonRelay, StreamRelay
 from .routing import Target
-from .runtime import Gateway, Snapshot
+from .runtime import Gateway, Snapshot, client_address
 from .state import Binding
 from .upstream import (
     RETRYABLE_STATUS,
@@ -49,9 +50,10 @@ class Attempt:
         self.headers = headers
 
 
-def _exchange(request: Request, operation: str) -> Exchange:
+def _exchange(request: Request, operation: str, snap: Snapshot) -> Exchange:
     rid = safe_request_id(request.headers.get("x-request-id")) or uuid.uuid4().hex
-    client = request.client.host if request.client else None
+    peer = request.client.host if request.client else None
+    client = client_address(peer, request.headers.get("x-forwarded-for"), snap)
     return Exchange(request_id=rid, operation=operation, method=request.method, client=client)
 
 
@@ -105,7 +107,7 @@ class _Endpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
-        ex = _exchange(request, self.operation)
+        ex = _exchange(request, self.operation, self.gw.snap)
         try:
             response = await self.handler(request, ex)
         except GatewayError as exc:
@@ -150,6 +152,7 @@ class Proxy:
         tenant = snap.loaded.config.tenants[principal.tenant]
         body = await _read_json(request, snap.loaded.config.server.max_body_bytes, ex)
         check_tools(principal.tenant, tenant, body.get("tools"))
+        decisions = check_mcp_policy(principal.tenant, tenant.mcp, body.get("tools"))
         model = body.get("model")
         ex.stream = body.get("stream") is True
         pinned = None
@@ -162,6 +165,7 @@ class Proxy:
             target = self._resource_target(snap, pinned)
             attempts = [Attempt(target, json.dumps(body).encode(), [])]
             await self.gw.gate.admit(ex, principal.tenant, tenant, "")
+            await self._audit_request(ex, body, decisions, attempts)
             return await self._forward(request, ex, snap, attempts)
         if not isinstance(model, str) or not model:
             raise BadRequest(
@@ -173,7 +177,24 @@ class Proxy:
         targets = snap.router.targets(principal.tenant, tenant, model, pinned)
         attempts = self._attempts(snap, principal, body, request, targets)
         await self.gw.gate.admit(ex, principal.tenant, tenant, model)
+        await self._audit_request(ex, body, decisions, attempts)
         return await self._forward(request, ex, snap, attempts)
+
+    async def _audit_request(
+        self,
+        ex: Exchange,
+        body: dict[str, Any],
+        decisions: list[dict[str, Any]],
+        attempts: list[Attempt],
+    ) -> None:
+        """Make the request's MCP audit records durable before anything goes upstream."""
+        audit = self.gw.audit
+        if not audit.enabled:
+            return
+        ex.target = attempts[0].target  # the first choice; response records name the actual one
+        records = audit.request_records(ex, body, decisions)
+        ex.target = None
+        await audit.write(ex, records, before_forward=True)
 
     def _attempts(
         self,

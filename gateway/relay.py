@@ -153,6 +153,9 @@ class JsonRelay:
             if ex.response_id is None:
                 ex.response_id = body["id"]
             await _remember(ex, gw, self.bind, body["id"])
+        if gw.audit.enabled and "output" in body:
+            records = gw.audit.response_records(ex, body["output"])
+            await gw.audit.write(ex, records, before_forward=False)
         for obs in gw.observers:
             obs.response_body(ex, body)
 
@@ -171,8 +174,14 @@ class StreamRelay:
         ex.stream = True
 
     def _on_event(self, event: dict[str, Any]) -> None:
+        if self.gw.audit.enabled:
+            self.ex.pending_audit += self.gw.audit.stream_records(self.ex, event)
         for obs in self.gw.observers:
             obs.stream_event(self.ex, event)
+
+    async def _flush_audit(self) -> None:
+        records, self.ex.pending_audit = self.ex.pending_audit, []
+        await self.gw.audit.write(self.ex, records, before_forward=False)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ex, gw, resp, tap = self.ex, self.gw, self.upstream, self.tap
@@ -199,6 +208,8 @@ class StreamRelay:
                             bound = True
                             ex.response_id = ex.response_id or tap.response_id
                             await _remember(ex, gw, self.bind, tap.response_id)
+                        if ex.pending_audit:
+                            await self._flush_audit()
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                         if ex.ttfb_seconds is None:
                             ex.ttfb_seconds = time.perf_counter() - ex.started
@@ -217,6 +228,9 @@ class StreamRelay:
             with anyio.CancelScope(shield=True):
                 await resp.aclose()
             tap.close()
+            if ex.pending_audit:
+                with anyio.CancelScope(shield=True):
+                    await self._flush_audit()
             ex.upstream_seconds = time.perf_counter() - (ex.upstream_started or ex.started)
             ex.stream_events = tap.events
             if tap.usage is not None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from typing import NamedTuple
 
 import httpx
 
 from .admission import QuotaGate
+from .audit import Auditor
 from .config import LoadedConfig
 from .credentials import TokenProvider
 from .errors import UpstreamUnavailable
@@ -25,11 +27,34 @@ class Snapshot(NamedTuple):
     loaded: LoadedConfig
     keyring: KeyRing
     router: Router
+    trusted: tuple[IPv4Network | IPv6Network, ...]
 
 
 def snapshot(loaded: LoadedConfig) -> Snapshot:
     """Derive the lookup structures of one config."""
-    return Snapshot(loaded, KeyRing(loaded.config), Router(loaded.config))
+    trusted = tuple(ip_network(c, strict=False) for c in loaded.config.server.trusted_proxies)
+    return Snapshot(loaded, KeyRing(loaded.config), Router(loaded.config), trusted)
+
+
+def client_address(peer: str | None, forwarded_for: str | None, snap: Snapshot) -> str | None:
+    """The client's address: from X-Forwarded-For only when the peer is a trusted proxy."""
+    if peer is None or not snap.trusted or not forwarded_for:
+        return peer
+
+    def trusted(addr: str) -> bool:
+        try:
+            ip = ip_address(addr)
+        except ValueError:
+            return False
+        return any(ip in net for net in snap.trusted)
+
+    if not trusted(peer):
+        return peer
+    hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not trusted(hop):
+            return hop
+    return hops[0] if hops else peer
 
 
 class Gateway:
@@ -44,6 +69,7 @@ class Gateway:
         tokens: TokenProvider | None,
         observers: list[Observer],
         gate: QuotaGate,
+        audit: Auditor,
     ) -> None:
         self.snap = snapshot(loaded)
         self.http = http
@@ -51,6 +77,7 @@ class Gateway:
         self.tokens = tokens
         self.observers = observers
         self.gate = gate
+        self.audit = audit
         self.draining = False
 
     def swap(self, loaded: LoadedConfig) -> None:

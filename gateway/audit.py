@@ -1,0 +1,279 @@
+"""MCP audit trail: records of every MCP tool, approval and call, secrets redacted.
+
+Request-side records (tools offered, approval responses, MCP items passed back as
+input) are durable before the request is forwarded. Response-side records
+(``mcp_list_tools``, ``mcp_call``, ``mcp_approval_request``) are written as the items
+are seen, from JSON bodies and from streams.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable
+from fnmatch import fnmatchcase
+from typing import Any
+
+from .audit_sinks import AuditWriteError, Sink
+from .config import McpPolicyConfig
+from .errors import Forbidden, ServiceUnavailable
+from .exchange import Exchange
+from .sse import FINAL_TYPES
+
+log = logging.getLogger("gateway.audit")
+
+Record = dict[str, Any]
+REDACTED = "[REDACTED]"
+_RESPONSE_ITEMS = {
+    "mcp_list_tools": "mcp.list_tools",
+    "mcp_call": "mcp.call",
+    "mcp_approval_request": "mcp.approval_request",
+}
+
+
+class Redactor:
+    """Blanks values whose keys look like secrets, and cuts long text."""
+
+    def __init__(self, secret_keys: Iterable[str], max_chars: int) -> None:
+        words = "|".join(re.escape(k.lower()) for k in secret_keys)
+        self._secret = re.compile(f"({words})", re.I)
+        self.max_chars = max_chars
+
+    def value(self, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {
+                k: REDACTED if self._secret.search(str(k)) else self.value(v)
+                for k, v in value.items()
+            }
+        if isinstance(value, list):
+            return [self.value(v) for v in value]
+        return value
+
+    def text(self, record: Record, field: str, value: Any) -> None:
+        """Put ``value`` (a JSON string or text) into ``record[field]``, redacted and cut."""
+        if value is None:
+            record[field] = None
+            return
+        raw = value if isinstance(value, str) else json.dumps(value)
+        try:
+            parsed = json.loads(raw)
+            clean = json.dumps(self.value(parsed), ensure_ascii=False)
+        except ValueError:
+            clean = raw
+        if len(clean) > self.max_chars:
+            record[f"{field}_length"] = len(raw)
+            record[f"{field}_sha256"] = hashlib.sha256(raw.encode()).hexdigest()
+            record[f"{field}_truncated"] = True
+            clean = clean[: self.max_chars]
+        record[field] = clean
+
+
+def _server(item: dict[str, Any]) -> Record:
+    return {
+        "server_label": item.get("server_label"),
+        "server_url": item.get("server_url"),
+        "connector_id": item.get("connector_id"),
+    }
+
+
+def check_mcp_policy(tenant_name: str, policy: McpPolicyConfig, tools: Any) -> list[Record]:
+    """Refuse MCP servers outside the allowlist (403); enforce ``require_approval: always``.
+
+    The gateway *rewrites* each MCP tool's ``require_approval`` to ``"always"`` when the
+    tenant's policy demands it (it does not refuse), and returns one audit record per
+    rewrite.
+    """
+    decisions: list[Record] = []
+    if not isinstance(tools, list):
+        return decisions
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or tool.get("type") != "mcp":
+            continue
+        label = tool.get("server_label")
+        if policy.allowed_servers is not None:
+            target = tool.get("server_url") or tool.get("connector_id") or ""
+            if not any(fnmatchcase(str(target), p) for p in policy.allowed_servers):
+                raise Forbidden(
+                    f"MCP server '{label}' ({target}) is not allowed for tenant '{tenant_name}'.",
+                    code="mcp_server_not_allowed",
+                    param=f"tools[{i}]",
+                )
+        if policy.require_approval == "always" and tool.get("require_approval") != "always":
+            decisions.append(
+                {
+                    "event": "mcp.policy",
+                    "action": "require_approval_rewritten",
+                    "from": tool.get("require_approval", "default"),
+                    "to": "always",
+                    **_server(tool),
+                }
+            )
+            tools[i] = {**tool, "require_approval": "always"}
+    return decisions
+
+
+class Auditor:
+    """Builds audit records and writes them to every sink."""
+
+    def __init__(
+        self,
+        sinks: list[Sink],
+        redactor: Redactor,
+        *,
+        on_failure: str = "reject",
+        on_record: Callable[[Exchange, Record], None] | None = None,
+        on_write_failure: Callable[[str], None] | None = None,
+    ) -> None:
+        self.sinks = sinks
+        self.redactor = redactor
+        self.on_failure = on_failure
+        self._on_record = on_record
+        self._on_write_failure = on_write_failure
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.sinks)
+
+    def _base(self, ex: Exchange, event: str) -> Record:
+        t = ex.target
+        return {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+            + f".{int(time.time() * 1000) % 1000:03d}Z",
+            "request_id": ex.request_id,
+            "tenant": ex.tenant,
+            "key_id": ex.principal.key_id if ex.principal else None,
+            "client_addr": ex.client,
+            "event": event,
+            "model": ex.model,
+            "deployment": t.deployment if t and t.deployment else None,
+            "resource": t.resource if t else None,
+            "region": t.region if t else None,
+            "response_id": ex.response_id,
+            "previous_response_id": ex.previous_response_id,
+        }
+
+    def request_records(
+        self, ex: Exchange, body: dict[str, Any], decisions: list[Record]
+    ) -> list[Record]:
+        """Records for the MCP content of a request body."""
+        out = [{**self._base(ex, "mcp.policy"), **d} for d in decisions]
+        for tool in body.get("tools") or []:
+            if not isinstance(tool, dict) or tool.get("type") != "mcp":
+                continue
+            headers = tool.get("headers")
+            rec = {
+                **self._base(ex, "mcp.tool"),
+                **_server(tool),
+                "require_approval": self.redactor.value(tool.get("require_approval")),
+                "allowed_tools": self.redactor.value(tool.get("allowed_tools")),
+                "header_names": sorted(headers) if isinstance(headers, dict) else [],
+                "authorization_set": bool(tool.get("authorization")),
+            }
+            out.append(rec)
+        items = body.get("input")
+        for item in items if isinstance(items, list) else []:
+            if not isinstance(item, dict):
+                continue
+            kind = item.get("type")
+            if kind == "mcp_approval_response":
+                out.append(
+                    {
+                        **self._base(ex, "mcp.approval"),
+                        "approval_request_id": item.get("approval_request_id"),
+                        "approve": item.get("approve"),
+                        "reason": item.get("reason"),
+                        "item_id": item.get("id"),
+                    }
+                )
+            elif kind in _RESPONSE_ITEMS:
+                out.append(self.item_record(ex, item, source="input"))
+        return out
+
+    def item_record(self, ex: Exchange, item: dict[str, Any], source: str = "response") -> Record:
+        """The record of one MCP output item."""
+        kind = item["type"]
+        rec: Record = {
+            **self._base(ex, _RESPONSE_ITEMS[kind]),
+            "source": source,
+            "item_id": item.get("id"),
+            "server_label": item.get("server_label"),
+        }
+        if kind == "mcp_list_tools":
+            tools = item.get("tools") or []
+            rec["tools"] = [t.get("name") for t in tools if isinstance(t, dict)]
+            if item.get("error") is not None:
+                self.redactor.text(rec, "error", item.get("error"))
+        else:
+            rec["name"] = item.get("name")
+            self.redactor.text(rec, "arguments", item.get("arguments"))
+        if kind == "mcp_call":
+            rec["approval_request_id"] = item.get("approval_request_id")
+            rec["status"] = item.get("status")
+            self.redactor.text(rec, "output", item.get("output"))
+            # older payloads carry a string error, newer ones an object
+            self.redactor.text(rec, "error", item.get("error"))
+        return rec
+
+    def response_records(self, ex: Exchange, output: Any) -> list[Record]:
+        """Records for the MCP items of a response's ``output``."""
+        return [
+            self.item_record(ex, item)
+            for item in (output if isinstance(output, list) else [])
+            if isinstance(item, dict) and item.get("type") in _RESPONSE_ITEMS
+        ]
+
+    def stream_records(self, ex: Exchange, event: dict[str, Any]) -> list[Record]:
+        """Records for one stream event: each MCP item once, when it is done."""
+        etype = event.get("type")
+        if etype == "response.output_item.done":
+            items = [event.get("item")]
+        elif etype in FINAL_TYPES and isinstance(event.get("response"), dict):
+            items = event["response"].get("output") or []
+        else:
+            return []
+        out = []
+        for item in items:
+            if isinstance(item, dict) and item.get("type") in _RESPONSE_ITEMS:
+                key = str(item.get("id"))
+                if key not in ex.audited_items:
+                    ex.audited_items.add(key)
+                    out.append(self.item_record(ex, item))
+        return out
+
+    async def write(self, ex: Exchange, records: list[Record], *, before_forward: bool) -> None:
+        """Write ``records`` to every sink; on failure reject (503) or allow, per config."""
+        if not records or not self.sinks:
+            return
+        for rec in records:
+            if self._on_record:
+                self._on_record(ex, rec)
+        failed = []
+        for sink in self.sinks:
+            try:
+                await sink.write(records)
+            except AuditWriteError as exc:
+                failed.append(sink.name)
+                if self._on_write_failure:
+                    self._on_write_failure(sink.name)
+                log.error(
+                    "audit write failed",
+                    extra={
+                        "request_id": ex.request_id,
+                        "sink": sink.name,
+                        "reason": str(exc),
+                        "records": len(records),
+                    },
+                )
+        if failed and before_forward and self.on_failure == "reject":
+            raise ServiceUnavailable(
+                "The gateway could not write its MCP audit record, so the request was not "
+                "forwarded. Retry later.",
+                code="audit_unavailable",
+            )
+
+    async def aclose(self) -> None:
+        for sink in self.sinks:
+            await sink.aclose()
