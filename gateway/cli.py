@@ -26,6 +26,7 @@ def _uvicorn_config(app: object, host: str, port: int, log_level: str = "info") 
         log_level=log_level,
         access_log=False,
         server_header=False,
+        proxy_headers=False,  # the gateway decides whom to trust (server.trusted_proxies)
         lifespan="on",
         timeout_graceful_shutdown=30,
     )

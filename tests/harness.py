@@ -34,6 +34,7 @@ class Server:
             access_log=False,
             lifespan="on",
             server_header=False,
+            proxy_headers=False,
             timeout_graceful_shutdown=2,
         )
         self.server = uvicorn.Server(config)
