@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,6 +27,7 @@ from .exchange import Observer
 from .logs import AccessLog
 from .metrics import Metrics
 from .proxy import Proxy
+from .reload import Reloader
 from .runtime import Gateway
 from .state import StateBackend
 from .state.memory import MemoryState
@@ -78,8 +81,13 @@ def build_auditor(loaded: LoadedConfig, metrics: Metrics) -> Auditor:
     )
 
 
-def create_app(loaded: LoadedConfig, *, credential: Any = None) -> Starlette:
-    """The gateway ASGI app for a loaded config (``credential`` overrides azure-identity's)."""
+def create_app(
+    loaded: LoadedConfig, *, credential: Any = None, config_path: str | None = None
+) -> Starlette:
+    """The gateway ASGI app for a loaded config (``credential`` overrides azure-identity's).
+
+    With ``config_path``, the file is watched and reloaded (SIGHUP or on change).
+    """
     cfg = loaded.config
     metrics = Metrics(lambda: gateway.snap.loaded.config)
     observers: list[Observer] = [metrics, AccessLog()]
@@ -113,11 +121,41 @@ def create_app(loaded: LoadedConfig, *, credential: Any = None) -> Starlette:
     )
     proxy = Proxy(gateway)
 
+    reloader = None
+    if config_path is not None:
+        reloader = Reloader(
+            gateway,
+            config_path,
+            cfg.server.reload_interval_seconds,
+            on_result=lambda r: metrics.config_reloads.labels(r).inc(),
+        )
+    scopes = sorted({r.scope for r in cfg.resources.values() if r.auth == "entra"})
+    last_check: list[Any] = [0.0, "no token fetched yet"]
+
+    async def credential_ready() -> str | None:
+        """None if a token can be had; tried at most every 10 s, never per probe."""
+        if tokens is None or tokens.has_usable_token():
+            return None
+        now = time.monotonic()
+        if now - float(last_check[0]) > 10:
+            last_check[0] = now
+            try:
+                await tokens.token(scopes[0])
+                return None
+            except GatewayError as exc:
+                last_check[1] = exc.message
+        return str(last_check[1])
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        watcher = asyncio.create_task(reloader.run()) if reloader else None
         try:
             yield {"gateway": gateway}
         finally:
+            if watcher is not None:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
             await gateway.http.aclose()
             await gateway.state.aclose()
             await gateway.audit.aclose()
@@ -135,6 +173,9 @@ def create_app(loaded: LoadedConfig, *, credential: Any = None) -> Starlette:
             await gateway.state.ping()
         except GatewayError as exc:
             problems.append(f"state: {exc.message}")
+        cred = await credential_ready()
+        if cred:
+            problems.append(f"credential: {cred}")
         status = 503 if problems else 200
         return JSONResponse({"ready": not problems, "problems": problems}, status)
 
@@ -171,11 +212,12 @@ def create_app(loaded: LoadedConfig, *, credential: Any = None) -> Starlette:
     routes += [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
-        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        *([] if cfg.metrics.port else [Route("/metrics", metrics_endpoint, methods=["GET"])]),
     ]
     app = Starlette(
         routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error}
     )
     app.state.gateway = gateway
     app.state.metrics = metrics
+    app.state.reloader = reloader
     return app

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
 import threading
 import time
 from collections.abc import Sequence
+from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -17,7 +20,35 @@ from .keys import hash_key, new_key
 from .logs import setup_logging
 
 
-def _uvicorn_config(app: object, host: str, port: int, log_level: str = "info") -> uvicorn.Config:
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but a first SIGTERM marks the gateway unready for ``delay`` seconds first.
+
+    The delay lets Kubernetes take the pod out of its Service before the listener
+    closes; then uvicorn stops accepting, lets in-flight requests and streams finish
+    within the grace period, and exits.
+    """
+
+    def __init__(self, config: uvicorn.Config, gateway: Any, delay: float) -> None:
+        super().__init__(config)
+        self.gateway = gateway
+        self.delay = delay
+        self._draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.gateway is not None:
+            self.gateway.draining = True
+        if sig == signal.SIGTERM and self.delay > 0 and not self._draining:
+            self._draining = True
+            timer = threading.Timer(self.delay, super().handle_exit, (sig, frame))
+            timer.daemon = True
+            timer.start()
+            return
+        super().handle_exit(sig, frame)
+
+
+def _uvicorn_config(
+    app: object, host: str, port: int, log_level: str = "info", grace: float = 30
+) -> uvicorn.Config:
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
         host=host,
@@ -28,7 +59,7 @@ def _uvicorn_config(app: object, host: str, port: int, log_level: str = "info") 
         server_header=False,
         proxy_headers=False,  # the gateway decides whom to trust (server.trusted_proxies)
         lifespan="on",
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=int(grace + 0.999),
     )
 
 
@@ -45,8 +76,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    app = create_app(loaded)
-    uvicorn.Server(_uvicorn_config(app, args.host, args.port, args.log_level.lower())).run()
+    app = create_app(loaded, config_path=str(path))
+    cfg = loaded.config
+    if cfg.metrics.port:
+        from prometheus_client import start_http_server
+
+        start_http_server(cfg.metrics.port, cfg.metrics.host, registry=app.state.metrics.registry)
+    server_cfg = _uvicorn_config(
+        app, args.host, args.port, args.log_level.lower(), cfg.server.shutdown_grace_seconds
+    )
+    DrainingServer(server_cfg, app.state.gateway, cfg.server.drain_delay_seconds).run()
     return 0
 
 

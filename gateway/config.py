@@ -177,6 +177,9 @@ class UpstreamConfig(_Frozen):
 class ServerConfig(_Frozen):
     max_body_bytes: Positive = 50 * 1024 * 1024
     trusted_proxies: tuple[str, ...] = ()
+    shutdown_grace_seconds: PositiveFloat = 30.0
+    drain_delay_seconds: Annotated[float, Field(ge=0)] = 0.0
+    reload_interval_seconds: Annotated[float, Field(ge=0)] = 5.0
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -240,6 +243,11 @@ class AuditConfig(_Frozen):
         return self.sinks
 
 
+class MetricsConfig(_Frozen):
+    port: Annotated[int, Field(gt=0, lt=65536)] | None = None
+    host: str = "0.0.0.0"
+
+
 class Config(_Frozen):
     credential: CredentialConfig = CredentialConfig()
     resources: dict[str, ResourceConfig]
@@ -249,6 +257,7 @@ class Config(_Frozen):
     upstream: UpstreamConfig = UpstreamConfig()
     server: ServerConfig = ServerConfig()
     audit: AuditConfig = AuditConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ class Exchange:
     quota_reason: str | None = None
     leased: bool = False
     estimated_tokens: int = 0
+    stream_relayed: bool = False
     audited_items: set[str] = field(default_factory=set)
     pending_audit: list[dict[str, Any]] = field(default_factory=list)
 
@@ -58,6 +59,10 @@ class Exchange:
 
 class Observer(Protocol):
     """Hooks an observer may implement; each is called synchronously and must be cheap."""
+
+    def started(self, ex: Exchange) -> None: ...
+
+    def stream_started(self, ex: Exchange) -> None: ...
 
     def upstream_failed(self, ex: Exchange, target: Target, status: int | None) -> None: ...
 
@@ -70,6 +75,12 @@ class Observer(Protocol):
 
 class BaseObserver:
     """No-op implementations of every hook."""
+
+    def started(self, ex: Exchange) -> None:
+        return None
+
+    def stream_started(self, ex: Exchange) -> None:
+        return None
 
     def upstream_failed(self, ex: Exchange, target: Target, status: int | None) -> None:
         return None

@@ -143,6 +143,12 @@ class Metrics(BaseObserver):
         self.inflight = Gauge(
             "gateway_inflight_requests", "Requests being served right now.", registry=r
         )
+        self.active_streams = Gauge(
+            "gateway_active_streams", "SSE streams being relayed right now.", registry=r
+        )
+        self.config_reloads = Counter(
+            "gateway_config_reloads_total", "Config reloads, by result.", ["result"], registry=r
+        )
 
     def tenant_label(self, tenant: str | None) -> str:
         return tenant if tenant is not None and tenant in self._config().tenants else OTHER
@@ -197,7 +203,16 @@ class Metrics(BaseObserver):
         resource, region = self._target_labels(target)
         self.upstream_errors.labels(resource, region, str(status) if status else "connect").inc()
 
+    def started(self, ex: Exchange) -> None:
+        self.inflight.inc()
+
+    def stream_started(self, ex: Exchange) -> None:
+        self.active_streams.inc()
+
     def finished(self, ex: Exchange) -> None:
+        self.inflight.dec()
+        if ex.stream_relayed:
+            self.active_streams.dec()
         tenant = self.tenant_label(ex.tenant)
         model = self.model_label(ex.model)
         stream = "true" if ex.stream else "false"

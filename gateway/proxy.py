@@ -108,6 +108,8 @@ class _Endpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
         ex = _exchange(request, self.operation, self.gw.snap)
+        for obs in self.gw.observers:
+            obs.started(ex)
         try:
             response = await self.handler(request, ex)
         except GatewayError as exc:

@@ -200,6 +200,9 @@ class StreamRelay:
                             return
 
                 tg.start_soon(watch_disconnect)
+                ex.stream_relayed = True
+                for obs in gw.observers:
+                    obs.stream_started(ex)
                 await send({"type": "http.response.start", "status": status, "headers": headers})
                 try:
                     async for chunk in resp.aiter_raw():

@@ -1,0 +1,100 @@
+"""Hot reload: on SIGHUP or when the config file changes, validate and swap atomically.
+
+Keys, tenants, models, resources and policies take effect on the next request;
+in-flight requests keep the snapshot they started with. The credential, state
+backend, audit sinks, upstream pool and metrics port are built once: a change to
+those sections is logged as needing a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from .config import ConfigError, load_config
+from .runtime import Gateway
+
+log = logging.getLogger("gateway.reload")
+_RESTART_SECTIONS = ("credential", "state", "audit", "upstream", "metrics")
+
+
+class Reloader:
+    """Watches one config file for the life of the app."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        path: str,
+        interval: float,
+        on_result: Callable[[str], None] | None = None,
+    ) -> None:
+        self.gateway = gateway
+        self.path = Path(path)
+        self.interval = interval
+        self._on_result = on_result
+        self._digest = self._read_digest()
+        self._wake = asyncio.Event()
+
+    def _read_digest(self) -> str | None:
+        try:
+            return hashlib.sha256(self.path.read_bytes()).hexdigest()
+        except OSError:
+            return None
+
+    def trigger(self) -> None:
+        """Ask for a reload now (the SIGHUP handler)."""
+        self._wake.set()
+
+    def check(self, force: bool = False) -> str:
+        """Reload if the file changed (or ``force``): 'unchanged', 'applied' or 'rejected'."""
+        digest = self._read_digest()
+        if digest == self._digest and not force:
+            return "unchanged"
+        self._digest = digest
+        try:
+            loaded = load_config(self.path)
+        except ConfigError as exc:
+            log.error(
+                "config reload rejected; keeping the running config", extra={"reason": str(exc)}
+            )
+            self._result("rejected")
+            return "rejected"
+        old = self.gateway.snap.loaded.config
+        stale = [s for s in _RESTART_SECTIONS if getattr(old, s) != getattr(loaded.config, s)]
+        if stale:
+            log.warning(
+                "config sections changed that apply only after a restart", extra={"sections": stale}
+            )
+        self.gateway.swap(loaded)
+        log.info("config reloaded", extra={"source": str(self.path)})
+        self._result("applied")
+        return "applied"
+
+    def _result(self, result: str) -> None:
+        if self._on_result:
+            self._on_result(result)
+
+    async def run(self) -> None:
+        """Poll every ``interval`` seconds (0: only on SIGHUP) until cancelled."""
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGHUP, self.trigger)
+        except (RuntimeError, ValueError, NotImplementedError):
+            log.info("SIGHUP reload unavailable here (not the main thread)")
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self.interval or None)
+                    forced = True
+                except TimeoutError:
+                    forced = False
+                self._wake.clear()
+                self.check(force=forced)
+        finally:
+            with contextlib.suppress(RuntimeError, ValueError, NotImplementedError):
+                loop.remove_signal_handler(signal.SIGHUP)
