@@ -183,7 +183,10 @@ class RedisServer:
 class GatewayProcess:
     """`gateway serve` in its own process: a replica."""
 
-    def __init__(self, cfg: dict[str, Any], tmpdir: str, env: dict[str, str]) -> None:
+    def __init__(
+        self, cfg: dict[str, Any], tmpdir: str, env: dict[str, str], log_level: str = "WARNING"
+    ) -> None:
+        self.log_level = log_level
         import yaml
 
         with socket.socket() as s:
@@ -215,7 +218,7 @@ class GatewayProcess:
                 "--port",
                 str(self.port),
                 "--log-level",
-                "WARNING",
+                self.log_level,
             ],
             env={**os.environ, **self.env},
             stdout=subprocess.DEVNULL,
@@ -232,7 +235,15 @@ class GatewayProcess:
                 time.sleep(0.05)
         raise RuntimeError("gateway did not start")
 
-    def stop(self, kill: bool = False) -> None:
+    def write_config(self, cfg: dict[str, Any] | str) -> None:
+        import yaml
+
+        with open(self.path, "w") as f:
+            f.write(cfg if isinstance(cfg, str) else yaml.safe_dump(cfg))
+
+    def stop(self, kill: bool = False) -> str:
+        """Stop the process; returns what it wrote to stderr."""
+        err = ""
         if self.proc is not None:
             if kill:
                 self.proc.kill()
@@ -240,5 +251,7 @@ class GatewayProcess:
                 self.proc.terminate()
             self.proc.wait(30)
             if self.proc.stderr:
+                err = self.proc.stderr.read().decode(errors="replace")
                 self.proc.stderr.close()
             self.proc = None
+        return err
