@@ -298,3 +298,26 @@ def test_redis_stream_sink(identity: Sim, tenants: Tenants, redis_server: RedisS
         entries = r.xrange("audit:test")
     events = [json.loads(fields[b"record"])["event"] for _, fields in entries]
     assert events == ["mcp.tool", "mcp.list_tools", "mcp.call"]
+
+
+def test_items_passed_back_as_input_are_recorded(
+    agw: Server, audit_path: Path, tenants: Tenants
+) -> None:
+    client = _client(agw, tenants)
+    first = client.responses.create(
+        model="gpt-4.1",
+        input="q",
+        tools=[mcp_tool()],
+        store=False,  # type: ignore[list-item]
+    )
+    items = [i.model_dump(exclude_none=True) for i in first.output]
+    client.responses.create(
+        model="gpt-4.1",
+        store=False,
+        tools=[mcp_tool()],  # type: ignore[list-item]
+        input=[*items, {"role": "user", "content": "and then?"}],  # type: ignore[list-item]
+    )
+    recs = [r for r in records(audit_path) if r.get("source") == "input"]
+    assert [r["event"] for r in recs] == ["mcp.list_tools", "mcp.call"]
+    assert json.loads(recs[1]["arguments"])["api_key"] == "[REDACTED]"
+    assert recs[1]["item_id"] == items[1]["id"]
