@@ -55,6 +55,8 @@ class AccessLog(BaseObserver):
     """One log line per request; never bodies, keys or tokens."""
 
     def finished(self, ex: Exchange) -> None:
+        if not access_log.isEnabledFor(logging.INFO):
+            return
         usage = ex.usage or {}
         t = ex.target
         access_log.info(

@@ -297,7 +297,7 @@ class Proxy:
             )
             ex.upstream_started = time.perf_counter()
             try:
-                resp = await gw.http.send(upstream_req, stream=True)
+                resp = await gw.http.send(upstream_req)
             except httpx.HTTPError as exc:
                 for obs in gw.observers:
                     obs.upstream_failed(ex, target, None)

@@ -6,8 +6,6 @@ import logging
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from typing import NamedTuple
 
-import httpx
-
 from .admission import QuotaGate
 from .audit import Auditor
 from .config import LoadedConfig
@@ -17,6 +15,7 @@ from .exchange import Observer
 from .keys import KeyRing
 from .routing import Router
 from .state import StateBackend
+from .upstream import UpstreamClient
 
 log = logging.getLogger("gateway")
 
@@ -64,7 +63,7 @@ class Gateway:
         self,
         loaded: LoadedConfig,
         *,
-        http: httpx.AsyncClient,
+        http: UpstreamClient,
         state: StateBackend,
         tokens: TokenProvider | None,
         observers: list[Observer],

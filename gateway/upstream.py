@@ -49,23 +49,58 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
-def new_client(cfg: UpstreamConfig) -> httpx.AsyncClient:
-    """One pooled client for the process, with explicit timeouts."""
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(
+class UpstreamClient:
+    """One pooled httpx transport for the process, used directly.
+
+    The gateway needs none of ``httpx.AsyncClient``'s per-request extras (cookie jar,
+    auth flows, redirects, event hooks), which cost more than the forwarding itself;
+    it talks to the transport's ``handle_async_request`` contract instead.
+    """
+
+    def __init__(self, cfg: UpstreamConfig) -> None:
+        self.timeout = httpx.Timeout(
             connect=cfg.connect_timeout,
             read=cfg.read_timeout,
             write=cfg.write_timeout,
             pool=cfg.pool_timeout,
-        ),
-        limits=httpx.Limits(
+        ).as_dict()
+        limits = httpx.Limits(
             max_connections=cfg.max_connections,
             max_keepalive_connections=cfg.max_connections,
             keepalive_expiry=60.0,
-        ),
-        trust_env=cfg.trust_env,
-        follow_redirects=False,
-    )
+        )
+        # With trust_env, the full client routes each URL through the proxies the
+        # environment names (HTTPS_PROXY, NO_PROXY); otherwise the bare transport.
+        self._client: httpx.AsyncClient | None = None
+        self.transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+        if cfg.trust_env:
+            self._client = httpx.AsyncClient(limits=limits, trust_env=True)
+
+    def build_request(
+        self, method: str, url: httpx.URL, headers: list[tuple[str, str]], content: bytes | None
+    ) -> httpx.Request:
+        """A request carrying the configured timeouts."""
+        return httpx.Request(
+            method, url, headers=headers, content=content, extensions={"timeout": self.timeout}
+        )
+
+    async def send(self, request: httpx.Request) -> httpx.Response:
+        """Send; the response body is left unread (stream it, then ``aclose``)."""
+        if self._client is not None:
+            return await self._client.send(request, stream=True)
+        response = await self.transport.handle_async_request(request)
+        response.request = request
+        return response
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+        await self.transport.aclose()
+
+
+def new_client(cfg: UpstreamConfig) -> UpstreamClient:
+    """The process's upstream client."""
+    return UpstreamClient(cfg)
 
 
 def safe_request_id(value: str | None) -> str | None:
