@@ -97,8 +97,8 @@ class ErrorResponse:
             finish(self.ex, self.gw, self.exc.status)
 
 
-class JsonRelay:
-    """A non-streamed upstream answer, read whole and passed on unchanged."""
+class _UpstreamRelay:
+    """An upstream answer to relay; ``bind`` remembers a created response's id."""
 
     def __init__(
         self, upstream: httpx.Response, ex: Exchange, gw: Gateway, bind: Binder | None
@@ -107,6 +107,10 @@ class JsonRelay:
         self.ex = ex
         self.gw = gw
         self.bind = bind
+
+
+class JsonRelay(_UpstreamRelay):
+    """A non-streamed upstream answer, read whole and passed on unchanged."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ex, gw, resp = self.ex, self.gw, self.upstream
@@ -160,16 +164,13 @@ class JsonRelay:
             obs.response_body(ex, body)
 
 
-class StreamRelay:
+class StreamRelay(_UpstreamRelay):
     """An upstream SSE stream relayed byte for byte, each chunk sent as it arrives."""
 
     def __init__(
         self, upstream: httpx.Response, ex: Exchange, gw: Gateway, bind: Binder | None
     ) -> None:
-        self.upstream = upstream
-        self.ex = ex
-        self.gw = gw
-        self.bind = bind
+        super().__init__(upstream, ex, gw, bind)
         self.tap = SseTap(self._on_event)
         ex.stream = True
 

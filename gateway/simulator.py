@@ -345,19 +345,21 @@ def create_simulator(state: SimState | None = None) -> Starlette:
     def not_found(rid: str) -> Response:
         return _error(404, f"Response with id '{rid}' not found.", "not_found", "response_id")
 
+    def missing_previous(body: Json) -> Response | None:
+        prev = body.get("previous_response_id")
+        if prev and prev not in sim.responses:
+            message = f"Previous response with id '{prev}' not found."
+            return _error(400, message, "previous_response_not_found", "previous_response_id")
+        return None
+
     async def create(request: Request) -> Response:
         rec, err = await record(request)
         if err:
             return err
         body = json.loads(rec.body)
-        prev = body.get("previous_response_id")
-        if prev and prev not in sim.responses:
-            return _error(
-                400,
-                f"Previous response with id '{prev}' not found.",
-                "previous_response_not_found",
-                "previous_response_id",
-            )
+        missing = missing_previous(body)
+        if missing:
+            return missing
         items = _input_items(body)
         resp = build_response(body, items)
         events = stream_events(resp)
@@ -453,11 +455,10 @@ def create_simulator(state: SimState | None = None) -> Starlette:
         if err:
             return err
         body = json.loads(rec.body)
+        missing = missing_previous(body)
+        if missing:
+            return missing
         prev = body.get("previous_response_id")
-        if prev and prev not in sim.responses:
-            return _error(
-                400, f"Previous response with id '{prev}' not found.", "previous_response_not_found"
-            )
         items = sim.inputs.get(prev, []) if prev else _input_items(body)
         out = {
             "id": _id("cmp"),
