@@ -138,19 +138,12 @@ class Auditor:
         return bool(self.sinks)
 
     def _base(self, ex: Exchange, event: str) -> Record:
-        t = ex.target
         return {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
             + f".{int(time.time() * 1000) % 1000:03d}Z",
-            "request_id": ex.request_id,
-            "tenant": ex.tenant,
-            "key_id": ex.principal.key_id if ex.principal else None,
+            **ex.who_and_where(),
             "client_addr": ex.client,
             "event": event,
-            "model": ex.model,
-            "deployment": t.deployment if t and t.deployment else None,
-            "resource": t.resource if t else None,
-            "region": t.region if t else None,
             "response_id": ex.response_id,
             "previous_response_id": ex.previous_response_id,
         }

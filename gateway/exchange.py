@@ -56,6 +56,19 @@ class Exchange:
     def tenant(self) -> str | None:
         return self.principal.tenant if self.principal else None
 
+    def who_and_where(self) -> dict[str, Any]:
+        """Request id, caller and target fields shared by the access log and audit records."""
+        t = self.target
+        return {
+            "request_id": self.request_id,
+            "tenant": self.tenant,
+            "key_id": self.principal.key_id if self.principal else None,
+            "model": self.model,
+            "deployment": t.deployment if t and t.deployment else None,
+            "resource": t.resource if t else None,
+            "region": t.region if t else None,
+        }
+
 
 class Observer(Protocol):
     """Hooks an observer may implement; each is called synchronously and must be cheap."""

@@ -58,19 +58,12 @@ class AccessLog(BaseObserver):
         if not access_log.isEnabledFor(logging.INFO):
             return
         usage = ex.usage or {}
-        t = ex.target
         access_log.info(
             "request",
             extra={
-                "request_id": ex.request_id,
+                **ex.who_and_where(),
                 "operation": ex.operation,
                 "method": ex.method,
-                "tenant": ex.tenant,
-                "key_id": ex.principal.key_id if ex.principal else None,
-                "model": ex.model,
-                "deployment": t.deployment if t and t.deployment else None,
-                "resource": t.resource if t else None,
-                "region": t.region if t else None,
                 "status": ex.status,
                 "error_code": ex.error_code,
                 "stream": ex.stream,
