@@ -138,9 +138,10 @@ class Auditor:
         return bool(self.sinks)
 
     def _base(self, ex: Exchange, event: str) -> Record:
+        now = time.time()
         return {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
-            + f".{int(time.time() * 1000) % 1000:03d}Z",
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+            + f".{int(now * 1000) % 1000:03d}Z",
             **ex.who_and_where(),
             "client_addr": ex.client,
             "event": event,
