@@ -183,7 +183,7 @@ Demo key (tenant 'demo', model 'gpt-4.1'): {key}
   curl -s {base}/openai/v1/responses -H "api-key: {key}" \\
        -H "content-type: application/json" -d '{{"model": "gpt-4.1", "input": "Hello"}}'
 
-  python3 -c '
+  pip install openai && python3 -c '
 from openai import OpenAI
 client = OpenAI(base_url="{base}/openai/v1/", api_key="{key}")
 print(client.responses.create(model="gpt-4.1", input="Hello").output_text)'
