@@ -79,10 +79,6 @@ class Observer(Protocol):
 
     def upstream_failed(self, ex: Exchange, target: Target, status: int | None) -> None: ...
 
-    def stream_event(self, ex: Exchange, event: dict[str, Any]) -> None: ...
-
-    def response_body(self, ex: Exchange, body: dict[str, Any]) -> None: ...
-
     def finished(self, ex: Exchange) -> None: ...
 
 
@@ -96,12 +92,6 @@ class BaseObserver:
         return None
 
     def upstream_failed(self, ex: Exchange, target: Target, status: int | None) -> None:
-        return None
-
-    def stream_event(self, ex: Exchange, event: dict[str, Any]) -> None:
-        return None
-
-    def response_body(self, ex: Exchange, body: dict[str, Any]) -> None:
         return None
 
     def finished(self, ex: Exchange) -> None:

@@ -160,8 +160,6 @@ class JsonRelay(_UpstreamRelay):
         if gw.audit.enabled and "output" in body:
             records = gw.audit.response_records(ex, body["output"])
             await gw.audit.write(ex, records, before_forward=False)
-        for obs in gw.observers:
-            obs.response_body(ex, body)
 
 
 class StreamRelay(_UpstreamRelay):
@@ -171,14 +169,11 @@ class StreamRelay(_UpstreamRelay):
         self, upstream: httpx.Response, ex: Exchange, gw: Gateway, bind: Binder | None
     ) -> None:
         super().__init__(upstream, ex, gw, bind)
-        self.tap = SseTap(self._on_event)
+        self.tap = SseTap(self._on_event if gw.audit.enabled else None)
         ex.stream = True
 
     def _on_event(self, event: dict[str, Any]) -> None:
-        if self.gw.audit.enabled:
-            self.ex.pending_audit += self.gw.audit.stream_records(self.ex, event)
-        for obs in self.gw.observers:
-            obs.stream_event(self.ex, event)
+        self.ex.pending_audit += self.gw.audit.stream_records(self.ex, event)
 
     async def _flush_audit(self) -> None:
         records, self.ex.pending_audit = self.ex.pending_audit, []
