@@ -11,6 +11,7 @@ from .exchange import Exchange
 from .metrics import token_kinds
 from .quotas import estimate_tokens, refusal, scopes_for, windows
 from .state import StateBackend
+from .state.guard import StateSkipped
 
 log = logging.getLogger("gateway.quotas")
 
@@ -38,10 +39,11 @@ class QuotaGate:
     def _state_failed(self, what: str, exc: StateError) -> None:
         if self._on_error:
             self._on_error(what)
-        log.error(
-            "state backend failed",
-            extra={"operation": what, "policy": self.on_state_error, "reason": exc.message},
-        )
+        if not isinstance(exc, StateSkipped):  # skips are counted, not logged one by one
+            log.error(
+                "state backend failed",
+                extra={"operation": what, "policy": self.on_state_error, "reason": exc.message},
+            )
 
     async def admit(self, ex: Exchange, tenant_name: str, tenant: TenantConfig, model: str) -> None:
         """Admit ``ex`` or raise the 429 (or, with ``deny``, the 503) that refuses it."""
@@ -54,6 +56,9 @@ class QuotaGate:
         except StateError as exc:
             self._state_failed("admit", exc)
             ex.quota_scopes = []
+            if not isinstance(exc, StateSkipped) and any(s.concurrency for s in scopes):
+                # The lease may have been taken with only the answer lost: give it back.
+                await self.state.settle(scopes, ex.request_id, 0, windows(), None, 0)
             if self.on_state_error == "deny":
                 raise
             return
@@ -70,20 +75,22 @@ class QuotaGate:
         if not scopes:
             return
         ex.quota_scopes = []
+        tokens = 0
+        if ex.usage:
+            kinds = token_kinds(ex.usage)
+            total = ex.usage.get("total_tokens")
+            tokens = total if isinstance(total, int) else kinds["input"] + kinds["output"]
+        elif ex.interrupted and ex.operation == "create" and ex.stream:
+            tokens = estimate_tokens(ex.request_bytes, ex.stream_events)
+            ex.estimated_tokens = tokens
+            if self._on_estimate:
+                self._on_estimate(ex, tokens)
+        lease = ex.request_id if ex.leased else None
+        if lease is None and tokens <= 0:
+            return
         try:
-            if ex.leased:
-                await self.state.release(scopes, ex.request_id)
-            tokens = 0
-            if ex.usage:
-                kinds = token_kinds(ex.usage)
-                total = ex.usage.get("total_tokens")
-                tokens = total if isinstance(total, int) else kinds["input"] + kinds["output"]
-            elif ex.interrupted and ex.operation == "create" and ex.stream:
-                tokens = estimate_tokens(ex.request_bytes, ex.stream_events)
-                ex.estimated_tokens = tokens
-                if self._on_estimate:
-                    self._on_estimate(ex, tokens)
-            if tokens > 0:
-                await self.state.charge(scopes, tokens, windows(), ex.response_id, self.retention)
+            await self.state.settle(
+                scopes, lease, max(tokens, 0), windows(), ex.response_id, self.retention
+            )
         except StateError as exc:
             self._state_failed("settle", exc)

@@ -44,15 +44,24 @@ def _error(exc: GatewayError, request: Request) -> Response:
     return Response(exc.body(), exc.status, media_type="application/json", headers=headers)
 
 
-def build_state(loaded: LoadedConfig) -> StateBackend:
-    """The state backend the config selects."""
+def build_state(loaded: LoadedConfig, metrics: Metrics | None = None) -> StateBackend:
+    """The state backend the config selects (a shared one behind its breaker)."""
     st = loaded.config.state
     if st.backend == "redis":
+        from .state.guard import GuardedState
         from .state.redis import RedisState
 
         assert loaded.redis_url is not None
-        return RedisState(loaded.redis_url.value, timeout=st.timeout_seconds)
-    return MemoryState()
+        guarded = GuardedState(
+            RedisState(loaded.redis_url.value, timeout=st.timeout_seconds),
+            breaker_seconds=st.breaker_seconds,
+            queue_size=st.retry_queue_size,
+            on_event=metrics.state_event if metrics else None,
+        )
+        if metrics is not None:
+            metrics.watch_state(guarded)
+        return guarded
+    return MemoryState(st.memory_max_objects)
 
 
 def build_auditor(loaded: LoadedConfig, metrics: Metrics) -> Auditor:
@@ -100,7 +109,7 @@ def create_app(
             timeout=cfg.credential.timeout_seconds,
             on_fetch=metrics.token_fetched,
         )
-    state = build_state(loaded)
+    state = build_state(loaded, metrics)
     auditor = build_auditor(loaded, metrics)
     gate = QuotaGate(
         state,
@@ -166,18 +175,26 @@ def create_app(
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
-        problems = []
+        """Ready unless draining, without a credential, or (with ``deny``) without state.
+
+        With ``on_state_error: allow`` the replica serves through a state outage, so it
+        stays ready and reports the outage in ``degraded`` (and in metrics).
+        """
+        problems: list[str] = []
+        degraded: list[str] = []
         if gateway.draining:
             problems.append("draining")
         try:
             await gateway.state.ping()
         except GatewayError as exc:
-            problems.append(f"state: {exc.message}")
+            deny = gateway.snap.loaded.config.state.on_state_error == "deny"
+            (problems if deny else degraded).append(f"state: {exc.message}")
         cred = await credential_ready()
         if cred:
             problems.append(f"credential: {cred}")
         status = 503 if problems else 200
-        return JSONResponse({"ready": not problems, "problems": problems}, status)
+        body = {"ready": not problems, "problems": problems, "degraded": degraded}
+        return JSONResponse(body, status)
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -217,6 +234,8 @@ def create_app(
     app = Starlette(
         routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error}
     )
+    # A redirect would build its Location from the client's Host header.
+    app.router.redirect_slashes = False
     app.state.gateway = gateway
     app.state.metrics = metrics
     app.state.reloader = reloader

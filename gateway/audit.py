@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterable
 from fnmatch import fnmatchcase
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from .audit_sinks import AuditWriteError, Sink
 from .config import McpPolicyConfig
@@ -32,6 +33,38 @@ _RESPONSE_ITEMS = {
     "mcp_call": "mcp.call",
     "mcp_approval_request": "mcp.approval_request",
 }
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+# Fields written by the gateway itself, never client- or model-chosen text.
+_OWN_FIELDS = frozenset(
+    {"ts", "request_id", "tenant", "key_id", "event", "source", "resource", "region"}
+)
+
+
+def _escape(text: str) -> str:
+    """``text`` with lone surrogates spelled out (``\\udc80``) so it always encodes."""
+    if not _SURROGATES.search(text):
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def redact_url(value: Any) -> Any:
+    """A URL with its userinfo and query values blanked (tokens often travel there)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return REDACTED
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = REDACTED + "@" + netloc.rsplit("@", 1)[1]
+    query = "&".join(
+        f"{name}={REDACTED}" if sep else name
+        for name, sep, _ in (p.partition("=") for p in parts.query.split("&") if p)
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 class Redactor:
@@ -52,6 +85,29 @@ class Redactor:
             return [self.value(v) for v in value]
         return value
 
+    def record(self, record: Record) -> Record:
+        """The record as written: every free-text field escaped and capped like arguments."""
+        out: Record = {}
+        for key, value in record.items():
+            if (
+                key in _OWN_FIELDS
+                or key.endswith("_sha256")
+                or value is None
+                or isinstance(value, bool | int | float)
+            ):
+                out[key] = value
+                continue
+            raw = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+            text = _escape(raw)
+            if len(text) > self.max_chars:
+                out[f"{key}_length"] = len(text)
+                out[f"{key}_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+                out[f"{key}_truncated"] = True
+                out[key] = text[: self.max_chars]
+            else:  # structured values stay structured unless they needed escaping
+                out[key] = text if isinstance(value, str) or text is not raw else value
+        return out
+
     def text(self, record: Record, field: str, value: Any) -> None:
         """Put ``value`` (a JSON string or text) into ``record[field]``, redacted and cut."""
         if value is None:
@@ -64,6 +120,7 @@ class Redactor:
         except ValueError:
             clean = raw
         if len(clean) > self.max_chars:
+            raw = _escape(raw)
             record[f"{field}_length"] = len(raw)
             record[f"{field}_sha256"] = hashlib.sha256(raw.encode()).hexdigest()
             record[f"{field}_truncated"] = True
@@ -74,7 +131,7 @@ class Redactor:
 def _server(item: dict[str, Any]) -> Record:
     return {
         "server_label": item.get("server_label"),
-        "server_url": item.get("server_url"),
+        "server_url": redact_url(item.get("server_url")),
         "connector_id": item.get("connector_id"),
     }
 
@@ -106,7 +163,7 @@ def check_mcp_policy(tenant_name: str, policy: McpPolicyConfig, tools: Any) -> l
                 {
                     "event": "mcp.policy",
                     "action": "require_approval_rewritten",
-                    "from": tool.get("require_approval", "default"),
+                    "from": tool.get("require_approval", "default"),  # redacted when written
                     "to": "always",
                     **_server(tool),
                 }
@@ -153,7 +210,10 @@ class Auditor:
         self, ex: Exchange, body: dict[str, Any], decisions: list[Record]
     ) -> list[Record]:
         """Records for the MCP content of a request body."""
-        out = [{**self._base(ex, "mcp.policy"), **d} for d in decisions]
+        redact = self.redactor.value
+        out = [
+            {**self._base(ex, "mcp.policy"), **d, "from": redact(d.get("from"))} for d in decisions
+        ]
         for tool in body.get("tools") or []:
             if not isinstance(tool, dict) or tool.get("type") != "mcp":
                 continue
@@ -196,8 +256,9 @@ class Auditor:
             "server_label": item.get("server_label"),
         }
         if kind == "mcp_list_tools":
-            tools = item.get("tools") or []
-            rec["tools"] = [t.get("name") for t in tools if isinstance(t, dict)]
+            tools = item.get("tools")
+            listed = tools if isinstance(tools, list) else []
+            rec["tools"] = [t.get("name") for t in listed if isinstance(t, dict)]
             if item.get("error") is not None:
                 self.redactor.text(rec, "error", item.get("error"))
         else:
@@ -241,6 +302,7 @@ class Auditor:
         """Write ``records`` to every sink; on failure reject (503) or allow, per config."""
         if not records or not self.sinks:
             return
+        records = [self.redactor.record(rec) for rec in records]
         for rec in records:
             if self._on_record:
                 self._on_record(ex, rec)

@@ -181,19 +181,36 @@ class RedisStreamSink(_Chained):
         await self._client.aclose()
 
 
+def _last_line(path: Path, block: int = 65536) -> bytes | None:
+    """The last non-empty line of ``path``, however long, read backwards in blocks."""
+    with open(path, "rb") as fh:
+        end = fh.seek(0, os.SEEK_END)
+        tail = b""
+        pos = end
+        while pos > 0:
+            step = min(block, pos)
+            pos -= step
+            fh.seek(pos)
+            tail = fh.read(step) + tail
+            stripped = tail.rstrip(b"\n")
+            cut = stripped.rfind(b"\n")
+            if cut >= 0:
+                return stripped[cut + 1 :]
+        stripped = tail.rstrip(b"\n")
+        return stripped or None
+
+
 def _last_hash(path: Path) -> str | None:
     """The hash of the last record in ``path``, to continue its chain after a restart."""
     try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 65536))
-            tail = fh.read().rstrip(b"\n").rsplit(b"\n", 1)[-1]
+        tail = _last_line(path)
     except OSError:
+        return None
+    if tail is None:
         return None
     try:
         value = json.loads(tail).get("hash")
-    except ValueError:
+    except (ValueError, AttributeError):
         return None
     return value if isinstance(value, str) else None
 

@@ -18,6 +18,7 @@ import uvicorn
 from .config import ConfigError, LoadedConfig, load_config, parse_config
 from .keys import hash_key, new_key
 from .logs import setup_logging
+from .server import uvicorn_config
 
 
 class DrainingServer(uvicorn.Server):
@@ -49,18 +50,7 @@ class DrainingServer(uvicorn.Server):
 def _uvicorn_config(
     app: object, host: str, port: int, log_level: str = "info", grace: float = 30
 ) -> uvicorn.Config:
-    return uvicorn.Config(
-        app,  # type: ignore[arg-type]
-        host=host,
-        port=port,
-        log_config=None,
-        log_level=log_level,
-        access_log=False,
-        server_header=False,
-        proxy_headers=False,  # the gateway decides whom to trust (server.trusted_proxies)
-        lifespan="on",
-        timeout_graceful_shutdown=int(grace + 0.999),
-    )
+    return uvicorn_config(app, host=host, port=port, log_level=log_level, grace=grace)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -82,8 +72,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from prometheus_client import start_http_server
 
         start_http_server(cfg.metrics.port, cfg.metrics.host, registry=app.state.metrics.registry)
-    server_cfg = _uvicorn_config(
-        app, args.host, args.port, args.log_level.lower(), cfg.server.shutdown_grace_seconds
+    server_cfg = uvicorn_config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level.lower(),
+        grace=cfg.server.shutdown_grace_seconds,
+        header_timeout=cfg.server.header_timeout_seconds,
+        keepalive=cfg.server.keepalive_timeout_seconds,
     )
     DrainingServer(server_cfg, app.state.gateway, cfg.server.drain_delay_seconds).run()
     return 0

@@ -153,8 +153,11 @@ class StateConfig(_Frozen):
     url_env: str | None = None
     response_retention_days: PositiveFloat = 30.0
     on_state_error: Literal["allow", "deny"] = "allow"
-    timeout_seconds: PositiveFloat = 0.5
+    timeout_seconds: PositiveFloat = 0.2
     lease_seconds: PositiveFloat = 300.0
+    breaker_seconds: PositiveFloat = 5.0
+    retry_queue_size: Positive = 10_000
+    memory_max_objects: Positive = 250_000
 
     _check_env = field_validator("url_env")(_env_name)
 
@@ -170,12 +173,17 @@ class UpstreamConfig(_Frozen):
     read_timeout: PositiveFloat = 600.0
     write_timeout: PositiveFloat = 60.0
     pool_timeout: PositiveFloat = 10.0
-    max_connections: Positive = 512
+    max_connections: Positive = 10_000
     trust_env: bool = False
+    ca_file: str | None = None
 
 
 class ServerConfig(_Frozen):
     max_body_bytes: Positive = 50 * 1024 * 1024
+    max_json_depth: Annotated[int, Field(gt=0, le=512)] = 128
+    body_timeout_seconds: PositiveFloat = 30.0
+    header_timeout_seconds: PositiveFloat = 10.0
+    keepalive_timeout_seconds: PositiveFloat = 75.0
     trusted_proxies: tuple[str, ...] = ()
     shutdown_grace_seconds: PositiveFloat = 30.0
     drain_delay_seconds: Annotated[float, Field(ge=0)] = 0.0

@@ -4,12 +4,15 @@ Every error a client can see is a ``GatewayError``; its body has the shape the
 OpenAI SDKs parse: ``{"error": {"message", "type", "param", "code"}}``.
 
     GatewayError
-    ├── BadRequest           400 invalid_request_error   (bad JSON, missing model, bad id)
+    ├── BadRequest           400 invalid_request_error   (bad JSON, wrong types, missing model)
     ├── Unauthenticated      401 authentication_error    (no key, unknown key, expired key)
     ├── Forbidden            403 permission_error        (model, region, tool, MCP server)
     ├── NotFound             404 invalid_request_error   (unknown model, response, route)
+    ├── RequestTimeout       408 invalid_request_error   (a body that stopped arriving)
     ├── PayloadTooLarge      413 invalid_request_error
     ├── RateLimited          429 rate_limit_error         (quota windows, spent budgets)
+    ├── ClientClosed         499 (access log only)        (the client went away mid-request)
+    ├── InternalError        500 server_error             (a bug of ours; generic message)
     ├── UpstreamUnavailable  502 upstream_error           (connect failure, bad upstream)
     ├── ServiceUnavailable   503 service_unavailable      (credential, state, audit sink)
     └── UpstreamTimeout      504 timeout_error
@@ -73,6 +76,12 @@ class NotFound(GatewayError):
     code = "not_found"
 
 
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
@@ -83,6 +92,24 @@ class RateLimited(GatewayError):
     status = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
+
+
+class ClientClosed(GatewayError):
+    """The client disconnected before the gateway could answer (nginx's 499)."""
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_disconnected"
+
+
+class InternalError(GatewayError):
+    """An unexpected failure inside the gateway; the message never carries its details."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "The gateway failed while handling this request; it has been logged with the "
+            "request id. Retry, and report the x-request-id if it persists."
+        )
 
 
 class UpstreamUnavailable(GatewayError):

@@ -146,6 +146,23 @@ class Metrics(BaseObserver):
         self.active_streams = Gauge(
             "gateway_active_streams", "SSE streams being relayed right now.", registry=r
         )
+        self.state_events = Counter(
+            "gateway_state_breaker_events_total",
+            "State breaker events by kind (tripped, closed, skipped, queued, retried, dropped) "
+            "and operation.",
+            ["event", "operation"],
+            registry=r,
+        )
+        self.state_open = Gauge(
+            "gateway_state_breaker_open",
+            "1 while the state store is being skipped after a failure.",
+            registry=r,
+        )
+        self.state_queue = Gauge(
+            "gateway_state_retry_queue",
+            "State writes (settles, bindings) waiting to be retried.",
+            registry=r,
+        )
         self.config_reloads = Counter(
             "gateway_config_reloads_total", "Config reloads, by result.", ["result"], registry=r
         )
@@ -190,6 +207,14 @@ class Metrics(BaseObserver):
 
     def state_failed(self, operation: str) -> None:
         self.state_errors.labels(operation).inc()
+
+    def state_event(self, event: str, operation: str) -> None:
+        self.state_events.labels(event, operation).inc()
+
+    def watch_state(self, guard: Any) -> None:
+        """Read the breaker's state and queue length at scrape time."""
+        self.state_open.set_function(lambda: float(guard.is_open))
+        self.state_queue.set_function(lambda: float(guard.queued))
 
     def tokens_estimated(self, ex: Exchange, tokens: int) -> None:
         self.estimated_tokens.labels(self.tenant_label(ex.tenant), self.model_label(ex.model)).inc(

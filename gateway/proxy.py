@@ -2,41 +2,37 @@
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import httpx
 from starlette.requests import Request
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive
 
 from .audit import check_mcp_policy
-from .errors import BadRequest, GatewayError, NotFound, PayloadTooLarge
+from .errors import BadRequest, ClientClosed, NotFound, PayloadTooLarge, RequestTimeout
 from .exchange import Exchange
 from .keys import Principal
+from .lifecycle import Operation
 from .policy import check_tools
-from .relay import ErrorResponse, JsonRelay, StreamRelay
+from .relay import JsonRelay, StreamRelay
 from .routing import Target
-from .runtime import Gateway, Snapshot, client_address
+from .runtime import Gateway, Snapshot
 from .state import Binding
-from .upstream import (
-    RETRYABLE_STATUS,
-    is_connect_failure,
-    map_transport_error,
-    request_headers,
-    safe_request_id,
-)
+from .upstream import RETRYABLE_STATUS, UpstreamError, request_headers
+from .validate import check_body, check_headers, dump_json, parse_json
 
 log = logging.getLogger("gateway.proxy")
 
 _RESPONSE_ID = re.compile(r"^[A-Za-z0-9_\-]{1,256}$")
 IMAGE_DEPLOYMENT_HEADER = "x-ms-oai-image-generation-deployment"
-
-Handler = Callable[[Request], Awaitable[Any]]
+# The create path re-serialises the body it checked, so the client's content-type
+# goes and the gateway sets its own; by-id bodies are forwarded as sent.
+_DROP_REWRITTEN = frozenset({IMAGE_DEPLOYMENT_HEADER.encode(), b"content-type"})
+_DROP_AS_SENT = frozenset({IMAGE_DEPLOYMENT_HEADER.encode()})
 
 
 class Attempt:
@@ -50,71 +46,34 @@ class Attempt:
         self.headers = headers
 
 
-def _exchange(request: Request, operation: str, snap: Snapshot) -> Exchange:
-    rid = safe_request_id(request.headers.get("x-request-id")) or uuid.uuid4().hex
-    peer = request.client.host if request.client else None
-    client = client_address(peer, request.headers.get("x-forwarded-for"), snap)
-    return Exchange(request_id=rid, operation=operation, method=request.method, client=client)
-
-
-async def _read_json(request: Request, limit: int, ex: Exchange) -> dict[str, Any]:
-    declared = request.headers.get("content-length")
+async def read_body(
+    receive: Receive, limit: int, idle_timeout: float, declared: str | None
+) -> bytes:
+    """The whole request body, refused past ``limit`` bytes or ``idle_timeout`` of silence."""
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"Request body is {declared} bytes; the limit is {limit} bytes.")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
+    body = bytearray()
+    while True:
+        try:
+            async with asyncio.timeout(idle_timeout):
+                message = await receive()
+        except TimeoutError:
+            raise RequestTimeout(
+                f"The request body stopped arriving for {idle_timeout:g} s; send it whole."
+            ) from None
+        if message["type"] == "http.disconnect":
+            raise ClientClosed("The client disconnected while sending the body.")
+        body += message.get("body", b"")
+        if len(body) > limit:
             raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
-    ex.request_bytes = size
-    if not raw.strip():
-        raise BadRequest("Request body is empty; send a JSON object.", code="invalid_json")
-    try:
-        body = json.loads(raw)
-    except ValueError as exc:
-        where = (
-            f" at line {exc.lineno} column {exc.colno}"
-            if isinstance(exc, json.JSONDecodeError)
-            else ""
-        )
-        raise BadRequest(f"Request body is not valid JSON{where}.", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise BadRequest("Request body must be a JSON object.", code="invalid_json")
-    return body
+        if not message.get("more_body", False):
+            return bytes(body)
 
 
 def _response_id(value: Any, param: str) -> str:
     if not isinstance(value, str) or not _RESPONSE_ID.match(value):
         raise NotFound(f"No response found with id {str(value)[:64]!r}.", param=param)
     return value
-
-
-class _Endpoint:
-    """An ASGI app for one operation (a class, so Starlette passes scope/receive/send)."""
-
-    def __init__(
-        self,
-        gw: Gateway,
-        operation: str,
-        handler: Callable[[Request, Exchange], Awaitable[Any]],
-    ) -> None:
-        self.gw = gw
-        self.operation = operation
-        self.handler = handler
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive)
-        ex = _exchange(request, self.operation, self.gw.snap)
-        for obs in self.gw.observers:
-            obs.started(ex)
-        try:
-            response = await self.handler(request, ex)
-        except GatewayError as exc:
-            response = ErrorResponse(exc, ex, self.gw)
-        await response(scope, receive, send)
 
 
 class Proxy:
@@ -125,8 +84,8 @@ class Proxy:
 
     # -- entry points -------------------------------------------------------
 
-    def endpoint(self, operation: str) -> _Endpoint:
-        """An ASGI endpoint for ``operation``."""
+    def endpoint(self, operation: str) -> Operation:
+        """An ASGI endpoint for ``operation``, owned by the lifecycle."""
         handler = {
             "create": self._create,
             "compact": self._create,
@@ -136,8 +95,7 @@ class Proxy:
             "cancel": self._by_id,
             "input_items": self._by_id,
         }[operation]
-
-        return _Endpoint(self.gw, operation, handler)
+        return Operation(self.gw, operation, handler)
 
     # -- operations ---------------------------------------------------------
 
@@ -147,12 +105,27 @@ class Proxy:
             raise NotFound(f"No response found with id '{response_id}'.", param=param)
         return binding
 
-    async def _create(self, request: Request, ex: Exchange) -> Any:
+    async def _body(self, request: Request, snap: Snapshot, ex: Exchange) -> bytes:
+        server = snap.loaded.config.server
+        raw = await read_body(
+            request.receive,
+            server.max_body_bytes,
+            server.body_timeout_seconds,
+            request.headers.get("content-length"),
+        )
+        ex.request_bytes = len(raw)
+        return raw
+
+    async def _create(self, request: Request, ex: Exchange) -> ASGIApp:
         snap = self.gw.snap
+        check_headers(request.scope["headers"])
         principal = snap.keyring.authenticate(request.headers)
         ex.principal = principal
         tenant = snap.loaded.config.tenants[principal.tenant]
-        body = await _read_json(request, snap.loaded.config.server.max_body_bytes, ex)
+        raw = await self._body(request, snap, ex)
+        if not raw.strip():
+            raise BadRequest("Request body is empty; send a JSON object.", code="invalid_json")
+        body = check_body(parse_json(raw, snap.loaded.config.server.max_json_depth))
         check_tools(principal.tenant, tenant, body.get("tools"))
         decisions = check_mcp_policy(principal.tenant, tenant.mcp, body.get("tools"))
         model = body.get("model")
@@ -165,11 +138,11 @@ class Proxy:
             pinned = (await self._owned(principal, prev, "previous_response_id")).resource
         if model is None and pinned is not None and ex.operation != "create":
             target = self._resource_target(snap, pinned)
-            attempts = [Attempt(target, json.dumps(body).encode(), [])]
+            attempts = [Attempt(target, dump_json(body), [])]
             await self.gw.gate.admit(ex, principal.tenant, tenant, "")
             await self._audit_request(ex, body, decisions, attempts)
-            return await self._forward(request, ex, snap, attempts)
-        if not isinstance(model, str) or not model:
+            return await self._forward(request, ex, snap, attempts, _DROP_REWRITTEN)
+        if not model:
             raise BadRequest(
                 "Missing required parameter: 'model' (a model name this gateway serves).",
                 code="missing_required_parameter",
@@ -180,7 +153,7 @@ class Proxy:
         attempts = self._attempts(snap, principal, body, request, targets)
         await self.gw.gate.admit(ex, principal.tenant, tenant, model)
         await self._audit_request(ex, body, decisions, attempts)
-        return await self._forward(request, ex, snap, attempts)
+        return await self._forward(request, ex, snap, attempts, _DROP_REWRITTEN)
 
     async def _audit_request(
         self,
@@ -209,12 +182,8 @@ class Proxy:
         """Rewrite every deployment name in the request for each target; drop unusable ones."""
         tenant = snap.loaded.config.tenants[principal.tenant]
         image_model = request.headers.get(IMAGE_DEPLOYMENT_HEADER)
-        tools = body.get("tools")
-        tool_models = [
-            (i, tool["model"])
-            for i, tool in enumerate(tools if isinstance(tools, list) else [])
-            if isinstance(tool, dict) and isinstance(tool.get("model"), str)
-        ]
+        tools = body.get("tools") or []
+        tool_models = [(i, tool["model"]) for i, tool in enumerate(tools) if "model" in tool]
         attempts: list[Attempt] = []
         for target in targets:
             out = dict(body)
@@ -228,8 +197,10 @@ class Proxy:
                 ok = dep is not None
                 headers.append((IMAGE_DEPLOYMENT_HEADER, dep or ""))
             if tool_models and ok:
-                new_tools = list(tools)  # type: ignore[arg-type]
+                new_tools = list(tools)
                 for i, name in tool_models:
+                    if name is None:
+                        continue
                     dep = snap.router.deployment_on(
                         principal.tenant, tenant, name, target.resource, f"tools[{i}].model"
                     )
@@ -239,7 +210,7 @@ class Proxy:
                     new_tools[i] = {**new_tools[i], "model": dep}
                 out["tools"] = new_tools
             if ok:
-                attempts.append(Attempt(target, json.dumps(out).encode(), headers))
+                attempts.append(Attempt(target, dump_json(out), headers))
         if not attempts:
             raise BadRequest(
                 "No resource serving this model also deploys the model(s) its tools or the "
@@ -254,8 +225,9 @@ class Proxy:
             raise NotFound("The resource holding this response is no longer configured.")
         return Target(resource, res.endpoint, res.region, "")
 
-    async def _by_id(self, request: Request, ex: Exchange) -> Any:
+    async def _by_id(self, request: Request, ex: Exchange) -> ASGIApp:
         snap = self.gw.snap
+        check_headers(request.scope["headers"])
         principal = snap.keyring.authenticate(request.headers)
         ex.principal = principal
         rid = _response_id(request.path_params["response_id"], "response_id")
@@ -263,68 +235,69 @@ class Proxy:
         binding = await self._owned(principal, rid, "response_id")
         ex.model = binding.model or None
         tenant = snap.loaded.config.tenants[principal.tenant]
-        await self.gw.gate.admit(ex, principal.tenant, tenant, binding.model)
         body = None
         if request.method == "POST":
-            raw = await request.body()
-            body = raw if raw else None
+            body = await self._body(request, snap, ex) or None
+        await self.gw.gate.admit(ex, principal.tenant, tenant, binding.model)
         ex.stream = request.query_params.get("stream") == "true"
         attempt = Attempt(self._resource_target(snap, binding.resource), body, [])
-        return await self._forward(request, ex, snap, [attempt])
+        return await self._forward(request, ex, snap, [attempt], _DROP_AS_SENT)
 
     # -- forwarding ---------------------------------------------------------
 
     async def _forward(
-        self, request: Request, ex: Exchange, snap: Snapshot, attempts: list[Attempt]
-    ) -> Any:
+        self,
+        request: Request,
+        ex: Exchange,
+        snap: Snapshot,
+        attempts: list[Attempt],
+        drop: frozenset[bytes],
+    ) -> ASGIApp:
         gw = self.gw
-        incoming = request.headers.items()
-        drop = {IMAGE_DEPLOYMENT_HEADER}
-        base = [(k, v) for k, v in incoming if k not in drop]
-        path = request.url.path
-        query = request.scope.get("query_string", b"")
+        scope = request.scope
+        query = scope.get("query_string", b"")
+        path = scope["path"] + ("?" + query.decode("latin-1") if query else "")
         for n, attempt in enumerate(attempts):
             last = n == len(attempts) - 1
             target = attempt.target
             ex.attempts += 1
             auth = await gw.auth_header(snap, target.resource)
-            headers = request_headers(base, ex.request_id, auth) + attempt.headers
-            if attempt.body is not None:
+            headers = request_headers(scope["headers"], ex.request_id, auth, drop)
+            headers += attempt.headers
+            if drop is _DROP_REWRITTEN and attempt.body is not None:
                 headers.append(("content-type", "application/json"))
-            url = httpx.URL(target.endpoint + path, query=query)
-            upstream_req = gw.http.build_request(
-                request.method, url, headers=headers, content=attempt.body
-            )
             ex.upstream_started = time.perf_counter()
             try:
-                resp = await gw.http.send(upstream_req)
-            except httpx.HTTPError as exc:
+                resp = await gw.http.send(
+                    request.method, target.endpoint + path, headers, attempt.body, target.resource
+                )
+            except UpstreamError as exc:
                 for obs in gw.observers:
                     obs.upstream_failed(ex, target, None)
-                if not last and is_connect_failure(exc):
+                if not last and exc.connect:
                     log.warning(
                         "upstream connect failed; trying next target",
                         extra={"request_id": ex.request_id, "resource": target.resource},
                     )
                     continue
                 ex.target = target
-                raise map_transport_error(exc, target.resource) from exc
-            if resp.status_code >= 400:
+                raise exc.error from exc
+            if resp.status >= 400:
                 for obs in gw.observers:
-                    obs.upstream_failed(ex, target, resp.status_code)
-            if not last and resp.status_code in RETRYABLE_STATUS:
-                await resp.aclose()
+                    obs.upstream_failed(ex, target, resp.status)
+            if not last and resp.status in RETRYABLE_STATUS:
+                resp.close()
                 log.warning(
                     "upstream refused; trying next target",
                     extra={
                         "request_id": ex.request_id,
                         "resource": target.resource,
-                        "status": resp.status_code,
+                        "status": resp.status,
                     },
                 )
                 continue
             ex.target = target
-            ex.upstream_status = resp.status_code
+            ex.upstream_status = resp.status
             ex.upstream_request_id = resp.headers.get("x-request-id") or resp.headers.get(
                 "apim-request-id"
             )

@@ -1,101 +1,239 @@
-"""The shared upstream HTTP client, header hygiene, and transport-error mapping."""
+"""The shared upstream HTTP client (aiohttp, pooled), header hygiene, error mapping.
+
+aiohttp is configured as a proxy's client: no decompression, no automatic headers,
+no cookies, no redirects; bodies are relayed as the bytes arrive. A request that
+fails on a *reused* keep-alive connection before any response byte (the upstream
+closed it while idle) is sent once more on a fresh, unpooled connection: nothing
+reached Azure, so this is safe for POSTs too.
+
+Memory: an open stream costs one pooled connection (socket, aiohttp protocol and
+its read buffer, ~30 KiB) plus the relay's own state; ``upstream.max_connections``
+(default 10,000) bounds them.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import re
-from collections.abc import Iterable, Mapping
+import ssl
+from collections.abc import AsyncIterator, Iterable
 
-import httpx
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
 
 from .config import UpstreamConfig
 from .errors import GatewayError, ServiceUnavailable, UpstreamTimeout, UpstreamUnavailable
 
 HOP_BY_HOP = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
     }
 )
-# Never sent upstream: the client's credentials, and what httpx recomputes.
+# Never sent upstream: the client's credentials, what the client library recomputes,
+# and what the gateway sets itself.
 _DROP_REQUEST = HOP_BY_HOP | {
-    "host",
-    "content-length",
-    "api-key",
-    "authorization",
-    "cookie",
-    "accept-encoding",
-    "x-request-id",
-    "x-ms-client-request-id",
-    "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "x-real-ip",
+    b"host",
+    b"content-length",
+    b"api-key",
+    b"authorization",
+    b"cookie",
+    b"accept-encoding",
+    b"x-request-id",
+    b"x-ms-client-request-id",
+    b"forwarded",
+    b"x-forwarded-for",
+    b"x-forwarded-host",
+    b"x-forwarded-proto",
+    b"x-real-ip",
+    b"expect",
 }
 # Never passed back: framing the server redoes, and the shared deployment's
 # rate-limit state, which would expose other tenants' consumption.
-_DROP_RESPONSE = HOP_BY_HOP | {"content-length", "set-cookie", "server", "date", "x-request-id"}
-_RATELIMIT = "x-ratelimit-"
+_DROP_RESPONSE = HOP_BY_HOP | {
+    b"content-length",
+    b"set-cookie",
+    b"server",
+    b"date",
+    b"x-request-id",
+}
+_RATELIMIT = b"x-ratelimit-"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_STALE_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
-class UpstreamClient:
-    """One pooled httpx transport for the process, used directly.
+class UpstreamError(Exception):
+    """A transport failure talking to the upstream; ``connect`` when nothing was sent."""
 
-    The gateway needs none of ``httpx.AsyncClient``'s per-request extras (cookie jar,
-    auth flows, redirects, event hooks), which cost more than the forwarding itself;
-    it talks to the transport's ``handle_async_request`` contract instead.
-    """
+    def __init__(self, error: GatewayError, *, connect: bool) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.connect = connect
+
+
+class UpstreamResponse:
+    """An upstream answer whose body is still to be read; ``close`` exactly once."""
+
+    __slots__ = ("_client", "_closed", "_resp", "headers", "raw_headers", "status", "where")
+
+    def __init__(self, resp: aiohttp.ClientResponse, client: UpstreamClient, where: str) -> None:
+        self._resp = resp
+        self._client = client
+        self._closed = False
+        self.status = resp.status
+        self.raw_headers = resp.raw_headers
+        self.headers = resp.headers
+        self.where = where
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body's bytes as they arrive, never re-chunked."""
+        try:
+            async for chunk in self._resp.content.iter_any():
+                yield chunk
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise _mapped(exc, self.where) from exc
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        try:
+            return await self._resp.read()
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise _mapped(exc, self.where) from exc
+
+    def close(self) -> None:
+        """Give the connection back (body read whole) or drop it (cut short)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._client.in_use -= 1
+        if self._resp.content.at_eof():
+            self._resp.release()
+        else:
+            self._resp.close()
+
+
+def ssl_context(cfg: UpstreamConfig) -> ssl.SSLContext | bool:
+    """Certificate verification against ``ca_file`` when set, else the system store."""
+    if cfg.ca_file:
+        return ssl.create_default_context(cafile=cfg.ca_file)
+    return True
+
+
+class UpstreamClient:
+    """One pooled aiohttp session for the process (plus an unpooled one for retries)."""
 
     def __init__(self, cfg: UpstreamConfig) -> None:
-        self.timeout = httpx.Timeout(
-            connect=cfg.connect_timeout,
-            read=cfg.read_timeout,
-            write=cfg.write_timeout,
-            pool=cfg.pool_timeout,
-        ).as_dict()
-        limits = httpx.Limits(
-            max_connections=cfg.max_connections,
-            max_keepalive_connections=cfg.max_connections,
-            keepalive_expiry=60.0,
+        self.limit = cfg.max_connections
+        self.pool_timeout = cfg.pool_timeout
+        self.in_use = 0
+        self._ssl = ssl_context(cfg)
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=cfg.pool_timeout + cfg.connect_timeout,
+            sock_connect=cfg.connect_timeout,
+            sock_read=cfg.read_timeout,
         )
-        # With trust_env, the full client routes each URL through the proxies the
-        # environment names (HTTPS_PROXY, NO_PROXY); otherwise the bare transport.
-        self._client: httpx.AsyncClient | None = None
-        self.transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
-        if cfg.trust_env:
-            self._client = httpx.AsyncClient(limits=limits, trust_env=True)
+        self._trust_env = cfg.trust_env
+        self._session: aiohttp.ClientSession | None = None
+        self._fresh: aiohttp.ClientSession | None = None
 
-    def build_request(
-        self, method: str, url: httpx.URL, headers: list[tuple[str, str]], content: bytes | None
-    ) -> httpx.Request:
-        """A request carrying the configured timeouts."""
-        return httpx.Request(
-            method, url, headers=headers, content=content, extensions={"timeout": self.timeout}
+    def _new_session(self, *, pooled: bool) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=self.limit if pooled else 0,
+            limit_per_host=0,
+            ttl_dns_cache=300,
+            keepalive_timeout=60.0,
+            force_close=not pooled,
+            ssl=self._ssl,
+        )
+        return aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            trust_env=self._trust_env,
+            raise_for_status=False,
         )
 
-    async def send(self, request: httpx.Request) -> httpx.Response:
-        """Send; the response body is left unread (stream it, then ``aclose``)."""
-        if self._client is not None:
-            return await self._client.send(request, stream=True)
-        response = await self.transport.handle_async_request(request)
-        response.request = request
-        return response
+    async def send(
+        self, method: str, url: str, headers: list[tuple[str, str]], body: bytes | None, where: str
+    ) -> UpstreamResponse:
+        """Send a request; the body of the answer is left to read. Raises ``UpstreamError``."""
+        if self._session is None:
+            self._session = self._new_session(pooled=True)
+        target = URL(url, encoded=True)
+        hdrs = CIMultiDict(headers)
+        try:
+            resp = await self._session.request(
+                method, target, headers=hdrs, data=body, allow_redirects=False
+            )
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            if not _stale(exc):
+                raise UpstreamError(self._map(exc, where), connect=_never_sent(exc)) from exc
+            if self._fresh is None:
+                self._fresh = self._new_session(pooled=False)
+            try:
+                resp = await self._fresh.request(
+                    method, target, headers=hdrs, data=body, allow_redirects=False
+                )
+            except (TimeoutError, aiohttp.ClientError, OSError) as again:
+                raise UpstreamError(self._map(again, where), connect=_never_sent(again)) from again
+        self.in_use += 1
+        return UpstreamResponse(resp, self, where)
+
+    def _map(self, exc: BaseException, where: str) -> GatewayError:
+        if isinstance(exc, aiohttp.ConnectionTimeoutError) and self.in_use >= self.limit:
+            return ServiceUnavailable(
+                "The gateway has no free upstream connection; retry shortly.",
+                code="upstream_pool_exhausted",
+            )
+        return _mapped(exc, where)
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-        await self.transport.aclose()
+        for session in (self._session, self._fresh):
+            if session is not None:
+                await session.close()
+
+
+def _stale(exc: BaseException) -> bool:
+    """A reused connection the upstream had closed: it fails before any response byte."""
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return True
+    if isinstance(exc, aiohttp.ClientOSError | aiohttp.ClientConnectionResetError):
+        return not isinstance(exc, aiohttp.ClientConnectorError) and (
+            exc.errno in _STALE_ERRNOS or isinstance(exc, aiohttp.ClientConnectionResetError)
+        )
+    return False
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """Whether the request surely never reached the upstream (safe to try elsewhere)."""
+    return isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError)
+
+
+def _mapped(exc: BaseException, where: str) -> GatewayError:
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+        return UpstreamUnavailable(
+            f"Could not connect to the upstream resource '{where}'.", code="upstream_connect_error"
+        )
+    if isinstance(exc, asyncio.TimeoutError):
+        return UpstreamTimeout(f"The upstream resource '{where}' did not answer in time.")
+    return UpstreamUnavailable(
+        f"The upstream resource '{where}' failed ({type(exc).__name__}).", code="upstream_error"
+    )
 
 
 def new_client(cfg: UpstreamConfig) -> UpstreamClient:
@@ -109,10 +247,17 @@ def safe_request_id(value: str | None) -> str | None:
 
 
 def request_headers(
-    incoming: Iterable[tuple[str, str]], request_id: str, auth: tuple[str, str]
+    incoming: Iterable[tuple[bytes, bytes]],
+    request_id: str,
+    auth: tuple[str, str],
+    drop: frozenset[bytes] = frozenset(),
 ) -> list[tuple[str, str]]:
     """Headers to send upstream: the client's, minus credentials and hop-by-hop, plus ours."""
-    out = [(k, v) for k, v in incoming if k not in _DROP_REQUEST]
+    out = [
+        (k.decode("latin-1"), v.decode("latin-1"))
+        for k, v in incoming
+        if k not in _DROP_REQUEST and k not in drop
+    ]
     out.append(auth)
     out.append(("accept-encoding", "identity"))
     out.append(("x-request-id", request_id))
@@ -120,45 +265,20 @@ def request_headers(
     return out
 
 
-def response_headers(upstream: httpx.Headers, request_id: str) -> list[tuple[bytes, bytes]]:
+def response_headers(
+    raw: Iterable[tuple[bytes, bytes]], request_id: str
+) -> list[tuple[bytes, bytes]]:
     """Headers to return to the client, as raw ASGI pairs."""
     out: list[tuple[bytes, bytes]] = []
-    for k, v in upstream.raw:
+    upstream_id = None
+    for k, v in raw:
         name = k.lower()
-        text = name.decode("latin-1")
-        if text in _DROP_RESPONSE or text.startswith(_RATELIMIT):
+        if name == b"x-request-id":
+            upstream_id = v
+        if name in _DROP_RESPONSE or name.startswith(_RATELIMIT):
             continue
         out.append((name, v))
-    upstream_id = upstream.get("x-request-id")
     if upstream_id:
-        out.append((b"x-upstream-request-id", upstream_id.encode("latin-1")))
+        out.append((b"x-upstream-request-id", upstream_id))
     out.append((b"x-request-id", request_id.encode()))
     return out
-
-
-def map_transport_error(exc: httpx.HTTPError, where: str) -> GatewayError:
-    """Translate an httpx failure into the error the client sees."""
-    if isinstance(exc, httpx.PoolTimeout):
-        return ServiceUnavailable(
-            "The gateway has no free upstream connection; retry shortly.",
-            code="upstream_pool_exhausted",
-        )
-    if isinstance(exc, httpx.ConnectTimeout | httpx.ConnectError):
-        return UpstreamUnavailable(
-            f"Could not connect to the upstream resource '{where}'.", code="upstream_connect_error"
-        )
-    if isinstance(exc, httpx.TimeoutException):
-        return UpstreamTimeout(f"The upstream resource '{where}' did not answer in time.")
-    return UpstreamUnavailable(
-        f"The upstream resource '{where}' failed ({type(exc).__name__}).", code="upstream_error"
-    )
-
-
-def is_connect_failure(exc: httpx.HTTPError) -> bool:
-    """Whether the request surely never reached the upstream (safe to try elsewhere)."""
-    return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout)
-
-
-def header_items(headers: Mapping[str, str]) -> list[tuple[str, str]]:
-    """Lower-cased header pairs."""
-    return [(k.lower(), v) for k, v in headers.items()]

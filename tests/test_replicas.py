@@ -125,17 +125,27 @@ def test_redis_outage(
             metrics = httpx.get(r1.url + "/metrics").text
         finally:
             redis.start()
-        assert ready.status_code == 503 and "state" in ready.text
         assert 'gateway_state_errors_total{operation="admit"}' in metrics
+        assert "gateway_state_breaker_open 1.0" in metrics
         if policy == "allow":
+            # Serving through the outage: the replica stays in the Service, degraded.
             assert down.status_code == 200
+            assert ready.status_code == 200 and "state" in ready.json()["degraded"][0]
         else:
             assert down.status_code == 503
             assert down.json()["error"]["code"] == "state_unavailable"
+            assert ready.status_code == 503 and "state" in ready.json()["problems"][0]
         deadline = time.monotonic() + 10
-        while httpx.get(r1.url + "/readyz").status_code != 200 and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            health = httpx.get(r1.url + "/readyz").json()
+            if health["ready"] and not health["degraded"]:
+                break
             time.sleep(0.1)
-        assert httpx.get(r1.url + "/readyz").status_code == 200
+        assert httpx.get(r1.url + "/readyz").json() == {
+            "ready": True,
+            "problems": [],
+            "degraded": [],
+        }
         back = _post(r1.url, key)
         assert back.status_code == 200
         assert back.headers["x-ratelimit-limit-requests"] == "1000"

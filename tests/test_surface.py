@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import time
 from collections.abc import Iterator
 
@@ -28,7 +30,7 @@ def test_create_rewrites_model_to_deployment(client: openai.OpenAI, sim: Sim) ->
     assert resp.output_text == "Echo: hello world"
     assert resp.usage is not None and resp.usage.total_tokens > 0
     sent = sim.state.api_requests()[-1]
-    assert b'"model": "dep-41-swc"' in sent.body
+    assert json.loads(sent.body)["model"] == "dep-41-swc"
 
 
 def test_paths_follow_the_client_form(client: openai.OpenAI, sim: Sim) -> None:

@@ -33,13 +33,20 @@ class StateBackend(Protocol):
     ) -> Admission:
         """Check every scope and, only if all pass, take a request and a lease (atomic)."""
 
-    async def charge(
-        self, scopes: list[QuotaScope], tokens: int, w: Windows, once: str | None, ttl: float
+    async def settle(
+        self,
+        scopes: list[QuotaScope],
+        lease: str | None,
+        tokens: int,
+        w: Windows,
+        once: str | None,
+        ttl: float,
     ) -> bool:
-        """Charge ``tokens`` to every scope; with ``once``, only the first time for that id."""
+        """Give back ``lease`` (if any) and charge ``tokens`` to every scope, in one step.
 
-    async def release(self, scopes: list[QuotaScope], lease: str) -> None:
-        """Give back a concurrency lease."""
+        With ``once``, the tokens are charged only the first time for that id. True if
+        tokens were charged.
+        """
 
     async def ping(self) -> None:
         """Raise ``StateError`` if the backend cannot be reached."""

@@ -1,4 +1,9 @@
-"""In-memory state for a single replica (asyncio makes each method atomic)."""
+"""In-memory state for a single replica (asyncio makes each method atomic).
+
+Bounded: bindings and charge markers are capped at ``max_bindings`` each (oldest
+evicted first) and pruned as they expire; day and month counters of past windows are
+dropped when the window turns; buckets and leases are per configured tenant+model.
+"""
 
 from __future__ import annotations
 
@@ -25,19 +30,22 @@ class _Bucket:
 class MemoryState:
     """Response bindings and quota counters in dicts; bindings evicted oldest first."""
 
-    def __init__(self, max_bindings: int = 1_000_000) -> None:
+    def __init__(self, max_bindings: int = 250_000) -> None:
         self._bindings: OrderedDict[str, tuple[Binding, float]] = OrderedDict()
         self._max = max_bindings
         self._buckets: dict[tuple[str, str, str], _Bucket] = {}
         self._counters: dict[tuple[str, str, str], int] = {}
         self._leases: dict[tuple[str, str], dict[str, float]] = {}
-        self._charged: dict[str, float] = {}
+        self._charged: OrderedDict[str, float] = OrderedDict()
+        self._windows: tuple[str, str] = ("", "")
 
     async def bind_response(self, response_id: str, binding: Binding, ttl: float) -> None:
-        self._bindings[response_id] = (binding, time.monotonic() + ttl)
-        self._bindings.move_to_end(response_id)
-        while len(self._bindings) > self._max:
-            self._bindings.popitem(last=False)
+        now = time.monotonic()
+        bindings = self._bindings
+        bindings[response_id] = (binding, now + ttl)
+        bindings.move_to_end(response_id)
+        while bindings and (len(bindings) > self._max or next(iter(bindings.values()))[1] <= now):
+            bindings.popitem(last=False)
 
     async def get_binding(self, response_id: str) -> Binding | None:
         item = self._bindings.get(response_id)
@@ -106,13 +114,40 @@ class MemoryState:
                 self._live_leases(s, now)[lease] = now + lease_ttl
         return first or Admission(True, lease=lease)
 
-    async def charge(
-        self, scopes: list[QuotaScope], tokens: int, w: Windows, once: str | None, ttl: float
+    def _charge_once(self, once: str, w: Windows, ttl: float) -> bool:
+        charged = self._charged
+        while charged:
+            oldest, expiry = next(iter(charged.items()))
+            if expiry > w.now and len(charged) < self._max:
+                break
+            del charged[oldest]
+        if charged.get(once, 0) > w.now:
+            return False
+        charged[once] = w.now + ttl
+        charged.move_to_end(once)
+        return True
+
+    def _turn_windows(self, w: Windows) -> None:
+        if self._windows != (w.day, w.month):
+            self._windows = (w.day, w.month)
+            current = {w.day, w.month}
+            self._counters = {k: v for k, v in self._counters.items() if k[2] in current}
+
+    async def settle(
+        self,
+        scopes: list[QuotaScope],
+        lease: str | None,
+        tokens: int,
+        w: Windows,
+        once: str | None,
+        ttl: float,
     ) -> bool:
-        if once is not None:
-            if self._charged.get(once, 0) > w.now:
-                return False
-            self._charged[once] = w.now + ttl
+        if lease:
+            for s in scopes:
+                self._leases.get((s.tenant, s.model), {}).pop(lease, None)
+        if tokens <= 0 or (once is not None and not self._charge_once(once, w, ttl)):
+            return False
+        self._turn_windows(w)
         for s in scopes:
             if s.tpm:
                 self._bucket(s, "tk", s.tpm, w.now).level -= tokens
@@ -120,10 +155,6 @@ class MemoryState:
                 key = (s.tenant, s.model, window)
                 self._counters[key] = self._counters.get(key, 0) + tokens
         return True
-
-    async def release(self, scopes: list[QuotaScope], lease: str) -> None:
-        for s in scopes:
-            self._leases.get((s.tenant, s.model), {}).pop(lease, None)
 
     async def ping(self) -> None:
         return None

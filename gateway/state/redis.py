@@ -41,7 +41,7 @@ def _base(s: QuotaScope) -> str:
 class RedisState:
     """The state backend on a Redis server (standalone, Sentinel-fronted or Azure Cache)."""
 
-    def __init__(self, url: str, timeout: float = 0.5) -> None:
+    def __init__(self, url: str, timeout: float = 0.2) -> None:
         self._client: aioredis.Redis = aioredis.Redis.from_url(
             url,
             socket_timeout=timeout,
@@ -50,7 +50,7 @@ class RedisState:
             health_check_interval=30,
         )
         self._admit = self._client.register_script(_script("admit.lua"))
-        self._charge = self._client.register_script(_script("charge.lua"))
+        self._settle = self._client.register_script(_script("settle.lua"))
 
     async def _call(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -97,8 +97,14 @@ class RedisState:
             lease,
         )
 
-    async def charge(
-        self, scopes: list[QuotaScope], tokens: int, w: Windows, once: str | None, ttl: float
+    async def settle(
+        self,
+        scopes: list[QuotaScope],
+        lease: str | None,
+        tokens: int,
+        w: Windows,
+        once: str | None,
+        ttl: float,
     ) -> bool:
         if not scopes:
             return False
@@ -112,23 +118,14 @@ class RedisState:
             w.day_left,
             w.month_left,
             len(scopes),
+            lease or "",
         ]
         for s in scopes:
             b = _base(s)
-            keys += [f"{b}:tk", f"{b}:d:{w.day}", f"{b}:m:{w.month}"]
+            keys += [f"{b}:tk", f"{b}:d:{w.day}", f"{b}:m:{w.month}", f"{b}:lease"]
             args.append(s.tpm)
-        r = await self._call("charge", lambda: self._charge(keys=keys, args=args))
+        r = await self._call("settle", lambda: self._settle(keys=keys, args=args))
         return bool(r)
-
-    async def release(self, scopes: list[QuotaScope], lease: str) -> None:
-        async def op() -> None:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for s in scopes:
-                    if s.concurrency:
-                        pipe.zrem(f"{_base(s)}:lease", lease)
-                await pipe.execute()
-
-        await self._call("release", op)
 
     async def ping(self) -> None:
         await self._call("ping", self._client.ping)

@@ -1,0 +1,205 @@
+"""The one owner of an exchange: answer, settle, observers, access line.
+
+``Operation`` wraps every operation's handler. Whatever is raised or cancelled
+anywhere below it (handler, policy, audit, upstream, relay, observer), the client gets
+an OpenAI-shaped answer with its ``x-request-id`` (a generic 500 for our own bugs),
+admission is settled exactly once, observers hear ``finished`` exactly once (which
+writes the access line), and an unexpected traceback is logged once with the request
+id. Handlers and relays only do their step and raise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import ClientClosed, GatewayError, InternalError
+from .exchange import Exchange
+from .quotas import ratelimit_headers
+from .upstream import safe_request_id
+from .validate import dump_json
+
+if TYPE_CHECKING:
+    from .runtime import Gateway, Snapshot
+
+log = logging.getLogger("gateway.lifecycle")
+
+Handler = Callable[[Request, Exchange], Awaitable[ASGIApp]]
+
+
+async def shielded(coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro`` to its end even if the caller is cancelled meanwhile."""
+    task = asyncio.ensure_future(coro)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
+
+
+def new_exchange(scope: Scope, operation: str, snap: Snapshot) -> Exchange:
+    """The exchange record of one request, from its raw ASGI scope."""
+    from .runtime import client_address
+
+    rid = None
+    forwarded = None
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            rid = safe_request_id(value.decode("latin-1"))
+        elif name == b"x-forwarded-for":
+            forwarded = value.decode("latin-1")
+    peer = scope["client"][0] if scope.get("client") else None
+    return Exchange(
+        request_id=rid or uuid.uuid4().hex,
+        operation=operation,
+        method=scope["method"],
+        client=client_address(peer, forwarded, snap),
+    )
+
+
+def error_headers(exc: GatewayError, ex: Exchange, length: int) -> list[tuple[bytes, bytes]]:
+    """Headers of a gateway-made error: its own, the request id, the tenant's quota."""
+    extra = {k.lower(): v for k, v in exc.headers.items()}
+    if ex.admission is not None and not any(k.startswith("x-ratelimit-") for k in extra):
+        extra.update(ratelimit_headers(ex.admission))
+    return [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(length).encode()),
+        (b"x-request-id", ex.request_id.encode()),
+        *((k.encode(), v.encode()) for k, v in extra.items()),
+    ]
+
+
+class _Cycle:
+    """Tracks what has been sent, so the owner knows which answer is still possible."""
+
+    __slots__ = ("ended", "ex", "send", "started", "stream")
+
+    def __init__(self, send: Send, ex: Exchange) -> None:
+        self.send = send
+        self.ex = ex
+        self.started = False
+        self.ended = False
+        self.stream = False
+
+    async def __call__(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.started = True
+            self.ex.status = message["status"]
+            self.stream = any(
+                k == b"content-type" and v.startswith(b"text/event-stream")
+                for k, v in message.get("headers", ())
+            )
+        elif kind == "http.response.body" and not message.get("more_body", False):
+            self.ended = True
+        await self.send(message)
+
+
+class Operation:
+    """An ASGI app for one operation; the only place that answers, settles and finishes."""
+
+    def __init__(self, gw: Gateway, operation: str, handler: Handler) -> None:
+        self.gw = gw
+        self.operation = operation
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gw = self.gw
+        ex = new_exchange(scope, self.operation, gw.snap)
+        for obs in gw.observers:
+            _tell(obs.started, ex)
+        cycle = _Cycle(send, ex)
+        try:
+            response = await self.handler(Request(scope, receive), ex)
+            await response(scope, receive, cycle)
+        except GatewayError as exc:
+            await self._fail(exc, cycle)
+        except ClientDisconnect:
+            await self._fail(ClientClosed("The client disconnected."), cycle)
+        except Exception:
+            log.exception(
+                "unhandled error",
+                extra={"request_id": ex.request_id, "operation": self.operation},
+            )
+            await self._fail(InternalError(), cycle)
+        except asyncio.CancelledError:
+            ex.interrupted = True
+            if not cycle.started:
+                ex.status = ClientClosed.status
+                ex.error_code = ClientClosed.code
+            raise
+        finally:
+            try:
+                await shielded(self._settle(ex))
+            finally:
+                ex.duration_seconds = time.perf_counter() - ex.started
+                for obs in gw.observers:
+                    _tell(obs.finished, ex)
+
+    async def _settle(self, ex: Exchange) -> None:
+        try:
+            await self.gw.gate.settle(ex)
+        except Exception:
+            log.exception("settling the quota failed", extra={"request_id": ex.request_id})
+
+    async def _fail(self, exc: GatewayError, cycle: _Cycle) -> None:
+        ex = cycle.ex
+        ex.error_code = exc.code
+        if isinstance(exc, ClientClosed):
+            ex.interrupted = True
+            ex.status = ex.status or exc.status
+            return
+        if cycle.ended:
+            return
+        try:
+            if not cycle.started:
+                body = exc.body()
+                await cycle(
+                    {
+                        "type": "http.response.start",
+                        "status": exc.status,
+                        "headers": error_headers(exc, ex, len(body)),
+                    }
+                )
+                await cycle({"type": "http.response.body", "body": body})
+            elif cycle.stream:
+                ex.interrupted = True
+                event = stream_error_event(exc.code or "internal_error", exc.message, None)
+                await cycle({"type": "http.response.body", "body": event})
+            else:
+                ex.interrupted = True
+                await cycle({"type": "http.response.body", "body": b""})
+        except Exception as send_exc:  # the client is gone; nothing more to tell it
+            log.info(
+                "could not send the error answer",
+                extra={"request_id": ex.request_id, "reason": type(send_exc).__name__},
+            )
+        if ex.status == 0:
+            ex.status = exc.status
+
+
+def stream_error_event(code: str, message: str, sequence: int | None) -> bytes:
+    """A closing SSE ``error`` event, so SDKs raise instead of seeing a silent end."""
+    event = {
+        "type": "error",
+        "code": code,
+        "message": message,
+        "param": None,
+        "sequence_number": sequence,
+    }
+    return b"\nevent: error\ndata: " + dump_json(event) + b"\n\n"
+
+
+def _tell(hook: Callable[[Exchange], None], ex: Exchange) -> None:
+    try:
+        hook(ex)
+    except Exception:
+        log.exception("observer failed", extra={"request_id": ex.request_id})

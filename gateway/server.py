@@ -1,0 +1,95 @@
+"""uvicorn, set up on purpose: its limits, and a timeout on header blocks that stall.
+
+uvicorn arms its keep-alive timer only after a response, so a connection that sends
+half a request head and then nothing would stay open for ever. ``HeaderTimeoutProtocol``
+closes a connection whose request head is not complete ``header_timeout`` seconds
+after its first byte (or after the connection opened). Bodies that stall are cut by
+the gateway itself (``server.body_timeout_seconds``, 408).
+
+The uvicorn settings chosen here:
+- ``timeout_keep_alive`` = ``server.keepalive_timeout_seconds`` (75 s, longer than the
+  60 s idle timeout of Azure's and most ingresses' upstream pools, so the ingress
+  closes first and never reuses a connection we just closed);
+- ``h11_max_incomplete_event_size`` 64 KiB (the request head limit for h11; httptools
+  has its own of 80 KiB);
+- ``backlog`` 2048; no ``limit_concurrency`` (quotas and the upstream pool bound work);
+- no proxy headers (the gateway decides whom to trust: ``server.trusted_proxies``),
+  no ``server`` header, no uvicorn access log (the gateway writes its own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+
+def protocol_with_header_timeout(seconds: float) -> type[HttpToolsProtocol]:
+    """An httptools protocol class whose request heads must complete in ``seconds``."""
+
+    class HeaderTimeoutProtocol(HttpToolsProtocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(seconds, self._head_timeout)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timeout(self) -> None:
+            self._head_timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutProtocol
+
+
+def uvicorn_config(
+    app: Any,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    log_level: str = "info",
+    grace: float = 30,
+    header_timeout: float = 10.0,
+    keepalive: float = 75.0,
+) -> uvicorn.Config:
+    """The uvicorn config the gateway runs with."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=protocol_with_header_timeout(header_timeout),
+        log_config=None,
+        log_level=log_level,
+        access_log=False,
+        server_header=False,
+        date_header=True,
+        proxy_headers=False,
+        lifespan="on",
+        timeout_keep_alive=int(keepalive + 0.999),
+        h11_max_incomplete_event_size=64 * 1024,
+        backlog=2048,
+        timeout_graceful_shutdown=int(grace + 0.999),
+    )
