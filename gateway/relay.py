@@ -13,7 +13,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from starlette.types import Receive, Scope, Send
 
 from .errors import GatewayError
@@ -22,6 +21,7 @@ from .lifecycle import stream_error_event
 from .quotas import ratelimit_headers
 from .sse import SseTap
 from .upstream import UpstreamResponse, response_headers
+from .validate import parse_upstream
 
 if TYPE_CHECKING:
     from .runtime import Gateway
@@ -89,10 +89,7 @@ class JsonRelay(_UpstreamRelay):
             return
         if "json" not in self.upstream.headers.get("content-type", ""):
             return
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return
+        body = parse_upstream(raw)
         if not isinstance(body, dict):
             return
         if isinstance(body.get("usage"), dict):

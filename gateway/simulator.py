@@ -352,6 +352,20 @@ def create_simulator(state: SimState | None = None) -> Starlette:
             return _error(400, message, "previous_response_not_found", "previous_response_id")
         return None
 
+    def invalid(fn: Callable[[Request], Any]) -> Callable[[Request], Any]:
+        """Input the simulator cannot make sense of is a 400, as Azure answers it."""
+
+        async def handler(request: Request) -> Response:
+            try:
+                result: Response = await fn(request)
+            except (TypeError, AttributeError, KeyError, ValueError, IndexError) as exc:
+                message = f"Invalid request body ({type(exc).__name__})."
+                return _error(400, message, "invalid_request")
+            return result
+
+        return handler
+
+    @invalid
     async def create(request: Request) -> Response:
         rec, err = await record(request)
         if err:
@@ -450,6 +464,7 @@ def create_simulator(state: SimState | None = None) -> Starlette:
             headers=headers(),
         )
 
+    @invalid
     async def compact(request: Request) -> Response:
         rec, err = await record(request)
         if err:
@@ -472,6 +487,7 @@ def create_simulator(state: SimState | None = None) -> Starlette:
         }
         return JSONResponse(out, headers=headers())
 
+    @invalid
     async def input_tokens(request: Request) -> Response:
         rec, err = await record(request)
         if err:

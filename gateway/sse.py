@@ -77,6 +77,7 @@ class SseTap:
         self._data = []
         self.events += 1
         if b'.delta"' in data[:80]:
+            self._delta_sequence(data)
             return
         try:
             event = json.loads(data)
@@ -84,6 +85,18 @@ class SseTap:
             return
         if isinstance(event, dict):
             self.observe(event)
+
+    def _delta_sequence(self, data: bytes) -> None:
+        """``sequence_number`` of an event that is not decoded (a delta), found by search."""
+        at = data.rfind(b'"sequence_number"')
+        if at < 0:
+            return
+        digits = data[at + 17 :].lstrip(b" :")
+        end = 0
+        while end < len(digits) and 48 <= digits[end] <= 57:
+            end += 1
+        if 0 < end < 20:
+            self.last_sequence = int(digits[:end])
 
     def observe(self, event: Event) -> None:
         """Take note of one decoded event."""

@@ -154,9 +154,8 @@ class UpstreamClient:
             limit=self.limit if pooled else 0,
             limit_per_host=0,
             ttl_dns_cache=300,
-            keepalive_timeout=60.0,
-            force_close=not pooled,
             ssl=self._ssl,
+            **({"keepalive_timeout": 60.0} if pooled else {"force_close": True}),
         )
         return aiohttp.ClientSession(
             connector=connector,

@@ -117,6 +117,22 @@ def parse_json(raw: bytes, max_depth: int) -> Any:
     return value
 
 
+def parse_upstream(raw: bytes) -> Any:
+    """Parse an upstream body leniently (it is Azure's answer, relayed as is); None if not JSON.
+
+    Strictness is for what clients send; what Azure sends must still be read for
+    usage, ids and audit, lone surrogates and huge integers included.
+    """
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+
+
 def dump_json(value: Any) -> bytes:
     """Serialise a parsed (possibly rewritten) body; exact for integers of any size."""
     try:

@@ -16,27 +16,20 @@ import uvicorn
 from gateway.app import create_app
 from gateway.config import parse_config
 from gateway.keys import hash_key, new_key
+from gateway.server import uvicorn_config
 from gateway.simulator import SimState, create_simulator
 
 
 class Server:
-    """A uvicorn server in a thread, on a socket bound before start."""
+    """A uvicorn server in a thread, on a socket bound before start, set up as in production."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, header_timeout: float = 10.0) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
-            app,
-            log_config=None,
-            access_log=False,
-            lifespan="on",
-            server_header=False,
-            proxy_headers=False,
-            timeout_graceful_shutdown=2,
-        )
+        config = uvicorn_config(app, grace=2, header_timeout=header_timeout)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]})
 
@@ -56,8 +49,8 @@ class Server:
 
 
 @contextmanager
-def serving(app: Any) -> Iterator[Server]:
-    server = Server(app).start()
+def serving(app: Any, header_timeout: float = 10.0) -> Iterator[Server]:
+    server = Server(app, header_timeout).start()
     try:
         yield server
     finally:
@@ -124,7 +117,8 @@ def base_config(sims: dict[str, Sim], tenants: Tenants, **overrides: Any) -> dic
 @contextmanager
 def gateway(cfg: dict[str, Any], environ: dict[str, str] | None = None) -> Iterator[Server]:
     loaded = parse_config(cfg, environ or {})
-    with serving(create_app(loaded)) as server:
+    header_timeout = loaded.config.server.header_timeout_seconds
+    with serving(create_app(loaded), header_timeout) as server:
         yield server
 
 

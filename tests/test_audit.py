@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterator
@@ -321,3 +322,65 @@ def test_items_passed_back_as_input_are_recorded(
     assert [r["event"] for r in recs] == ["mcp.list_tools", "mcp.call"]
     assert json.loads(recs[1]["arguments"])["api_key"] == "[REDACTED]"
     assert recs[1]["item_id"] == items[1]["id"]
+
+
+def test_100_kb_approval_reason_then_restart_then_verify(
+    identity: Sim, tenants: Tenants, audit_path: Path
+) -> None:
+    cfg = base_config({"swc": identity}, tenants, audit={"path": str(audit_path)})
+    reason = "because " * 12_500  # 100 kB, far beyond the old 64 KiB tail read
+    approval = {
+        "type": "mcp_approval_response",
+        "approval_request_id": "mcpr_1",
+        "approve": True,
+        "reason": reason,
+    }
+    for _ in range(2):  # the second gateway continues the chain the first one wrote
+        with gateway(cfg) as gw:
+            r = httpx.post(
+                gw.url + "/openai/v1/responses",
+                json={"model": "gpt-4.1", "input": [approval], "tools": [mcp_tool()]},
+                headers={"api-key": tenants.key("team-a")},
+            )
+            assert r.status_code == 200
+    recs = records(audit_path)
+    approvals = [r for r in recs if r["event"] == "mcp.approval"]
+    assert len(approvals) == 2
+    for rec in approvals:
+        assert len(rec["reason"]) == 4096 and rec["reason_truncated"] is True
+        assert rec["reason_length"] == len(reason)
+        assert rec["reason_sha256"] == hashlib.sha256(reason.encode()).hexdigest()
+    assert recs[len(recs) // 2]["prev_hash"] == recs[len(recs) // 2 - 1]["hash"]
+    assert verify([str(audit_path)]) == (len(recs), None)
+
+
+def test_policy_record_secret_and_server_url_tokens_are_redacted(
+    identity: Sim, tenants: Tenants, audit_path: Path
+) -> None:
+    cfg = base_config({"swc": identity}, tenants, audit={"path": str(audit_path)})
+    cfg["tenants"]["team-a"]["mcp"] = {"require_approval": "always"}
+    approval = {"never": {"tool_names": ["search"]}, "api_key": "policy-secret-789"}
+    url = "https://user:url-pass-321@mcp.example.com/sse?token=url-token-654&mode=x"
+    long_label = "L" * 10_000
+    with gateway(cfg) as gw:
+        r = httpx.post(
+            gw.url + "/openai/v1/responses",
+            json={
+                "model": "gpt-4.1",
+                "input": "x",
+                "tools": [mcp_tool(approval=approval, server_url=url, server_label=long_label)],  # type: ignore[arg-type]
+            },
+            headers={"api-key": tenants.key("team-a")},
+        )
+        assert r.status_code == 200
+    text = audit_path.read_text()
+    for secret in ("policy-secret-789", "url-pass-321", "url-token-654"):
+        assert secret not in text
+    recs = records(audit_path)
+    policy = next(r for r in recs if r["event"] == "mcp.policy")
+    assert policy["from"] == {"never": {"tool_names": ["search"]}, "api_key": "[REDACTED]"}
+    tool = next(r for r in recs if r["event"] == "mcp.tool")
+    expected = "https://[REDACTED]@mcp.example.com/sse?token=[REDACTED]&mode=[REDACTED]"
+    assert tool["server_url"] == expected
+    assert tool["server_label_truncated"] is True and len(tool["server_label"]) == 4096
+    assert verify([str(audit_path)]) == (len(recs), None)
