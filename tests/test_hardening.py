@@ -317,17 +317,17 @@ def test_surrogate_on_the_response_side(tenants: Tenants, tmp_path: Path) -> Non
         return Response(body, media_type="application/json")
 
     key = tenants.key("team-a")
-    with serving(_one_shot_upstream(handler)) as up:
-        with gateway(_api_key_cfg(up.url, tenants, audit), {"K": "k"}) as gw:
-            r = _post(gw, {"model": "gpt-4.1", "input": "x", "tools": [MCP_TOOL]}, key)
-            assert r.status_code == 200 and r.content == body
-            r = _post(
-                gw, {"model": "gpt-4.1", "input": "x", "tools": [MCP_TOOL], "stream": True}, key
-            )
-            assert r.status_code == 200 and b"response.completed" in r.content
-            assert b'"type":"error"' not in r.content
-            r = _post(gw, {"model": "gpt-4.1", "input": "again"}, key)
-            assert r.status_code == 200
+    with (
+        serving(_one_shot_upstream(handler)) as up,
+        gateway(_api_key_cfg(up.url, tenants, audit), {"K": "k"}) as gw,
+    ):
+        r = _post(gw, {"model": "gpt-4.1", "input": "x", "tools": [MCP_TOOL]}, key)
+        assert r.status_code == 200 and r.content == body
+        r = _post(gw, {"model": "gpt-4.1", "input": "x", "tools": [MCP_TOOL], "stream": True}, key)
+        assert r.status_code == 200 and b"response.completed" in r.content
+        assert b'"type":"error"' not in r.content
+        r = _post(gw, {"model": "gpt-4.1", "input": "again"}, key)
+        assert r.status_code == 200
     lines = audit.read_text(encoding="utf-8").splitlines()
     calls = [json.loads(line) for line in lines if '"mcp.call"' in line]
     assert len(calls) == 3  # JSON, stream (its item once), and the request after
@@ -345,16 +345,18 @@ def test_stream_with_no_terminal_event_gets_an_error_event(tenants: Tenants) -> 
         return Response(sse, media_type="text/event-stream")
 
     key = tenants.key("team-a")
-    with serving(_one_shot_upstream(handler)) as up:
-        with gateway(_api_key_cfg(up.url, tenants), {"K": "k"}) as gw:
-            r = _post(gw, {"model": "gpt-4.1", "input": "x", "stream": True}, key)
-            assert r.status_code == 200
-            last = r.content.strip().rsplit(b"\n\n", 1)[-1].strip()
-            assert last.startswith(b"event: error\ndata: ")
-            event = json.loads(last.split(b"data: ", 1)[1])
-            assert event["code"] == "upstream_stream_incomplete"
-            assert event["sequence_number"] == 2
-            assert_still_served(gw, key)
+    with (
+        serving(_one_shot_upstream(handler)) as up,
+        gateway(_api_key_cfg(up.url, tenants), {"K": "k"}) as gw,
+    ):
+        r = _post(gw, {"model": "gpt-4.1", "input": "x", "stream": True}, key)
+        assert r.status_code == 200
+        last = r.content.strip().rsplit(b"\n\n", 1)[-1].strip()
+        assert last.startswith(b"event: error\ndata: ")
+        event = json.loads(last.split(b"data: ", 1)[1])
+        assert event["code"] == "upstream_stream_incomplete"
+        assert event["sequence_number"] == 2
+        assert_still_served(gw, key)
 
 
 class StaleKeepAliveUpstream:
