@@ -1,0 +1,268 @@
+"""The upstream client (aiohttp) against real sockets: framing, pooling, TLS, proxies."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from gateway.config import UpstreamConfig
+from gateway.upstream import UpstreamClient, UpstreamError
+
+Reply = Callable[[bytes], tuple[bytes, bool]]  # request head -> (response bytes, close after)
+
+
+class RawServer:
+    """A socket server whose answers are written by hand, one thread per connection."""
+
+    def __init__(self, reply: Reply, tls: ssl.SSLContext | None = None) -> None:
+        self.reply = reply
+        self.tls = tls
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.heads: list[bytes] = []
+        self.connections = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._conn, args=(conn,), daemon=True).start()
+
+    def _conn(self, conn: socket.socket) -> None:
+        try:
+            if self.tls is not None:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            with conn:
+                buf = b""
+                while True:
+                    while b"\r\n\r\n" not in buf:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            return
+                        buf += chunk
+                    head, _, buf = buf.partition(b"\r\n\r\n")
+                    for line in head.split(b"\r\n"):
+                        if line.lower().startswith(b"content-length:"):
+                            need = int(line.split(b":")[1])
+                            while len(buf) < need:
+                                buf += conn.recv(65536)
+                            buf = buf[need:]
+                    self.heads.append(head)
+                    data, close = self.reply(head)
+                    conn.sendall(data)
+                    if close:
+                        return
+        except (OSError, ssl.SSLError):
+            return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def raw() -> Iterator[Callable[..., RawServer]]:
+    servers: list[RawServer] = []
+
+    def make(reply: Reply, tls: ssl.SSLContext | None = None) -> RawServer:
+        servers.append(RawServer(reply, tls))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+def _client(**cfg: object) -> UpstreamClient:
+    return UpstreamClient(UpstreamConfig(connect_timeout=1, read_timeout=2, **cfg))  # type: ignore[arg-type]
+
+
+async def _fetch(client: UpstreamClient, url: str) -> tuple[int, bytes, list[bytes]]:
+    resp = await client.send("POST", url, [("content-type", "application/json")], b"{}", "up")
+    chunks = [chunk async for chunk in resp.chunks()]
+    resp.close()
+    return resp.status, b"".join(chunks), chunks
+
+
+def test_content_length_chunked_and_close_delimited_bodies(raw: Callable[..., RawServer]) -> None:
+    body = b'{"ok": true, "pad": "' + b"x" * 5000 + b'"}'
+    chunked = b"".join(
+        b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:7], body[7:4000], body[4000:])
+    )
+    length = raw(
+        lambda h: (b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body), False)
+    )
+    chunks = raw(
+        lambda h: (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + chunked + b"0\r\n\r\n",
+            False,
+        )
+    )
+    until_close = raw(lambda h: (b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n" + body, True))
+
+    async def scenario() -> None:
+        client = _client()
+        for server in (length, chunks, until_close):
+            for _ in range(2):
+                status, got, _ = await _fetch(client, f"http://127.0.0.1:{server.port}/x")
+                assert (status, got) == (200, body)
+        await client.aclose()
+
+    asyncio.run(scenario())
+    assert length.connections == 1 and chunks.connections == 1  # kept alive and reused
+    assert until_close.connections == 2
+
+
+def test_request_framing_and_headers(raw: Callable[..., RawServer]) -> None:
+    ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
+    server = raw(lambda h: (ok, False))
+
+    async def scenario() -> None:
+        client = _client()
+        await _fetch(client, f"http://127.0.0.1:{server.port}/openai/v1/responses")
+        await client.aclose()
+
+    asyncio.run(scenario())
+    head = server.heads[0].decode().lower()
+    assert head.startswith("post /openai/v1/responses http/1.1")
+    assert head.count("content-type:") == 1 and "user-agent" not in head
+    assert "accept-encoding" not in head and "content-length: 2" in head
+
+
+def test_connection_closed_by_upstream_while_idle(raw: Callable[..., RawServer]) -> None:
+    ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
+    server = raw(lambda h: (ok, True))  # answers, then closes the idle connection
+
+    async def scenario() -> None:
+        client = _client()
+        for _ in range(3):
+            status, got, _ = await _fetch(client, f"http://127.0.0.1:{server.port}/x")
+            assert (status, got) == (200, b"{}")
+            await asyncio.sleep(0.05)
+        await client.aclose()
+
+    asyncio.run(scenario())
+    assert server.connections == 3
+
+
+def test_pool_exhaustion_is_503(raw: Callable[..., RawServer]) -> None:
+    slow = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n"  # never ends
+    server = raw(lambda h: (slow, False))
+
+    async def scenario() -> None:
+        client = _client(max_connections=1, pool_timeout=0.2)
+        url = f"http://127.0.0.1:{server.port}/x"
+        held = await client.send("POST", url, [], b"{}", "up")
+        with pytest.raises(UpstreamError) as info:
+            await client.send("POST", url, [], b"{}", "up")
+        assert info.value.error.status == 503
+        assert info.value.error.code == "upstream_pool_exhausted"
+        held.close()
+        await client.aclose()
+
+    asyncio.run(scenario())
+
+
+def _self_signed(tmp: Path) -> tuple[Path, ssl.SSLContext]:
+    """A CA, and a server certificate for 127.0.0.1 signed by it."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gateway test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_file = tmp / "ca.pem"
+    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (tmp / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(tmp / "cert.pem", tmp / "key.pem")
+    return ca_file, ctx
+
+
+def test_tls_with_a_private_ca(raw: Callable[..., RawServer], tmp_path: Path) -> None:
+    ca_file, server_ctx = _self_signed(tmp_path)
+    ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
+    server = raw(lambda h: (ok, False), tls=server_ctx)
+    url = f"https://127.0.0.1:{server.port}/x"
+
+    async def scenario() -> None:
+        trusted = _client(ca_file=str(ca_file))
+        assert (await _fetch(trusted, url))[:2] == (200, b"{}")
+        await trusted.aclose()
+        default = _client()  # the system store does not know this CA
+        with pytest.raises(UpstreamError) as info:
+            await _fetch(default, url)
+        assert info.value.error.status == 502
+        await default.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_proxy_from_the_environment(
+    raw: Callable[..., RawServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
+    proxy = raw(lambda h: (ok, False))  # answers as the proxy would after forwarding
+    for var in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.port}")
+    target = "http://contoso-upstream.invalid:8443/openai/v1/responses?api-version=x"
+
+    async def scenario() -> None:
+        via_env = _client(trust_env=True)
+        assert (await _fetch(via_env, target))[:2] == (200, b"{}")
+        await via_env.aclose()
+        direct = _client(trust_env=False)
+        with pytest.raises(UpstreamError):  # without trust_env the name is resolved directly
+            await _fetch(direct, target)
+        await direct.aclose()
+
+    asyncio.run(scenario())
+    assert proxy.heads[0].startswith(b"POST " + target.encode() + b" HTTP/1.1")
