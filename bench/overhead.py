@@ -49,13 +49,17 @@ def wait_ready(url: str, timeout: float = 20) -> None:
 
 
 @contextmanager
-def process(args: list[str], env: dict[str, str] | None = None) -> Iterator[None]:
+def process(
+    args: list[str], env: dict[str, str] | None = None, pids: list[int] | None = None
+) -> Iterator[None]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", *args],
         env={**os.environ, **(env or {})},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    if pids is not None:
+        pids.append(proc.pid)
     try:
         yield
     finally:
@@ -64,8 +68,10 @@ def process(args: list[str], env: dict[str, str] | None = None) -> Iterator[None
 
 
 @contextmanager
-def servers(extra_config: dict[str, object] | None = None) -> Iterator[tuple[str, str, str]]:
-    """(simulator URL, gateway URL, gateway key)."""
+def servers(
+    extra_config: dict[str, object] | None = None, pids: list[int] | None = None
+) -> Iterator[tuple[str, str, str]]:
+    """(simulator URL, gateway URL, gateway key); ``pids`` gets the gateway's process id."""
     sim_port, gw_port = free_port(), free_port()
     key = new_key()
     cfg = {
@@ -102,6 +108,7 @@ def servers(extra_config: dict[str, object] | None = None) -> Iterator[tuple[str
                     "WARNING",
                 ],
                 {"BENCH_SIM_KEY": "sim-api-key"},
+                pids,
             ),
         ):
             sim, gw = f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{gw_port}"

@@ -164,13 +164,16 @@ def _raw_http(port: int, data: bytes, read: bool = True, timeout: float = 5.0) -
         return out
 
 
+@pytest.mark.parametrize("operation", ["create", "cancel"])
 def test_disconnect_during_body_frees_the_slot(
-    hgw: Server, tenants: Tenants, sim: Sim, caplog: pytest.LogCaptureFixture
+    hgw: Server, tenants: Tenants, sim: Sim, caplog: pytest.LogCaptureFixture, operation: str
 ) -> None:
     caplog.set_level(logging.INFO, logger="gateway.access")
     key = tenants.key("team-a")
+    path = URL if operation == "create" else f"{URL}/{_background(hgw, key)}/cancel"
+    before = len(sim.state.api_requests())
     head = (
-        f"POST {URL} HTTP/1.1\r\nhost: x\r\napi-key: {key}\r\n"
+        f"POST {path} HTTP/1.1\r\nhost: x\r\napi-key: {key}\r\n"
         "content-type: application/json\r\ncontent-length: 1000\r\n\r\n"
     )
     _raw_http(hgw.port, head.encode() + b'{"model": "gpt-4.1", "in', read=False)
@@ -178,7 +181,8 @@ def test_disconnect_during_body_frees_the_slot(
     lines = [json.loads(JsonFormatter().format(r)) for r in caplog.records]
     cut = [line for line in lines if line.get("status") == 499]
     assert cut and cut[0]["error_code"] == "client_disconnected" and cut[0]["request_id"]
-    assert len(sim.state.api_requests()) == 1
+    assert cut[0]["operation"] == operation
+    assert len(sim.state.api_requests()) == before + 1  # only the request after it
 
 
 def _background(gw: Server, key: str) -> str:
