@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from overhead import pct, run, servers, timed_json
+from common import pct, run, servers, timed_json
 
 QUOTAS = {
     "requests_per_minute": 10_000_000,

@@ -1,196 +1,204 @@
-"""Added latency of the gateway: the simulator directly vs through the gateway, in one run.
+"""Added latency and throughput of the gateway, against the upstream directly and nginx.
 
-Starts the simulator and a gateway (each its own process, one worker) on loopback,
-then sends the same requests to both at a fixed concurrency and prints:
-- non-streaming: latency p50/p99 direct and via the gateway, and the difference;
-- streaming: time to first byte p50/p99 direct and via the gateway, and the difference.
+Starts the simulator, the gateway (one worker) and, when installed, nginx (one worker,
+``proxy_pass`` with upstream keep-alive) on loopback, then drives each with wrk
+(non-streaming create, same body) and prints, in one run:
 
-    python bench/overhead.py [--requests 2000] [--concurrency 4]
+- latency p50/p99 at 1 connection, and what each proxy adds to direct;
+- requests/s at 16 connections, as a fraction of direct;
+- the gateway's CPU time per request (its process's utime+stime / requests served);
+- wrk's own CPU use, to show the load generator is not the bottleneck.
+
+Run it against the package as production installs it (a clean ``pip install .``, no
+test extras; the bench needs ``httpx`` and ``wrk``):
+
+    python bench/overhead.py [--seconds 10] [--connections 16]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import json
 import os
-import socket
-import statistics
+import re
+import resource
+import shutil
 import subprocess
-import sys
 import tempfile
+import textwrap
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
-import httpx
-import yaml
+from common import BODY, free_port, servers, wait_ready
 
-from gateway.keys import hash_key, new_key
-
-BODY = {"model": "gpt-4.1", "input": "benchmark the gateway overhead please"}
+PATH = "/openai/v1/responses"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class WrkResult(NamedTuple):
+    p50_ms: float
+    p99_ms: float
+    rps: float
+    requests: int
+    errors: int
+    wrk_cpu: float  # wrk's CPU seconds per wall second
 
 
-def wait_ready(url: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(url, timeout=1)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
+def _ms(text: str) -> float:
+    value, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def wrk(url: str, key: str, connections: int, seconds: float, tmp: Path) -> WrkResult:
+    script = tmp / f"post-{abs(hash((url, key)))}.lua"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            wrk.method = "POST"
+            wrk.body = {json.dumps(json.dumps(BODY))}
+            wrk.headers["Content-Type"] = "application/json"
+            wrk.headers["api-key"] = "{key}"
+            """
+        )
+    )
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(script),
+            url + PATH,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    wall = time.monotonic() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+    done = re.search(r"(\d+) requests in", out)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: (.*)", out)
+    errors = int(non2xx.group(1)) if non2xx else 0
+    if sock:
+        errors += sum(int(n) for n in re.findall(r"\d+", sock.group(1)))
+    assert done and rps and lat, out
+    return WrkResult(
+        _ms(lat["50"]),
+        _ms(lat["99"]),
+        float(rps.group(1)),
+        int(done.group(1)),
+        errors,
+        cpu / wall,
+    )
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager
-def process(
-    args: list[str], env: dict[str, str] | None = None, pids: list[int] | None = None
-) -> Iterator[None]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway.cli", *args],
-        env={**os.environ, **(env or {})},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+def nginx(upstream: str, tmp: Path) -> Iterator[str | None]:
+    """nginx in front of ``upstream``, or None when nginx is not installed."""
+    binary = shutil.which("nginx", path=os.environ.get("PATH", "") + ":/usr/sbin")
+    if binary is None:
+        yield None
+        return
+    port = free_port()
+    host_port = upstream.removeprefix("http://")
+    conf = tmp / "nginx.conf"
+    conf.write_text(
+        textwrap.dedent(
+            f"""
+            worker_processes 1;
+            daemon off;
+            pid {tmp}/nginx.pid;
+            error_log {tmp}/nginx-error.log;
+            events {{ worker_connections 4096; }}
+            http {{
+              access_log off;
+              client_body_temp_path {tmp}/body;
+              proxy_temp_path {tmp}/proxy;
+              upstream sim {{ server {host_port}; keepalive 64; }}
+              server {{
+                listen 127.0.0.1:{port};
+                location / {{
+                  proxy_pass http://sim;
+                  proxy_http_version 1.1;
+                  proxy_set_header Connection "";
+                  proxy_buffering off;
+                }}
+              }}
+            }}
+            """
+        )
     )
-    if pids is not None:
-        pids.append(proc.pid)
+    proc = subprocess.Popen([binary, "-c", str(conf), "-p", str(tmp)], stderr=subprocess.DEVNULL)
     try:
-        yield
+        wait_ready(f"http://127.0.0.1:{port}/healthz")
+        yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         proc.wait(10)
 
 
-@contextmanager
-def servers(
-    extra_config: dict[str, object] | None = None, pids: list[int] | None = None
-) -> Iterator[tuple[str, str, str]]:
-    """(simulator URL, gateway URL, gateway key); ``pids`` gets the gateway's process id."""
-    sim_port, gw_port = free_port(), free_port()
-    key = new_key()
-    cfg = {
-        "resources": {
-            "sim": {
-                "endpoint": f"http://127.0.0.1:{sim_port}",
-                "region": "swedencentral",
-                "auth": "api_key",
-                "api_key_env": "BENCH_SIM_KEY",
-            }
-        },
-        "models": {"gpt-4.1": [{"resource": "sim", "deployment": "gpt-4.1"}]},
-        "tenants": {"bench": {"keys": [{"id": "bench", "sha256": hash_key(key)}], "models": ["*"]}},
-    }
-    extra = dict(extra_config or {})
-    if "quotas" in extra:
-        cfg["tenants"]["bench"]["quotas"] = extra.pop("quotas")  # type: ignore[index]
-    cfg.update(extra)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "gateway.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        with (
-            process(["simulate", "--port", str(sim_port)]),
-            process(
-                [
-                    "serve",
-                    "--config",
-                    str(path),
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(gw_port),
-                    "--log-level",
-                    "WARNING",
-                ],
-                {"BENCH_SIM_KEY": "sim-api-key"},
-                pids,
-            ),
-        ):
-            sim, gw = f"http://127.0.0.1:{sim_port}", f"http://127.0.0.1:{gw_port}"
-            wait_ready(sim + "/openai/v1/responses/x")
-            wait_ready(gw + "/healthz")
-            yield sim, gw, key
-
-
-async def run(
-    n: int, concurrency: int, one: Callable[[httpx.AsyncClient], Awaitable[float]]
-) -> list[float]:
-    """``n`` timings of ``one``, ``concurrency`` at a time, after a short warm-up."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=30, trust_env=False) as client:
-        for _ in range(min(50, n)):
-            await one(client)
-        out: list[float] = []
-        queue = iter(range(n))
-
-        async def worker() -> None:
-            for _ in queue:
-                out.append(await one(client))
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return out
-
-
-def timed_json(
-    url: str, headers: dict[str, str]
-) -> Callable[[httpx.AsyncClient], Awaitable[float]]:
-    async def one(client: httpx.AsyncClient) -> float:
-        t = time.perf_counter()
-        r = await client.post(url, json=BODY, headers=headers)
-        r.raise_for_status()
-        return time.perf_counter() - t
-
-    return one
-
-
-def timed_ttfb(
-    url: str, headers: dict[str, str]
-) -> Callable[[httpx.AsyncClient], Awaitable[float]]:
-    async def one(client: httpx.AsyncClient) -> float:
-        t = time.perf_counter()
-        async with client.stream("POST", url, json={**BODY, "stream": True}, headers=headers) as r:
-            first = None
-            async for _ in r.aiter_raw():
-                first = first or time.perf_counter() - t
-        return first or 0.0
-
-    return one
-
-
-def pct(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] * 1000
-
-
-def report(name: str, direct: list[float], via: list[float]) -> None:
-    d50, d99, g50, g99 = pct(direct, 50), pct(direct, 99), pct(via, 50), pct(via, 99)
-    print(
-        f"{name:<12} direct p50 {d50:7.3f} ms p99 {d99:7.3f} ms | via gateway p50 {g50:7.3f} ms "
-        f"p99 {g99:7.3f} ms | added p50 {g50 - d50:+7.3f} ms p99 {g99 - d99:+7.3f} ms"
-    )
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--requests", type=int, default=2000)
-    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--connections", type=int, default=16)
     args = ap.parse_args()
-    with servers() as (sim, gw, key):
-        sim_h = {"api-key": "sim-api-key"}
-        gw_h = {"api-key": key}
-        path = "/openai/v1/responses"
-        print(f"{args.requests} requests per case, concurrency {args.concurrency}, one worker each")
-        direct = asyncio.run(run(args.requests, args.concurrency, timed_json(sim + path, sim_h)))
-        via = asyncio.run(run(args.requests, args.concurrency, timed_json(gw + path, gw_h)))
-        report("json", direct, via)
-        n = max(args.requests // 4, 100)
-        direct = asyncio.run(run(n, args.concurrency, timed_ttfb(sim + path, sim_h)))
-        via = asyncio.run(run(n, args.concurrency, timed_ttfb(gw + path, gw_h)))
-        report("stream ttfb", direct, via)
+    if not shutil.which("wrk"):
+        raise SystemExit("wrk is not installed (apt-get install wrk)")
+    pids: list[int] = []
+    with tempfile.TemporaryDirectory() as tmpdir, servers(pids=pids) as (sim, gw, key):
+        tmp = Path(tmpdir)
+        gw_pid = pids[-1]
+        with nginx(sim, tmp) as ngx:
+            targets = [("direct", sim, "sim-api-key")]
+            if ngx:
+                targets.append(("nginx", ngx, "sim-api-key"))
+            targets.append(("gateway", gw, key))
+            for _, url, k in targets:  # warm up every path
+                wrk(url, k, 4, 2, tmp)
+            print(f"wrk, non-streaming create, {args.seconds:g} s per case, one worker each")
+            one: dict[str, WrkResult] = {}
+            many: dict[str, WrkResult] = {}
+            cpu: dict[int, float] = {}
+            for name, url, k in targets:
+                c0 = cpu_seconds(gw_pid)
+                one[name] = wrk(url, k, 1, args.seconds, tmp)
+                if name == "gateway":
+                    cpu[1] = (cpu_seconds(gw_pid) - c0) / one[name].requests * 1e6
+                c0 = cpu_seconds(gw_pid)
+                many[name] = wrk(url, k, args.connections, args.seconds, tmp)
+                if name == "gateway":
+                    cpu[args.connections] = (cpu_seconds(gw_pid) - c0) / many[name].requests * 1e6
+    d1, dn = one["direct"], many["direct"]
+    print(
+        f"{'':<8} {'p50 @1':>9} {'p99 @1':>9} {'added p50':>10} {'added p99':>10} "
+        f"{'req/s @' + str(args.connections):>11} {'of direct':>9} {'errors':>6} {'wrk cpu':>7}"
+    )
+    for name, _, _ in targets:
+        r1, rn = one[name], many[name]
+        print(
+            f"{name:<8} {r1.p50_ms:8.3f}ms {r1.p99_ms:8.3f}ms {r1.p50_ms - d1.p50_ms:+9.3f}ms "
+            f"{r1.p99_ms - d1.p99_ms:+9.3f}ms {rn.rps:11.0f} {rn.rps / dn.rps:9.2f} "
+            f"{r1.errors + rn.errors:6d} {rn.wrk_cpu:7.2f}"
+        )
+    print(
+        f"gateway CPU per request: {cpu[1]:.0f} us at 1 connection, "
+        f"{cpu[args.connections]:.0f} us at {args.connections}"
+    )
 
 
 if __name__ == "__main__":

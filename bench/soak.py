@@ -18,7 +18,7 @@ import random
 import time
 
 import httpx
-from overhead import servers
+from common import servers
 
 PATH = "/openai/v1/responses"
 

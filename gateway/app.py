@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from .admission import QuotaGate
 from .audit import Auditor, Redactor
@@ -42,6 +43,29 @@ def _error(exc: GatewayError, request: Request) -> Response:
     rid = safe_request_id(request.headers.get("x-request-id")) or uuid.uuid4().hex
     headers = {**exc.headers, "x-request-id": rid}
     return Response(exc.body(), exc.status, media_type="application/json", headers=headers)
+
+
+class Dispatch:
+    """Exact (method, path) matches go straight to their endpoint; the rest to Starlette.
+
+    The hot routes have no path parameters, so a dict lookup replaces the router's walk
+    over every route's regex (and Starlette's middleware, which the lifecycle owner
+    makes redundant for them). Lifespan and everything else goes to the Starlette app.
+    """
+
+    def __init__(self, app: Starlette, exact: dict[tuple[str, str], Any]) -> None:
+        self.app = app
+        self.exact = exact
+        self.state = app.state
+        self.router = app.router
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            endpoint = self.exact.get((scope["method"], scope["path"]))
+            if endpoint is not None:
+                await endpoint(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def build_state(loaded: LoadedConfig, metrics: Metrics | None = None) -> StateBackend:
@@ -92,7 +116,7 @@ def build_auditor(loaded: LoadedConfig, metrics: Metrics) -> Auditor:
 
 def create_app(
     loaded: LoadedConfig, *, credential: Any = None, config_path: str | None = None
-) -> Starlette:
+) -> Dispatch:
     """The gateway ASGI app for a loaded config (``credential`` overrides azure-identity's).
 
     With ``config_path``, the file is watched and reloaded (SIGHUP or on change).
@@ -213,12 +237,16 @@ def create_app(
         return _error(err, request)
 
     routes = []
+    exact: dict[tuple[str, str], Any] = {}
     for prefix in PREFIXES:
         base = prefix + "/responses"
+        for suffix, operation in (("", "create"), ("/compact", "compact")):
+            exact["POST", base + suffix] = proxy.endpoint(operation)
+        exact["POST", base + "/input_tokens"] = proxy.endpoint("input_tokens")
         routes += [
-            Route(base, proxy.endpoint("create"), methods=["POST"]),
-            Route(base + "/compact", proxy.endpoint("compact"), methods=["POST"]),
-            Route(base + "/input_tokens", proxy.endpoint("input_tokens"), methods=["POST"]),
+            Route(base, exact["POST", base], methods=["POST"]),
+            Route(base + "/compact", exact["POST", base + "/compact"], methods=["POST"]),
+            Route(base + "/input_tokens", exact["POST", base + "/input_tokens"], methods=["POST"]),
             Route(base + "/{response_id}", proxy.endpoint("retrieve"), methods=["GET"]),
             Route(base + "/{response_id}", proxy.endpoint("delete"), methods=["DELETE"]),
             Route(base + "/{response_id}/cancel", proxy.endpoint("cancel"), methods=["POST"]),
@@ -239,4 +267,4 @@ def create_app(
     app.state.gateway = gateway
     app.state.metrics = metrics
     app.state.reloader = reloader
-    return app
+    return Dispatch(app, exact)

@@ -16,8 +16,9 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
 
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ClientClosed, GatewayError, InternalError
@@ -31,7 +32,32 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.lifecycle")
 
-Handler = Callable[[Request, Exchange], Awaitable[ASGIApp]]
+
+class Incoming:
+    """The request as the handlers read it: straight from the ASGI scope, nothing lazy."""
+
+    __slots__ = ("headers", "method", "path_params", "query", "receive", "scope")
+
+    def __init__(self, scope: Scope, receive: Receive) -> None:
+        self.scope = scope
+        self.receive = receive
+        self.method: str = scope["method"]
+        self.path_params: dict[str, Any] = scope.get("path_params", {})
+        self.query: bytes = scope.get("query_string", b"")
+        # ASGI servers lower-case header names; a repeated header keeps its last value.
+        self.headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+
+    def query_param(self, name: str) -> str | None:
+        """One query parameter's value (the first if repeated)."""
+        if not self.query:
+            return None
+        for key, value in parse_qsl(self.query.decode("latin-1"), keep_blank_values=True):
+            if key == name:
+                return value
+        return None
+
+
+Handler = Callable[[Incoming, Exchange], Awaitable[ASGIApp]]
 
 
 async def shielded(coro: Coroutine[Any, Any, None]) -> None:
@@ -44,23 +70,18 @@ async def shielded(coro: Coroutine[Any, Any, None]) -> None:
         raise
 
 
-def new_exchange(scope: Scope, operation: str, snap: Snapshot) -> Exchange:
-    """The exchange record of one request, from its raw ASGI scope."""
+def new_exchange(incoming: Incoming, operation: str, snap: Snapshot) -> Exchange:
+    """The exchange record of one request."""
     from .runtime import client_address
 
-    rid = None
-    forwarded = None
-    for name, value in scope["headers"]:
-        if name == b"x-request-id":
-            rid = safe_request_id(value.decode("latin-1"))
-        elif name == b"x-forwarded-for":
-            forwarded = value.decode("latin-1")
-    peer = scope["client"][0] if scope.get("client") else None
+    headers = incoming.headers
+    client = incoming.scope.get("client")
+    peer = client[0] if client else None
     return Exchange(
-        request_id=rid or uuid.uuid4().hex,
+        request_id=safe_request_id(headers.get("x-request-id")) or uuid.uuid4().hex,
         operation=operation,
-        method=scope["method"],
-        client=client_address(peer, forwarded, snap),
+        method=incoming.method,
+        client=client_address(peer, headers.get("x-forwarded-for"), snap),
     )
 
 
@@ -113,12 +134,13 @@ class Operation:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gw = self.gw
-        ex = new_exchange(scope, self.operation, gw.snap)
+        incoming = Incoming(scope, receive)
+        ex = new_exchange(incoming, self.operation, gw.snap)
         for obs in gw.observers:
             _tell(obs.started, ex)
         cycle = _Cycle(send, ex)
         try:
-            response = await self.handler(Request(scope, receive), ex)
+            response = await self.handler(incoming, ex)
             await response(scope, receive, cycle)
         except GatewayError as exc:
             await self._fail(exc, cycle)
@@ -138,7 +160,8 @@ class Operation:
             raise
         finally:
             try:
-                await shielded(self._settle(ex))
+                if ex.quota_scopes:  # only then is there anything to settle
+                    await shielded(self._settle(ex))
             finally:
                 ex.duration_seconds = time.perf_counter() - ex.started
                 for obs in gw.observers:

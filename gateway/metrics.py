@@ -140,6 +140,7 @@ class Metrics(BaseObserver):
             registry=r,
         )
         self._labels: set[str] = set()
+        self._children: dict[tuple[Any, ...], Any] = {}
         self.inflight = Gauge(
             "gateway_inflight_requests", "Requests being served right now.", registry=r
         )
@@ -166,6 +167,16 @@ class Metrics(BaseObserver):
         self.config_reloads = Counter(
             "gateway_config_reloads_total", "Config reloads, by result.", ["result"], registry=r
         )
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, cached: the label values are bounded by the config."""
+        key = (id(metric), *labels)
+        found = self._children.get(key)
+        if found is None:
+            if len(self._children) > 50_000:  # a safety net; configs never get near it
+                self._children.clear()
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def tenant_label(self, tenant: str | None) -> str:
         return tenant if tenant is not None and tenant in self._config().tenants else OTHER
@@ -235,38 +246,39 @@ class Metrics(BaseObserver):
         self.active_streams.inc()
 
     def finished(self, ex: Exchange) -> None:
+        c = self.child
         self.inflight.dec()
         if ex.stream_relayed:
             self.active_streams.dec()
         tenant = self.tenant_label(ex.tenant)
         model = self.model_label(ex.model)
+        op = ex.operation
         stream = "true" if ex.stream else "false"
-        self.requests.labels(tenant, model, ex.operation, str(ex.status)).inc()
+        c(self.requests, tenant, model, op, str(ex.status)).inc()
         if ex.quota_reason:
-            self.quota_refusals.labels(tenant, ex.quota_reason).inc()
+            c(self.quota_refusals, tenant, ex.quota_reason).inc()
         if ex.duration_seconds is not None:
-            self.duration.labels(tenant, model, ex.operation, stream).observe(ex.duration_seconds)
+            c(self.duration, tenant, model, op, stream).observe(ex.duration_seconds)
             if ex.status < 400:
-                self.gen_ai_duration.labels(ex.operation, model).observe(ex.duration_seconds)
+                c(self.gen_ai_duration, op, model).observe(ex.duration_seconds)
         if ex.ttfb_seconds is not None:
-            self.ttfb.labels(tenant, model, stream).observe(ex.ttfb_seconds)
+            c(self.ttfb, tenant, model, stream).observe(ex.ttfb_seconds)
         if ex.upstream_seconds is not None:
             resource, region = self._target_labels(ex.target)
-            self.upstream_duration.labels(resource, region, ex.operation).observe(
-                ex.upstream_seconds
-            )
+            c(self.upstream_duration, resource, region, op).observe(ex.upstream_seconds)
         if ex.interrupted:
-            self.interrupted.labels(tenant, model).inc()
-        if ex.usage and ex.operation in ("create", "compact"):
-            self._count_usage(tenant, model, ex.operation, ex.usage)
+            c(self.interrupted, tenant, model).inc()
+        if ex.usage and op in ("create", "compact"):
+            self._count_usage(tenant, model, op, ex.usage)
 
     def _count_usage(self, tenant: str, model: str, operation: str, usage: dict[str, Any]) -> None:
+        c = self.child
         kinds = token_kinds(usage)
         for kind, n in kinds.items():
             if n:
-                self.tokens.labels(tenant, model, kind).inc(n)
-        self.gen_ai_tokens.labels(operation, model, "input").observe(kinds["input"])
-        self.gen_ai_tokens.labels(operation, model, "output").observe(kinds["output"])
+                c(self.tokens, tenant, model, kind).inc(n)
+        c(self.gen_ai_tokens, operation, model, "input").observe(kinds["input"])
+        c(self.gen_ai_tokens, operation, model, "output").observe(kinds["output"])
 
 
 def token_kinds(usage: dict[str, Any]) -> dict[str, int]:

@@ -9,14 +9,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from starlette.requests import Request
 from starlette.types import ASGIApp, Receive
 
 from .audit import check_mcp_policy
 from .errors import BadRequest, ClientClosed, NotFound, PayloadTooLarge, RequestTimeout
 from .exchange import Exchange
 from .keys import Principal
-from .lifecycle import Operation
+from .lifecycle import Incoming, Operation
 from .policy import check_tools
 from .relay import JsonRelay, StreamRelay
 from .routing import Target
@@ -105,7 +104,7 @@ class Proxy:
             raise NotFound(f"No response found with id '{response_id}'.", param=param)
         return binding
 
-    async def _body(self, request: Request, snap: Snapshot, ex: Exchange) -> bytes:
+    async def _body(self, request: Incoming, snap: Snapshot, ex: Exchange) -> bytes:
         server = snap.loaded.config.server
         raw = await read_body(
             request.receive,
@@ -116,7 +115,7 @@ class Proxy:
         ex.request_bytes = len(raw)
         return raw
 
-    async def _create(self, request: Request, ex: Exchange) -> ASGIApp:
+    async def _create(self, request: Incoming, ex: Exchange) -> ASGIApp:
         snap = self.gw.snap
         check_headers(request.scope["headers"])
         principal = snap.keyring.authenticate(request.headers)
@@ -176,7 +175,7 @@ class Proxy:
         snap: Snapshot,
         principal: Principal,
         body: dict[str, Any],
-        request: Request,
+        request: Incoming,
         targets: tuple[Target, ...],
     ) -> list[Attempt]:
         """Rewrite every deployment name in the request for each target; drop unusable ones."""
@@ -225,7 +224,7 @@ class Proxy:
             raise NotFound("The resource holding this response is no longer configured.")
         return Target(resource, res.endpoint, res.region, "")
 
-    async def _by_id(self, request: Request, ex: Exchange) -> ASGIApp:
+    async def _by_id(self, request: Incoming, ex: Exchange) -> ASGIApp:
         snap = self.gw.snap
         check_headers(request.scope["headers"])
         principal = snap.keyring.authenticate(request.headers)
@@ -239,7 +238,7 @@ class Proxy:
         if request.method == "POST":
             body = await self._body(request, snap, ex) or None
         await self.gw.gate.admit(ex, principal.tenant, tenant, binding.model)
-        ex.stream = request.query_params.get("stream") == "true"
+        ex.stream = request.query_param("stream") == "true"
         attempt = Attempt(self._resource_target(snap, binding.resource), body, [])
         return await self._forward(request, ex, snap, [attempt], _DROP_AS_SENT)
 
@@ -247,7 +246,7 @@ class Proxy:
 
     async def _forward(
         self,
-        request: Request,
+        request: Incoming,
         ex: Exchange,
         snap: Snapshot,
         attempts: list[Attempt],

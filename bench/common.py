@@ -1,0 +1,164 @@
+"""Helpers shared by the benchmarks: processes on loopback, a gateway config, timing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import httpx
+import yaml
+
+from gateway.keys import hash_key, new_key
+
+BODY = {"model": "gpt-4.1", "input": "benchmark the gateway overhead please"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(url: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+@contextmanager
+def process(
+    args: list[str], env: dict[str, str] | None = None, pids: list[int] | None = None
+) -> Iterator[None]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", *args],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    if pids is not None:
+        pids.append(proc.pid)
+    try:
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextmanager
+def servers(
+    extra_config: dict[str, object] | None = None,
+    pids: list[int] | None = None,
+    upstream: str | None = None,
+) -> Iterator[tuple[str, str, str]]:
+    """(upstream URL, gateway URL, gateway key); ``pids`` gets the gateway's process id.
+
+    The upstream is the simulator, started here, unless ``upstream`` names one.
+    """
+    sim_port, gw_port = free_port(), free_port()
+    sim_url = upstream or f"http://127.0.0.1:{sim_port}"
+    key = new_key()
+    cfg = {
+        "resources": {
+            "sim": {
+                "endpoint": sim_url,
+                "region": "swedencentral",
+                "auth": "api_key",
+                "api_key_env": "BENCH_SIM_KEY",
+            }
+        },
+        "models": {"gpt-4.1": [{"resource": "sim", "deployment": "gpt-4.1"}]},
+        "tenants": {"bench": {"keys": [{"id": "bench", "sha256": hash_key(key)}], "models": ["*"]}},
+    }
+    extra = dict(extra_config or {})
+    if "quotas" in extra:
+        cfg["tenants"]["bench"]["quotas"] = extra.pop("quotas")  # type: ignore[index]
+    cfg.update(extra)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "gateway.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        simulate = ["simulate", "--port", str(sim_port)]
+        with (
+            process(simulate) if upstream is None else nullcontext(),
+            process(
+                [
+                    "serve",
+                    "--config",
+                    str(path),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(gw_port),
+                    "--log-level",
+                    "WARNING",
+                ],
+                {"BENCH_SIM_KEY": "sim-api-key"},
+                pids,
+            ),
+        ):
+            sim, gw = sim_url, f"http://127.0.0.1:{gw_port}"
+            wait_ready(sim + "/openai/v1/responses/x")
+            wait_ready(gw + "/healthz")
+            yield sim, gw, key
+
+
+async def run(
+    n: int, concurrency: int, one: Callable[[httpx.AsyncClient], Awaitable[float]]
+) -> list[float]:
+    """``n`` timings of ``one``, ``concurrency`` at a time, after a short warm-up."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=30, trust_env=False) as client:
+        for _ in range(min(50, n)):
+            await one(client)
+        out: list[float] = []
+        queue = iter(range(n))
+
+        async def worker() -> None:
+            for _ in queue:
+                out.append(await one(client))
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return out
+
+
+def timed_json(
+    url: str, headers: dict[str, str]
+) -> Callable[[httpx.AsyncClient], Awaitable[float]]:
+    async def one(client: httpx.AsyncClient) -> float:
+        t = time.perf_counter()
+        r = await client.post(url, json=BODY, headers=headers)
+        r.raise_for_status()
+        return time.perf_counter() - t
+
+    return one
+
+
+def timed_ttfb(
+    url: str, headers: dict[str, str]
+) -> Callable[[httpx.AsyncClient], Awaitable[float]]:
+    async def one(client: httpx.AsyncClient) -> float:
+        t = time.perf_counter()
+        async with client.stream("POST", url, json={**BODY, "stream": True}, headers=headers) as r:
+            first = None
+            async for _ in r.aiter_raw():
+                first = first or time.perf_counter() - t
+        return first or 0.0
+
+    return one
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1] * 1000

@@ -1,0 +1,175 @@
+"""1,000 concurrent slow streams through one gateway worker: TTFB, chunk delay, memory.
+
+An upstream written for this (raw asyncio, its own process) streams Responses-style
+SSE events, each stamped with the monotonic clock when it was written. The client
+opens N streams at once, directly and then through the gateway, and prints:
+
+- added time to first byte (p50, gateway minus direct);
+- chunk delay p50/p99: receive time minus the upstream's stamp, for every event;
+- the gateway's RSS per open stream (RSS with all streams open minus idle RSS, / N);
+- how many streams completed with ``response.completed``.
+
+    python bench/streams.py [--streams 1000] [--events 20] [--interval 0.25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import statistics
+import time
+
+import aiohttp
+from common import free_port, servers
+from soak import rss_mb
+
+PATH = "/openai/v1/responses"
+
+
+def _event(kind: str, seq: int, **extra: object) -> bytes:
+    data = {"type": kind, "sequence_number": seq, "t": time.monotonic(), **extra}
+    return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def upstream_main(port: int, events: int, interval: float) -> None:
+    """Serve SSE streams on ``port``: ``events`` deltas ``interval`` apart, then completed."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                await reader.readexactly(length)
+                if head.startswith(b"GET"):  # readiness checks
+                    writer.write(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                    continue
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n"
+                )
+
+                def chunk(data: bytes) -> None:
+                    writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+                rid = f"resp_{id(writer):x}{time.monotonic_ns():x}"
+                chunk(_event("response.created", 0, response={"id": rid}))
+                await writer.drain()
+                for n in range(1, events + 1):
+                    await asyncio.sleep(interval)
+                    chunk(_event("response.output_text.delta", n, delta=" word"))
+                    await writer.drain()
+                usage = {"input_tokens": 5, "output_tokens": events, "total_tokens": 5 + events}
+                done = {"id": rid, "usage": usage}
+                chunk(_event("response.completed", events + 1, response=done))
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def serve() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=4096)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(serve())
+
+
+class Stats:
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.ttfb: list[float] = []
+        self.delays: list[float] = []
+        self.completed = 0
+        self.failed = 0
+        self.all_open = asyncio.Event()
+
+    def opened(self) -> None:
+        if len(self.ttfb) + self.failed >= self.n:
+            self.all_open.set()
+
+
+async def one(session: aiohttp.ClientSession, url: str, key: str, stats: Stats) -> None:
+    body = {"model": "gpt-4.1", "input": "stream", "stream": True}
+    started = time.monotonic()
+    try:
+        async with session.post(url + PATH, json=body, headers={"api-key": key}) as r:
+            first = True
+            buf = b""
+            async for chunk in r.content.iter_any():
+                now = time.monotonic()
+                if first:
+                    stats.ttfb.append(now - started)
+                    stats.opened()
+                    first = False
+                buf += chunk
+                while b"\n\n" in buf:
+                    frame, buf = buf.split(b"\n\n", 1)
+                    data = json.loads(frame.split(b"data: ", 1)[1])
+                    stats.delays.append(now - data["t"])
+                    if data["type"] == "response.completed":
+                        stats.completed += 1
+    except (TimeoutError, aiohttp.ClientError):
+        stats.failed += 1
+
+
+async def wave(url: str, key: str, n: int, pid: int | None) -> tuple[Stats, float]:
+    """Open ``n`` streams at once; returns their stats and the RSS (MB) once all are open."""
+    stats = Stats(n)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=300)
+    ) as session:
+        tasks = [asyncio.ensure_future(one(session, url, key, stats)) for _ in range(n)]
+        await stats.all_open.wait()
+        rss = rss_mb(pid) if pid is not None else 0.0
+        await asyncio.gather(*tasks)
+    return stats, rss
+
+
+def pct(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--streams", type=int, default=1000)
+    ap.add_argument("--events", type=int, default=20)
+    ap.add_argument("--interval", type=float, default=0.25)
+    args = ap.parse_args()
+    port = free_port()
+    up = multiprocessing.Process(
+        target=upstream_main, args=(port, args.events, args.interval), daemon=True
+    )
+    up.start()
+    pids: list[int] = []
+    try:
+        with servers(pids=pids, upstream=f"http://127.0.0.1:{port}") as (direct, gw, key):
+            pid = pids[-1]
+            asyncio.run(wave(gw, key, 20, None))  # warm up
+            direct_stats, _ = asyncio.run(wave(direct, "-", args.streams, None))
+            idle = rss_mb(pid)
+            via, busy = asyncio.run(wave(gw, key, args.streams, pid))
+    finally:
+        up.terminate()
+    n = args.streams
+    print(f"{n} concurrent streams, {args.events} events {args.interval:g} s apart, one worker")
+    for name, s in (("direct", direct_stats), ("gateway", via)):
+        print(
+            f"{name:<8} TTFB p50 {pct(s.ttfb, 50):7.2f} ms p99 {pct(s.ttfb, 99):7.2f} ms | "
+            f"chunk delay p50 {pct(s.delays, 50):6.2f} ms p99 {pct(s.delays, 99):6.2f} ms | "
+            f"completed {s.completed}/{n}, failed {s.failed}"
+        )
+    print(f"added TTFB p50 {pct(via.ttfb, 50) - pct(direct_stats.ttfb, 50):+.2f} ms")
+    print(
+        f"gateway RSS idle {idle:.1f} MB, with {n} open streams {busy:.1f} MB: "
+        f"{(busy - idle) * 1024 / n:.1f} KiB per open stream"
+    )
+
+
+if __name__ == "__main__":
+    main()
