@@ -23,6 +23,7 @@ import os
 import re
 import resource
 import shutil
+import statistics
 import subprocess
 import tempfile
 import textwrap
@@ -70,7 +71,7 @@ def wrk(url: str, key: str, connections: int, seconds: float, tmp: Path) -> WrkR
             "wrk",
             "-t1",
             f"-c{connections}",
-            f"-d{seconds}s",
+            f"-d{seconds:g}s",
             "--latency",
             "-s",
             str(script),
@@ -83,7 +84,7 @@ def wrk(url: str, key: str, connections: int, seconds: float, tmp: Path) -> WrkR
     wall = time.monotonic() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M))
+    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)\s*$", out, re.M))
     done = re.search(r"(\d+) requests in", out)
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -100,6 +101,13 @@ def wrk(url: str, key: str, connections: int, seconds: float, tmp: Path) -> WrkR
         errors,
         cpu / wall,
     )
+
+
+def median_result(results: list[WrkResult]) -> WrkResult:
+    """Each figure's median over rounds (errors summed)."""
+    fields = zip(*results, strict=True)
+    med = [statistics.median(values) for values in fields]
+    return WrkResult(med[0], med[1], med[2], int(med[3]), sum(r.errors for r in results), med[5])
 
 
 def cpu_seconds(pid: int) -> float:
@@ -156,6 +164,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds; medians reported")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed (apt-get install wrk)")
@@ -170,19 +179,25 @@ def main() -> None:
             targets.append(("gateway", gw, key))
             for _, url, k in targets:  # warm up every path
                 wrk(url, k, 4, 2, tmp)
-            print(f"wrk, non-streaming create, {args.seconds:g} s per case, one worker each")
-            one: dict[str, WrkResult] = {}
-            many: dict[str, WrkResult] = {}
-            cpu: dict[int, float] = {}
-            for name, url, k in targets:
-                c0 = cpu_seconds(gw_pid)
-                one[name] = wrk(url, k, 1, args.seconds, tmp)
-                if name == "gateway":
-                    cpu[1] = (cpu_seconds(gw_pid) - c0) / one[name].requests * 1e6
-                c0 = cpu_seconds(gw_pid)
-                many[name] = wrk(url, k, args.connections, args.seconds, tmp)
-                if name == "gateway":
-                    cpu[args.connections] = (cpu_seconds(gw_pid) - c0) / many[name].requests * 1e6
+            print(
+                f"wrk, non-streaming create, {args.seconds:g} s per case, one worker each, "
+                f"median of {args.repeat} interleaved rounds"
+            )
+            rounds_one: dict[str, list[WrkResult]] = {name: [] for name, _, _ in targets}
+            rounds_many: dict[str, list[WrkResult]] = {name: [] for name, _, _ in targets}
+            cpu_rounds: dict[int, list[float]] = {1: [], args.connections: []}
+            for _ in range(args.repeat):
+                for name, url, k in targets:
+                    for conns, rounds in ((1, rounds_one), (args.connections, rounds_many)):
+                        c0 = cpu_seconds(gw_pid)
+                        result = wrk(url, k, conns, args.seconds, tmp)
+                        rounds[name].append(result)
+                        if name == "gateway":
+                            spent = cpu_seconds(gw_pid) - c0
+                            cpu_rounds[conns].append(spent / result.requests * 1e6)
+    one = {name: median_result(rs) for name, rs in rounds_one.items()}
+    many = {name: median_result(rs) for name, rs in rounds_many.items()}
+    cpu = {conns: statistics.median(values) for conns, values in cpu_rounds.items()}
     d1, dn = one["direct"], many["direct"]
     print(
         f"{'':<8} {'p50 @1':>9} {'p99 @1':>9} {'added p50':>10} {'added p99':>10} "

@@ -15,7 +15,7 @@ from .quotas import Admission, QuotaScope
 from .routing import Target
 
 
-@dataclass
+@dataclass(slots=True)
 class Exchange:
     """What the gateway learned about one request while serving it."""
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
@@ -78,7 +78,7 @@ def new_exchange(incoming: Incoming, operation: str, snap: Snapshot) -> Exchange
     client = incoming.scope.get("client")
     peer = client[0] if client else None
     return Exchange(
-        request_id=safe_request_id(headers.get("x-request-id")) or uuid.uuid4().hex,
+        request_id=safe_request_id(headers.get("x-request-id")) or os.urandom(16).hex(),
         operation=operation,
         method=incoming.method,
         client=client_address(peer, headers.get("x-forwarded-for"), snap),

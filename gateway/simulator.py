@@ -57,6 +57,19 @@ class SimState:
     tokens_issued: list[str] = field(default_factory=list)
     on_request: Callable[[Recorded], None] | None = None
 
+    max_stored: int = 2_000
+
+    def forget_oldest(self) -> None:
+        """Keep at most ``max_stored`` responses (and requests), like a bounded store."""
+        while len(self.responses) > self.max_stored:
+            rid = next(iter(self.responses))
+            for store in (self.responses, self.inputs, self.events, self.ready_at):
+                store.pop(rid, None)
+        if len(self.requests) > 2 * self.max_stored:
+            del self.requests[: self.max_stored]
+        if len(self.sent_streams) > self.max_stored:
+            del self.sent_streams[: self.max_stored // 2]
+
     def api_requests(self) -> list[Recorded]:
         return [r for r in self.requests if "/responses" in r.path]
 
@@ -387,6 +400,7 @@ def create_simulator(state: SimState | None = None) -> Starlette:
                 span = max(sim.background_seconds, delay * len(events))
                 sim.ready_at[resp["id"]] = time.time() + span
             sim.responses[resp["id"]] = stored
+            sim.forget_oldest()
         if body.get("stream"):
             return StreamingResponse(
                 emit(events, delay), media_type="text/event-stream", headers=headers()

@@ -20,7 +20,6 @@ import ssl
 from collections.abc import AsyncIterator, Iterable
 
 import aiohttp
-from multidict import CIMultiDict
 from yarl import URL
 
 from .config import UpstreamConfig
@@ -174,7 +173,7 @@ class UpstreamClient:
         if self._session is None:
             self._session = self._new_session(pooled=True)
         target = URL(url, encoded=True)
-        hdrs = CIMultiDict(headers)
+        hdrs = headers  # aiohttp builds its own multidict from the pairs
         try:
             resp = await self._session.request(
                 method, target, headers=hdrs, data=body, allow_redirects=False

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -141,8 +140,10 @@ def dump_json(value: Any) -> bytes:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def check_headers(headers: Iterable[tuple[bytes, bytes]]) -> None:
+def check_headers(headers: list[tuple[bytes, bytes]]) -> None:
     """Refuse header values that are not printable ASCII (they cannot be forwarded as sent)."""
+    if not _BAD_HEADER_VALUE.search(b"\t".join([v for _, v in headers])):
+        return  # one scan for the common case; find the culprit only when there is one
     for name, value in headers:
         if _BAD_HEADER_VALUE.search(value):
             label = name.decode("latin-1")
