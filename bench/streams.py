@@ -18,14 +18,18 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import re
 import statistics
 import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import aiohttp
 from common import free_port, servers
 from soak import rss_mb
 
 PATH = "/openai/v1/responses"
+T = TypeVar("T")
 
 
 def _event(kind: str, seq: int, **extra: object) -> bytes:
@@ -93,8 +97,14 @@ class Stats:
             self.all_open.set()
 
 
-async def one(session: aiohttp.ClientSession, url: str, key: str, stats: Stats) -> None:
+_STAMP = re.compile(rb'"t": ([0-9.]+)')
+
+
+async def one(
+    session: aiohttp.ClientSession, url: str, key: str, stats: Stats, delay: float
+) -> None:
     body = {"model": "gpt-4.1", "input": "stream", "stream": True}
+    await asyncio.sleep(delay)
     started = time.monotonic()
     try:
         async with session.post(url + PATH, json=body, headers={"api-key": key}) as r:
@@ -107,28 +117,38 @@ async def one(session: aiohttp.ClientSession, url: str, key: str, stats: Stats) 
                     stats.opened()
                     first = False
                 buf += chunk
-                while b"\n\n" in buf:
-                    frame, buf = buf.split(b"\n\n", 1)
-                    data = json.loads(frame.split(b"data: ", 1)[1])
-                    stats.delays.append(now - data["t"])
-                    if data["type"] == "response.completed":
-                        stats.completed += 1
+                stamps = _STAMP.findall(buf)
+                stats.delays.extend(now - float(t) for t in stamps)
+                if b"response.completed" in buf:
+                    stats.completed += 1
+                buf = buf[buf.rfind(b"\n\n") + 2 :] if stamps else buf
     except (TimeoutError, aiohttp.ClientError):
         stats.failed += 1
 
 
-async def wave(url: str, key: str, n: int, pid: int | None) -> tuple[Stats, float]:
-    """Open ``n`` streams at once; returns their stats and the RSS (MB) once all are open."""
+async def wave(url: str, key: str, n: int, pid: int | None, ramp: float) -> tuple[Stats, float]:
+    """Open ``n`` streams over ``ramp`` seconds; their stats, and the RSS (MB) once all are open."""
     stats = Stats(n)
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(
         connector=connector, timeout=aiohttp.ClientTimeout(total=300)
     ) as session:
-        tasks = [asyncio.ensure_future(one(session, url, key, stats)) for _ in range(n)]
+        tasks = [
+            asyncio.ensure_future(one(session, url, key, stats, i * ramp / n)) for i in range(n)
+        ]
         await stats.all_open.wait()
         rss = rss_mb(pid) if pid is not None else 0.0
         await asyncio.gather(*tasks)
     return stats, rss
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` on uvloop when it is installed (the client must not be the bottleneck)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def pct(values: list[float], q: int) -> float:
@@ -140,7 +160,10 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=1000)
     ap.add_argument("--events", type=int, default=20)
     ap.add_argument("--interval", type=float, default=0.25)
+    ap.add_argument("--ramp", type=float, default=2.0, help="seconds over which streams open")
     args = ap.parse_args()
+    if args.ramp >= args.events * args.interval:
+        raise SystemExit("--ramp must be shorter than a stream, so that all are open at once")
     port = free_port()
     up = multiprocessing.Process(
         target=upstream_main, args=(port, args.events, args.interval), daemon=True
@@ -150,14 +173,17 @@ def main() -> None:
     try:
         with servers(pids=pids, upstream=f"http://127.0.0.1:{port}") as (direct, gw, key):
             pid = pids[-1]
-            asyncio.run(wave(gw, key, 20, None))  # warm up
-            direct_stats, _ = asyncio.run(wave(direct, "-", args.streams, None))
+            run(wave(gw, key, 20, None, 0.0))  # warm up
+            direct_stats, _ = run(wave(direct, "-", args.streams, None, args.ramp))
             idle = rss_mb(pid)
-            via, busy = asyncio.run(wave(gw, key, args.streams, pid))
+            via, busy = run(wave(gw, key, args.streams, pid, args.ramp))
     finally:
         up.terminate()
     n = args.streams
-    print(f"{n} concurrent streams, {args.events} events {args.interval:g} s apart, one worker")
+    print(
+        f"{n} concurrent streams (opened over {args.ramp:g} s), {args.events} events "
+        f"{args.interval:g} s apart, one worker"
+    )
     for name, s in (("direct", direct_stats), ("gateway", via)):
         print(
             f"{name:<8} TTFB p50 {pct(s.ttfb, 50):7.2f} ms p99 {pct(s.ttfb, 99):7.2f} ms | "

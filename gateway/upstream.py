@@ -153,6 +153,7 @@ class UpstreamClient:
             limit=self.limit if pooled else 0,
             limit_per_host=0,
             ttl_dns_cache=300,
+            happy_eyeballs_delay=None,  # addresses in order: no racing machinery per connect
             ssl=self._ssl,
             **({"keepalive_timeout": 60.0} if pooled else {"force_close": True}),
         )
