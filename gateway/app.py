@@ -76,11 +76,13 @@ def build_state(loaded: LoadedConfig, metrics: Metrics | None = None) -> StateBa
         from .state.redis import RedisState
 
         assert loaded.redis_url is not None
+        redis = RedisState(loaded.redis_url.value, timeout=st.timeout_seconds, mode=st.mode)
         guarded = GuardedState(
-            RedisState(loaded.redis_url.value, timeout=st.timeout_seconds),
+            redis,
             breaker_seconds=st.breaker_seconds,
             queue_size=st.retry_queue_size,
             on_event=metrics.state_event if metrics else None,
+            shard_of=redis.shard,
         )
         if metrics is not None:
             metrics.watch_state(guarded)
@@ -182,6 +184,9 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         watcher = asyncio.create_task(reloader.run()) if reloader else None
+        connect = getattr(gateway.state, "connect", None)
+        if connect is not None:
+            await connect()
         try:
             yield {"gateway": gateway}
         finally:

@@ -150,6 +150,7 @@ class TenantConfig(_Frozen):
 
 class StateConfig(_Frozen):
     backend: Literal["memory", "redis"] = "memory"
+    mode: Literal["single", "cluster"] = "single"
     url_env: str | None = None
     response_retention_days: PositiveFloat = 30.0
     on_state_error: Literal["allow", "deny"] = "allow"

@@ -46,6 +46,7 @@ class JsonFormatter(logging.Formatter):
                 out[key] = value
         if record.exc_info and record.exc_info[0] is not None:
             out["exc_type"] = record.exc_info[0].__name__
+            out["traceback"] = self.formatException(record.exc_info)
         return _dumps(out)
 
 

@@ -8,7 +8,16 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from harness import RedisServer, Server, Sim, Tenants, base_config, gateway, simulator
+from harness import (
+    RedisClusterServer,
+    RedisServer,
+    Server,
+    Sim,
+    Tenants,
+    base_config,
+    gateway,
+    simulator,
+)
 
 from gateway.simulator import IDENTITY_HEADER
 
@@ -63,11 +72,25 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         server.stop()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServer]:
+    cluster = RedisClusterServer(str(tmp_path_factory.mktemp("cluster"))).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def backend(request: pytest.FixtureRequest) -> tuple[dict[str, object], dict[str, str]]:
-    """(state config, environment) for each state backend."""
+    """(state config, environment) for each state backend: memory, one Redis, a cluster."""
     if request.param == "memory":
         return {"backend": "memory"}, {}
+    if request.param == "cluster":
+        cluster: RedisClusterServer = request.getfixturevalue("redis_cluster")
+        cluster.flush()
+        state = {"backend": "redis", "mode": "cluster", "url_env": "REDIS_URL"}
+        return state, {"REDIS_URL": cluster.url}
     server: RedisServer = request.getfixturevalue("redis_server")
     server.flush()
     return {"backend": "redis", "url_env": "REDIS_URL"}, {"REDIS_URL": server.url}

@@ -249,3 +249,131 @@ class GatewayProcess:
                 self.proc.stderr.close()
             self.proc = None
         return err
+
+
+def _cluster_port(taken: list[int]) -> int:
+    """A free port whose cluster bus port (+10000) is free too (so at most 55535)."""
+    import random
+
+    while True:
+        port = random.randint(20000, 45000)
+        if port in taken or port + 10000 in taken:
+            continue
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+        except OSError:
+            continue
+        return port
+
+
+class RedisClusterServer:
+    """A real 3-primary Redis Cluster on loopback (no replicas), for the tests.
+
+    ``cluster-require-full-coverage no``: with one shard down, the others keep serving
+    their slots (the setting the gateway's README asks for).
+    """
+
+    def __init__(self, tmpdir: str, size: int = 3) -> None:
+        self.tmpdir = tmpdir
+        self.ports: list[int] = []
+        while len(self.ports) < size:
+            self.ports.append(_cluster_port(self.ports))
+        self.url = f"redis://127.0.0.1:{self.ports[0]}/0"
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    def start_node(self, port: int) -> None:
+        node_dir = f"{self.tmpdir}/node-{port}"
+        import os
+
+        os.makedirs(node_dir, exist_ok=True)
+        self.procs[port] = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                node_dir,
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                f"nodes-{port}.conf",
+                "--cluster-node-timeout",
+                "2000",
+                "--cluster-require-full-coverage",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.command(port, "PING").startswith("+PONG"):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server on {port} did not start")
+
+    def command(self, port: int, *words: str) -> str:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as c:
+                parts = [f"${len(w)}\r\n{w}\r\n" for w in words]
+                c.sendall(f"*{len(words)}\r\n{''.join(parts)}".encode())
+                return c.recv(65536).decode(errors="replace")
+        except OSError:
+            return ""
+
+    def start(self) -> RedisClusterServer:
+        for port in self.ports:
+            self.start_node(port)
+        nodes = [f"127.0.0.1:{p}" for p in self.ports]
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *nodes,
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.wait_ok()
+        return self
+
+    def wait_ok(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all("cluster_state:ok" in self.command(p, "CLUSTER", "INFO") for p in self.procs):
+                return
+            time.sleep(0.1)
+        raise RuntimeError("the Redis Cluster did not become ready")
+
+    def port_of_slot(self, slot: int) -> int:
+        """The port of the primary serving ``slot`` (slots split evenly at create)."""
+        per = 16384 // len(self.ports)
+        return self.ports[min(slot // per, len(self.ports) - 1)]
+
+    def flush(self) -> None:
+        for port in self.procs:
+            self.command(port, "FLUSHALL")
+
+    def kill(self, port: int) -> None:
+        proc = self.procs.pop(port)
+        proc.kill()
+        proc.wait(10)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.terminate()
+            proc.wait(10)
+        self.procs.clear()

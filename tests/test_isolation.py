@@ -58,3 +58,30 @@ def test_path_tricks_are_not_found(gw: Server, sim: Sim, tenants: Tenants) -> No
         assert r.status_code == 404, rid
         assert r.json()["error"]["type"] == "invalid_request_error"
     assert len(sim.state.api_requests()) == before
+
+
+def test_bindings_on_every_backend(
+    identity: Sim, tenants: Tenants, backend: tuple[dict[str, object], dict[str, str]]
+) -> None:
+    """Created (JSON, stream, background) → the owner reaches it, another tenant gets 404."""
+    from harness import base_config, gateway
+
+    state, env = backend
+    with gateway(base_config({"swc": identity}, tenants, state=state), env) as gw:
+        a = _client(gw, tenants.key("team-a"))
+        b = _client(gw, tenants.key("team-b"))
+        ids = [
+            a.responses.create(model="gpt-4.1", input="one").id,
+            a.responses.create(model="gpt-4.1", input="two", background=True).id,
+        ]
+        with a.responses.stream(model="gpt-4.1", input="three") as s:
+            ids.append(s.get_final_response().id)
+        for rid in ids:
+            assert a.responses.retrieve(rid).id == rid
+            with pytest.raises(openai.NotFoundError):
+                b.responses.retrieve(rid)
+            follow = a.responses.create(model="gpt-4.1", input="more", previous_response_id=rid)
+            assert follow.previous_response_id == rid
+        a.responses.delete(ids[0])
+        with pytest.raises(openai.NotFoundError):
+            a.responses.retrieve(ids[0])

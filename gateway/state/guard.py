@@ -1,10 +1,12 @@
 """A shared state backend (Redis) behind a circuit breaker, with retries of what must land.
 
-- **Breaker**: a timeout or connection error opens it for ``breaker_seconds``; while
-  open, calls fail at once with ``StateSkipped`` (no round trip), so a black-holed
-  Redis costs one timeout per interval, not one per request. When the interval is
-  over, one call is the probe (others keep skipping until it answers): success
-  closes the breaker, failure opens it again.
+- **Breaker, per node**: a timeout or connection error opens the breaker of the node
+  that served the call (the one server, or the cluster shard owning the key's slot) for
+  ``breaker_seconds``; while open, calls to that node fail at once with
+  ``StateSkipped`` (no round trip), so a black-holed Redis costs one timeout per
+  interval, not one per request, and a dead shard does not touch tenants on the others.
+  When the interval is over, one call is the probe (others keep skipping until it
+  answers): success closes the breaker, failure opens it again.
 - **What must land is retried**: a settle (lease release + token charge) or a binding
   that fails is queued (at most ``queue_size`` entries; beyond that the oldest is
   dropped and counted) and written by a drainer task once the breaker closes, in
@@ -27,6 +29,7 @@ from typing import Any, TypeVar
 from ..errors import StateError
 from ..quotas import Admission, QuotaScope, Windows
 from . import Binding, StateBackend
+from .redis import binding_key, tenant_key
 
 log = logging.getLogger("gateway.state")
 T = TypeVar("T")
@@ -36,8 +39,20 @@ class StateSkipped(StateError):
     """The breaker is open: the call was not attempted."""
 
 
+class _Queued:
+    __slots__ = ("key", "op", "shard", "what")
+
+    def __init__(
+        self, what: str, op: Callable[[], Awaitable[Any]], key: str | None, shard: str
+    ) -> None:
+        self.what = what
+        self.op = op
+        self.key = key
+        self.shard = shard
+
+
 class GuardedState:
-    """Wraps a shared ``StateBackend`` with a breaker, a retry queue and local bindings."""
+    """Wraps a shared ``StateBackend`` with per-node breakers, a retry queue, local bindings."""
 
     def __init__(
         self,
@@ -46,14 +61,16 @@ class GuardedState:
         breaker_seconds: float = 5.0,
         queue_size: int = 10_000,
         on_event: Callable[[str, str], None] | None = None,
+        shard_of: Callable[[str], str] | None = None,
     ) -> None:
         self.inner = inner
         self.breaker_seconds = breaker_seconds
         self.queue_size = queue_size
         self._on_event = on_event
-        self.open_until = 0.0
-        self._probing = False
-        self._queue: deque[tuple[str, Callable[[], Awaitable[Any]], str | None]] = deque()
+        self._shard_of = shard_of or (lambda key: "redis")
+        self._open: dict[str, float] = {}  # node -> skipped until (monotonic)
+        self._probing: set[str] = set()
+        self._queue: deque[_Queued] = deque()
         self._local: OrderedDict[str, tuple[Binding, float]] = OrderedDict()
         self._drainer: asyncio.Task[None] | None = None
 
@@ -61,7 +78,12 @@ class GuardedState:
 
     @property
     def is_open(self) -> bool:
-        return self.open_until > 0.0
+        """Whether any node is being skipped."""
+        return bool(self._open)
+
+    @property
+    def open_nodes(self) -> list[str]:
+        return sorted(self._open)
 
     @property
     def queued(self) -> int:
@@ -71,54 +93,69 @@ class GuardedState:
         if self._on_event is not None:
             self._on_event(kind, operation)
 
-    async def _call(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
+    async def _call(self, what: str, op: Callable[[], Awaitable[T]], shard: str) -> T:
         probe = False
-        if self.open_until:
-            if time.monotonic() < self.open_until or self._probing:
+        until = self._open.get(shard)
+        if until is not None:
+            if time.monotonic() < until or shard in self._probing:
                 self._event("skipped", what)
                 raise StateSkipped(f"The gateway's state store is unavailable ({what}; skipped).")
-            self._probing = probe = True
+            self._probing.add(shard)
+            probe = True
         try:
             result = await op()
-        except StateError:
-            if not self.open_until:
-                log.error("state store failed; skipping it", extra={"operation": what})
-            self.open_until = time.monotonic() + self.breaker_seconds
+        except StateError as exc:
+            if shard not in self._open:
+                reason = repr(exc.__cause__)[:300]
+                log.error(
+                    "state store failed; skipping it",
+                    extra={"operation": what, "node": shard, "reason": reason},
+                )
+            self._open[shard] = time.monotonic() + self.breaker_seconds
             self._event("tripped", what)
             raise
         finally:
             if probe:
-                self._probing = False
-        if self.open_until:
-            self.open_until = 0.0
+                self._probing.discard(shard)
+        if shard in self._open:
+            del self._open[shard]
             self._event("closed", what)
-            log.warning("state store is back", extra={"operation": what, "queued": self.queued})
+            log.warning(
+                "state store is back",
+                extra={"operation": what, "node": shard, "queued": self.queued},
+            )
         return result
 
-    def _enqueue(self, what: str, op: Callable[[], Awaitable[Any]], key: str | None) -> None:
+    def _enqueue(self, item: _Queued) -> None:
         if len(self._queue) >= self.queue_size:
-            _, _, dropped = self._queue.popleft()
-            if dropped is not None:
-                self._local.pop(dropped, None)
-            self._event("dropped", what)
-        self._queue.append((what, op, key))
-        self._event("queued", what)
+            dropped = self._queue.popleft()
+            if dropped.key is not None:
+                self._local.pop(dropped.key, None)
+            self._event("dropped", dropped.what)
+        self._queue.append(item)
+        self._event("queued", item.what)
         if self._drainer is None or self._drainer.done():
             self._drainer = asyncio.get_running_loop().create_task(self._drain())
 
     async def _drain(self) -> None:
-        """Write the queued operations in order, while the breaker stays closed."""
+        """Write the queued operations, in order per node, as each node answers again."""
         while self._queue:
-            what, op, key = self._queue[0]
-            try:
-                await self._call(what, op)
-            except StateError:
-                await asyncio.sleep(max(0.05, self.open_until - time.monotonic()))
-                continue
-            self._queue.popleft()
-            self._event("retried", what)
-            if key is not None:
-                self._local.pop(key, None)
+            for item in list(self._queue):
+                until = self._open.get(item.shard)
+                if until is not None and time.monotonic() < until:
+                    continue  # that node is still skipped; the others go on
+                try:
+                    await self._call(item.what, item.op, item.shard)
+                except StateError:
+                    continue
+                self._queue.remove(item)
+                self._event("retried", item.what)
+                if item.key is not None:
+                    self._local.pop(item.key, None)
+            if self._queue:
+                now = time.monotonic()
+                wake = min(self._open.values(), default=now + 0.05)
+                await asyncio.sleep(max(0.05, wake - now))
 
     # -- the backend interface ------------------------------------------------
 
@@ -126,17 +163,19 @@ class GuardedState:
         async def op() -> None:
             await self.inner.bind_response(response_id, binding, ttl)
 
+        shard = self._shard_of(binding_key(response_id))
         try:
-            await self._call("bind", op)
+            await self._call("bind", op, shard)
         except StateError:
             self._local[response_id] = (binding, time.monotonic() + ttl)
-            self._enqueue("bind", op, response_id)
+            self._enqueue(_Queued("bind", op, response_id, shard))
 
     async def get_binding(self, response_id: str) -> Binding | None:
         local = self._local.get(response_id)
         if local is not None and local[1] > time.monotonic():
             return local[0]
-        return await self._call("lookup", lambda: self.inner.get_binding(response_id))
+        shard = self._shard_of(binding_key(response_id))
+        return await self._call("lookup", lambda: self.inner.get_binding(response_id), shard)
 
     async def delete_binding(self, response_id: str) -> None:
         self._local.pop(response_id, None)
@@ -144,15 +183,19 @@ class GuardedState:
         async def op() -> None:
             await self.inner.delete_binding(response_id)
 
+        shard = self._shard_of(binding_key(response_id))
         try:
-            await self._call("unbind", op)
+            await self._call("unbind", op, shard)
         except StateError:
-            self._enqueue("unbind", op, None)
+            self._enqueue(_Queued("unbind", op, None, shard))
 
     async def admit(
         self, scopes: list[QuotaScope], lease: str, lease_ttl: float, w: Windows
     ) -> Admission:
-        return await self._call("admit", lambda: self.inner.admit(scopes, lease, lease_ttl, w))
+        shard = self._shard_of(tenant_key(scopes[0].tenant)) if scopes else "redis"
+        return await self._call(
+            "admit", lambda: self.inner.admit(scopes, lease, lease_ttl, w), shard
+        )
 
     async def settle(
         self,
@@ -166,16 +209,35 @@ class GuardedState:
         async def op() -> bool:
             return await self.inner.settle(scopes, lease, tokens, w, once, ttl)
 
+        shard = self._shard_of(tenant_key(scopes[0].tenant)) if scopes else "redis"
         try:
-            return await self._call("settle", op)
+            return await self._call("settle", op, shard)
         except StateError:
-            self._enqueue("settle", op, None)
+            self._enqueue(_Queued("settle", op, None, shard))
             return False
 
+    async def connect(self) -> None:
+        """Connect the inner backend early, if it can; a failure is left to the breaker."""
+        connect = getattr(self.inner, "connect", None)
+        if connect is None:
+            return
+        try:
+            await connect()
+        except StateError as exc:
+            log.error("state store unreachable at start", extra={"reason": exc.message})
+
     async def ping(self) -> None:
-        if self.open_until and time.monotonic() < self.open_until:
-            raise StateSkipped("The gateway's state store is unavailable (breaker open).")
-        await self._call("ping", self.inner.ping)
+        """Raise while any node is skipped; else ping (a failed ping trips no breaker)."""
+        now = time.monotonic()
+        skipped = [node for node, until in self._open.items() if until > now]
+        if skipped:
+            raise StateSkipped(
+                f"The gateway's state store is unavailable (skipping {', '.join(skipped)})."
+            )
+        await self.inner.ping()
+        for node in [node for node, until in self._open.items() if until <= now]:
+            del self._open[node]  # every node answered the ping
+            self._event("closed", "ping")
 
     async def aclose(self) -> None:
         if self._drainer is not None:

@@ -1,8 +1,11 @@
 """Redis state for several replicas: one Lua script per operation, keys hash-tagged per tenant.
 
-Every key a tenant's quota touches is ``gw:{TENANT}:…`` so a request's keys share one
-Redis Cluster slot; response bindings are ``gw:resp:{ID}``. Every key has a TTL.
-Redis failures become ``StateError``; short timeouts keep a dead Redis from
+Every key a tenant's quota touches is ``gw:{TENANT}:…`` so each script call's keys share
+one Redis Cluster slot (``admit_call`` and ``settle_call`` build them; a test holds that
+every call stays in one slot); response bindings are ``gw:resp:{ID}``, one key each.
+Every key has a TTL. With ``mode: cluster`` the client is redis-py's ``RedisCluster``,
+which follows ``MOVED``/``ASK`` and loads a script on a node that answers ``NOSCRIPT``.
+Redis failures become ``StateError``; short timeouts keep a dead Redis (or shard) from
 holding requests, and redis-py reconnects on the next command.
 """
 
@@ -13,6 +16,10 @@ from importlib.resources import files
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 from ..errors import StateError
@@ -38,24 +45,108 @@ def _base(s: QuotaScope) -> str:
     return f"gw:{{{s.tenant}}}:{s.model}"
 
 
-class RedisState:
-    """The state backend on a Redis server (standalone, Sentinel-fronted or Azure Cache)."""
+def binding_key(object_id: str) -> str:
+    """The key of one object binding."""
+    return f"gw:resp:{{{object_id}}}"
 
-    def __init__(self, url: str, timeout: float = 0.2) -> None:
-        self._client: aioredis.Redis = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry_on_timeout=False,
-            health_check_interval=30,
-        )
+
+def tenant_key(tenant: str) -> str:
+    """A key in the tenant's slot (what its quota scripts touch)."""
+    return f"gw:{{{tenant}}}:"
+
+
+def admit_call(
+    scopes: list[QuotaScope], lease: str, lease_ttl: float, w: Windows
+) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of one ``admit.lua`` call."""
+    keys: list[str] = []
+    args: list[Any] = [w.now, lease, lease_ttl, w.day_left, w.month_left, len(scopes)]
+    for s in scopes:
+        b = _base(s)
+        keys += [f"{b}:rq", f"{b}:tk", f"{b}:d:{w.day}", f"{b}:m:{w.month}", f"{b}:lease"]
+        args += [s.rpm, s.tpm, s.tpd, s.tpmonth, s.concurrency]
+    return keys, args
+
+
+def settle_call(
+    scopes: list[QuotaScope],
+    lease: str | None,
+    tokens: int,
+    w: Windows,
+    once: str | None,
+    ttl: float,
+) -> tuple[list[str], list[Any]]:
+    """KEYS and ARGV of one ``settle.lua`` call."""
+    keys = [f"{tenant_key(scopes[0].tenant)}charged:{once or '-'}"]
+    args: list[Any] = [
+        w.now,
+        tokens,
+        "1" if once else "0",
+        int(ttl),
+        w.day_left,
+        w.month_left,
+        len(scopes),
+        lease or "",
+    ]
+    for s in scopes:
+        b = _base(s)
+        keys += [f"{b}:tk", f"{b}:d:{w.day}", f"{b}:m:{w.month}", f"{b}:lease"]
+        args.append(s.tpm)
+    return keys, args
+
+
+class RedisState:
+    """The state backend on Redis: one server (standalone, Azure Cache) or a cluster."""
+
+    def __init__(self, url: str, timeout: float = 0.2, mode: str = "single") -> None:
+        self.mode = mode
+        self._client: Any
+        if mode == "cluster":
+            self._client = RedisCluster.from_url(
+                url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                require_full_coverage=False,
+                max_connections=10_000,  # per node; the single-server pool is unbounded too
+                # A dead shard costs one timeout, not ten; the breaker does the rest.
+                # MOVED/ASK redirections are followed apart from this.
+                retry=Retry(NoBackoff(), 0),
+            )
+        else:
+            self._client = aioredis.Redis.from_url(
+                url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                retry_on_timeout=False,
+                health_check_interval=30,
+            )
         self._admit = self._client.register_script(_script("admit.lua"))
         self._settle = self._client.register_script(_script("settle.lua"))
+
+    def shard(self, key: str) -> str:
+        """The node that serves ``key`` (one name for a single server): the breaker's unit."""
+        if self.mode != "cluster":
+            return "redis"
+        try:
+            node = self._client.nodes_manager.get_node_from_slot(key_slot(key.encode()))
+        except Exception:  # topology not known yet (before the first command)
+            return "cluster"
+        return str(node.name)
+
+    async def connect(self) -> None:
+        """Learn the cluster's topology before the first request (no-op for one server).
+
+        Left to the first commands, concurrent requests race redis-py's initialisation.
+        """
+        if self.mode == "cluster":
+            await self._call("connect", self._client.initialize)
 
     async def _call(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
         try:
             return await op()
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, RuntimeError) as exc:
+            # RuntimeError: the cluster client wrote on a connection its own topology
+            # refresh had just closed.
             raise StateError(f"The gateway's state store is unavailable ({what}).") from exc
 
     async def bind_response(self, response_id: str, binding: Binding, ttl: float) -> None:
@@ -65,24 +156,19 @@ class RedisState:
         )
 
     async def get_binding(self, response_id: str) -> Binding | None:
-        raw = await self._call("lookup", lambda: self._client.get(f"gw:resp:{{{response_id}}}"))
+        raw = await self._call("lookup", lambda: self._client.get(binding_key(response_id)))
         if raw is None:
             return None
         text = raw if isinstance(raw, str) else raw.decode()
         return Binding(*text.split("\x00"))
 
     async def delete_binding(self, response_id: str) -> None:
-        await self._call("unbind", lambda: self._client.delete(f"gw:resp:{{{response_id}}}"))
+        await self._call("unbind", lambda: self._client.delete(binding_key(response_id)))
 
     async def admit(
         self, scopes: list[QuotaScope], lease: str, lease_ttl: float, w: Windows
     ) -> Admission:
-        keys: list[str] = []
-        args: list[Any] = [w.now, lease, lease_ttl, w.day_left, w.month_left, len(scopes)]
-        for s in scopes:
-            b = _base(s)
-            keys += [f"{b}:rq", f"{b}:tk", f"{b}:d:{w.day}", f"{b}:m:{w.month}", f"{b}:lease"]
-            args += [s.rpm, s.tpm, s.tpd, s.tpmonth, s.concurrency]
+        keys, args = admit_call(scopes, lease, lease_ttl, w)
         r = await self._call("admit", lambda: self._admit(keys=keys, args=args))
         return Admission(
             bool(r[0]),
@@ -108,22 +194,7 @@ class RedisState:
     ) -> bool:
         if not scopes:
             return False
-        tenant = scopes[0].tenant
-        keys = [f"gw:{{{tenant}}}:charged:{once or '-'}"]
-        args: list[Any] = [
-            w.now,
-            tokens,
-            "1" if once else "0",
-            int(ttl),
-            w.day_left,
-            w.month_left,
-            len(scopes),
-            lease or "",
-        ]
-        for s in scopes:
-            b = _base(s)
-            keys += [f"{b}:tk", f"{b}:d:{w.day}", f"{b}:m:{w.month}", f"{b}:lease"]
-            args.append(s.tpm)
+        keys, args = settle_call(scopes, lease, tokens, w, once, ttl)
         r = await self._call("settle", lambda: self._settle(keys=keys, args=args))
         return bool(r)
 
