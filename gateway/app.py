@@ -104,7 +104,11 @@ def build_auditor(loaded: LoadedConfig, metrics: Metrics) -> Auditor:
             assert url is not None
             sinks.append(
                 RedisStreamSink(
-                    url.value, sink.stream, sink.maxlen, loaded.config.state.timeout_seconds
+                    url.value,
+                    sink.stream,
+                    sink.maxlen,
+                    loaded.config.state.timeout_seconds,
+                    sink.mode,
                 )
             )
     return Auditor(

@@ -149,17 +149,26 @@ class StdoutSink(_Chained):
 class RedisStreamSink(_Chained):
     """``XADD`` to a Redis Stream, capped at about ``maxlen`` entries; one chain per process."""
 
-    def __init__(self, url: str, stream: str, maxlen: int, timeout: float) -> None:
+    def __init__(
+        self, url: str, stream: str, maxlen: int, timeout: float, mode: str = "single"
+    ) -> None:
         super().__init__()
         import redis.asyncio as aioredis
+        from redis.asyncio.cluster import RedisCluster
 
         self.name = f"redis:{stream}"
         self.stream = stream
         self.maxlen = maxlen
         self.chain_id = f"{socket.gethostname()}:{os.getpid()}"
-        self._client = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout
-        )
+        self._client: Any
+        if mode == "cluster":  # the stream is one key, so one slot: a pipeline stays on it
+            self._client = RedisCluster.from_url(
+                url, socket_timeout=timeout, socket_connect_timeout=timeout
+            )
+        else:
+            self._client = aioredis.Redis.from_url(
+                url, socket_timeout=timeout, socket_connect_timeout=timeout
+            )
 
     async def _commit(self, lines: list[bytes]) -> None:
         from redis.exceptions import RedisError

@@ -223,6 +223,7 @@ class AuditSinkConfig(_Frozen):
     backups: Annotated[int, Field(ge=0)] = 10
     fsync: bool = True
     url_env: str | None = None
+    mode: Literal["single", "cluster"] = "single"
     stream: str = "gateway:audit"
     maxlen: Positive = 1_000_000
 

@@ -384,3 +384,26 @@ def test_policy_record_secret_and_server_url_tokens_are_redacted(
     assert tool["server_url"] == expected
     assert tool["server_label_truncated"] is True and len(tool["server_label"]) == 4096
     assert verify([str(audit_path)]) == (len(recs), None)
+
+
+def test_redis_stream_sink_on_a_cluster(
+    identity: Sim, tenants: Tenants, redis_cluster: Any
+) -> None:
+    from redis.cluster import RedisCluster
+    from redis.crc import key_slot
+
+    redis_cluster.flush()
+    # A stream key served by another node than the one in the URL: a plain client gets MOVED.
+    stream = next(
+        f"audit:{n}"
+        for n in range(1000)
+        if redis_cluster.port_of_slot(key_slot(f"audit:{n}".encode())) != redis_cluster.ports[0]
+    )
+    sink = {"type": "redis", "url_env": "AUDIT_REDIS", "stream": stream, "mode": "cluster"}
+    cfg = base_config({"swc": identity}, tenants, audit={"sinks": [sink]})
+    with gateway(cfg, {"AUDIT_REDIS": redis_cluster.url}) as gw:
+        _client(gw, tenants).responses.create(model="gpt-4.1", input="x", tools=[mcp_tool()])  # type: ignore[list-item]
+    with RedisCluster.from_url(redis_cluster.url) as r:
+        entries = r.xrange(stream)
+    events = [json.loads(fields[b"record"])["event"] for _, fields in entries]
+    assert events == ["mcp.tool", "mcp.list_tools", "mcp.call"]

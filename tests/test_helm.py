@@ -95,3 +95,23 @@ def test_config_change_rolls_pods() -> None:
     a = render({})["Deployment"]["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
     b = render({"config": {"state": {"backend": "memory", "response_retention_days": 7}}})
     assert b["Deployment"]["spec"]["template"]["metadata"]["annotations"]["checksum/config"] != a
+
+
+def test_cluster_state_renders_to_an_accepted_config() -> None:
+    values = {
+        "config": {
+            "state": {"backend": "redis", "mode": "cluster", "url_env": "REDIS_URL"},
+            "audit": {"sinks": [{"type": "redis", "url_env": "REDIS_URL", "mode": "cluster"}]},
+        },
+        "envFromSecrets": [{"name": "REDIS_URL", "secretName": "gateway-redis", "key": "url"}],
+    }
+    docs = render(values)
+    text = docs["ConfigMap"]["data"]["config.yaml"]
+    env = {"REDIS_URL": "rediss://:key@contoso.swedencentral.redis.azure.net:10000/0"}
+    loaded = parse_config(yaml.safe_load(text), env)
+    assert loaded.config.state.mode == "cluster"
+    assert loaded.config.audit.sinks[0].mode == "cluster"
+    env_names = [
+        e["name"] for e in docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    ]
+    assert "REDIS_URL" in env_names
