@@ -21,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 from .admission import QuotaGate
 from .audit import Auditor, Redactor
 from .audit_sinks import FileSink, RedisStreamSink, Sink, StdoutSink
+from .breaker import Breakers, BreakerStore
 from .config import LoadedConfig
 from .credentials import TokenProvider, build_credential
 from .errors import GatewayError, NotFound
@@ -68,8 +69,11 @@ class Dispatch:
         await self.app(scope, receive, send)
 
 
-def build_state(loaded: LoadedConfig, metrics: Metrics | None = None) -> StateBackend:
-    """The state backend the config selects (a shared one behind its breaker)."""
+def build_state(
+    loaded: LoadedConfig, metrics: Metrics | None = None
+) -> tuple[StateBackend, BreakerStore | None]:
+    """The state backend the config selects (a shared one behind its breaker), and where
+    target breakers are shared (None: per process)."""
     st = loaded.config.state
     if st.backend == "redis":
         from .state.guard import GuardedState
@@ -86,8 +90,8 @@ def build_state(loaded: LoadedConfig, metrics: Metrics | None = None) -> StateBa
         )
         if metrics is not None:
             metrics.watch_state(guarded)
-        return guarded
-    return MemoryState(st.memory_max_objects)
+        return guarded, redis
+    return MemoryState(st.memory_max_objects), None
 
 
 def build_auditor(loaded: LoadedConfig, metrics: Metrics) -> Auditor:
@@ -139,7 +143,8 @@ def create_app(
             timeout=cfg.credential.timeout_seconds,
             on_fetch=metrics.token_fetched,
         )
-    state = build_state(loaded, metrics)
+    state, shared = build_state(loaded, metrics)
+    breakers = Breakers(cfg.breaker, shared, on_event=metrics.breaker_event)
     auditor = build_auditor(loaded, metrics)
     gate = QuotaGate(
         state,
@@ -157,7 +162,9 @@ def create_app(
         observers=observers,
         gate=gate,
         audit=auditor,
+        breakers=breakers,
     )
+    metrics.watch_targets(breakers, [t.key for t in gateway.snap.router.all_targets()])
     proxy = Proxy(gateway)
 
     reloader = None
@@ -191,13 +198,19 @@ def create_app(
         connect = getattr(gateway.state, "connect", None)
         if connect is not None:
             await connect()
+        refresher = None
+        if shared is not None:
+            targets = lambda: [t.key for t in gateway.snap.router.all_targets()]  # noqa: E731
+            refresher = asyncio.create_task(breakers.refresh_forever(targets))
         try:
             yield {"gateway": gateway}
         finally:
-            if watcher is not None:
-                watcher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await watcher
+            for task in (watcher, refresher):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            await breakers.aclose()
             await gateway.http.aclose()
             await gateway.state.aclose()
             await gateway.audit.aclose()

@@ -98,6 +98,15 @@ class ResourceConfig(_Frozen):
 class TargetConfig(_Frozen):
     resource: str
     deployment: str
+    priority: Annotated[int, Field(ge=0)] | None = None  # lower first; default: list order
+    weight: PositiveFloat = 1.0  # share of traffic within its priority group
+
+
+class BreakerConfig(_Frozen):
+    failures: Positive = 5
+    window_seconds: PositiveFloat = 10.0
+    open_seconds: PositiveFloat = 30.0
+    max_retry_after_seconds: PositiveFloat = 60.0
 
 
 class KeyConfig(_Frozen):
@@ -265,6 +274,7 @@ class Config(_Frozen):
     tenants: dict[str, TenantConfig]
     state: StateConfig = StateConfig()
     upstream: UpstreamConfig = UpstreamConfig()
+    breaker: BreakerConfig = BreakerConfig()
     server: ServerConfig = ServerConfig()
     audit: AuditConfig = AuditConfig()
     metrics: MetricsConfig = MetricsConfig()

@@ -49,6 +49,7 @@ class Exchange:
     leased: bool = False
     estimated_tokens: int = 0
     stream_relayed: bool = False
+    spillover: bool = False
     audited_items: set[str] = field(default_factory=set)
     pending_audit: list[dict[str, Any]] = field(default_factory=list)
 

@@ -164,6 +164,31 @@ class Metrics(BaseObserver):
             "State writes (settles, bindings) waiting to be retried.",
             registry=r,
         )
+        self.target_state = Gauge(
+            "gateway_target_state",
+            "Circuit breaker of each upstream target: 0 closed, 1 half-open, 2 open.",
+            ["resource", "deployment"],
+            registry=r,
+        )
+        self.target_events = Counter(
+            "gateway_target_breaker_events_total",
+            "Breaker events per target: trip (seen here), trip_shared (from another replica), "
+            "probe, closed.",
+            ["resource", "deployment", "event"],
+            registry=r,
+        )
+        self.spillover = Counter(
+            "gateway_spillover_total",
+            "Requests served by a target below the best priority of their model.",
+            ["tenant", "model"],
+            registry=r,
+        )
+        self.targets_unavailable = Counter(
+            "gateway_targets_unavailable_total",
+            "Requests refused because every target of the model was skipped by its breaker.",
+            ["model", "reason"],
+            registry=r,
+        )
         self.config_reloads = Counter(
             "gateway_config_reloads_total", "Config reloads, by result.", ["result"], registry=r
         )
@@ -222,6 +247,20 @@ class Metrics(BaseObserver):
     def state_event(self, event: str, operation: str) -> None:
         self.state_events.labels(event, operation).inc()
 
+    def breaker_event(self, event: str, target: str) -> None:
+        resource, _, deployment = target.partition("/")
+        self.child(self.target_events, resource, deployment, event).inc()
+
+    def watch_targets(self, breakers: Any, targets: list[str]) -> None:
+        """Each configured target's breaker state, read at scrape time."""
+
+        def reader(key: str) -> Callable[[], float]:
+            return lambda: float(breakers.state(key))
+
+        for key in targets:
+            resource, _, deployment = key.partition("/")
+            self.target_state.labels(resource, deployment).set_function(reader(key))
+
     def watch_state(self, guard: Any) -> None:
         """Read the breaker's state and queue length at scrape time."""
         self.state_open.set_function(lambda: float(guard.is_open))
@@ -268,6 +307,10 @@ class Metrics(BaseObserver):
             c(self.upstream_duration, resource, region, op).observe(ex.upstream_seconds)
         if ex.interrupted:
             c(self.interrupted, tenant, model).inc()
+        if ex.spillover:
+            c(self.spillover, tenant, model).inc()
+        if ex.error_code in ("all_targets_throttled", "no_healthy_target"):
+            c(self.targets_unavailable, model, ex.error_code).inc()
         if ex.usage and op in ("create", "compact"):
             self._count_usage(tenant, model, op, ex.usage)
 

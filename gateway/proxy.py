@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -12,7 +13,17 @@ from typing import Any
 from starlette.types import ASGIApp, Receive
 
 from .audit import check_mcp_policy
-from .errors import BadRequest, ClientClosed, NotFound, PayloadTooLarge, RequestTimeout
+from .breaker import OPEN, retry_after_seconds
+from .errors import (
+    BadRequest,
+    ClientClosed,
+    GatewayError,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    RequestTimeout,
+    ServiceUnavailable,
+)
 from .exchange import Exchange
 from .keys import Principal
 from .lifecycle import Incoming, Operation
@@ -256,11 +267,24 @@ class Proxy:
         scope = request.scope
         query = scope.get("query_string", b"")
         path = scope["path"] + ("?" + query.decode("latin-1") if query else "")
-        for n, attempt in enumerate(attempts):
-            last = n == len(attempts) - 1
+        breakers = gw.breakers
+        candidates = [
+            a for a in attempts if not a.target.deployment or breakers.state(a.target.key) != OPEN
+        ]
+        best = min(a.target.priority for a in attempts)
+        for n, attempt in enumerate(candidates):
             target = attempt.target
+            guarded = bool(target.deployment)  # requests pinned to a resource have no choice
+            if guarded and not breakers.acquire(target.key):
+                continue  # another request is probing it
+            last = n == len(candidates) - 1
             ex.attempts += 1
-            auth = await gw.auth_header(snap, target.resource)
+            try:
+                auth = await gw.auth_header(snap, target.resource)
+            except BaseException:
+                if guarded:
+                    breakers.release(target.key)
+                raise
             headers = request_headers(scope["headers"], ex.request_id, auth, drop)
             headers += attempt.headers
             if drop is _DROP_REWRITTEN and attempt.body is not None:
@@ -271,6 +295,8 @@ class Proxy:
                     request.method, target.endpoint + path, headers, attempt.body, target.resource
                 )
             except UpstreamError as exc:
+                if guarded:
+                    breakers.failure(target.key, None, None)
                 for obs in gw.observers:
                     obs.upstream_failed(ex, target, None)
                 if not last and exc.connect:
@@ -281,6 +307,11 @@ class Proxy:
                     continue
                 ex.target = target
                 raise exc.error from exc
+            if guarded:
+                if resp.status >= 400:
+                    breakers.failure(target.key, resp.status, retry_after_seconds(resp.headers))
+                else:
+                    breakers.success(target.key)
             if resp.status >= 400:
                 for obs in gw.observers:
                     obs.upstream_failed(ex, target, resp.status)
@@ -296,6 +327,7 @@ class Proxy:
                 )
                 continue
             ex.target = target
+            ex.spillover = guarded and target.priority > best
             ex.upstream_status = resp.status
             ex.upstream_request_id = resp.headers.get("x-request-id") or resp.headers.get(
                 "apim-request-id"
@@ -304,7 +336,28 @@ class Proxy:
             if resp.headers.get("content-type", "").startswith("text/event-stream"):
                 return StreamRelay(resp, ex, gw, bind)
             return JsonRelay(resp, ex, gw, bind)
-        raise AssertionError("unreachable: the last attempt returns or raises")
+        raise self._all_open(attempts, ex)
+
+    def _all_open(self, attempts: list[Attempt], ex: Exchange) -> GatewayError:
+        """Every target is skipped by its breaker: 429 if all were throttled, else 503."""
+        until, throttled = self.gw.breakers.reopens_at(a.target.key for a in attempts)
+        wait = max(0.0, until - time.time())
+        seconds = max(1, math.ceil(wait))
+        headers = {"retry-after": str(seconds), "retry-after-ms": str(int(wait * 1000))}
+        model = ex.model or "this model"
+        if throttled:
+            return RateLimited(
+                f"Every deployment serving '{model}' is throttled by Azure; retry after "
+                f"{seconds} s.",
+                code="all_targets_throttled",
+                headers=headers,
+            )
+        return ServiceUnavailable(
+            f"Every deployment serving '{model}' is failing and is skipped for now; retry "
+            f"after {seconds} s.",
+            code="no_healthy_target",
+            headers=headers,
+        )
 
     def _binder(self, ex: Exchange, snap: Snapshot) -> Callable[[str], Awaitable[None]]:
         ttl = snap.loaded.config.state.response_retention_days * 86400.0

@@ -1,7 +1,14 @@
-"""Tenant + model → the ordered upstream targets that may serve a request."""
+"""Tenant + model → the ordered upstream targets that may serve a request.
+
+Order: priority groups, lowest first (a plain list gives each entry its own priority,
+in list order, as it always did); within a group, a weighted random order, so traffic
+splits by ``weight``. The first target whose breaker admits the request gets it; the
+rest are the failover list before the first byte.
+"""
 
 from __future__ import annotations
 
+import random
 from typing import NamedTuple
 
 from .config import Config, TenantConfig
@@ -16,13 +23,30 @@ class Target(NamedTuple):
     endpoint: str
     region: str
     deployment: str
+    priority: int = 0
+    weight: float = 1.0
+
+    @property
+    def key(self) -> str:
+        """The breaker's name for this target."""
+        return f"{self.resource}/{self.deployment}"
+
+
+def weighted_order(targets: tuple[Target, ...], rng: random.Random) -> tuple[Target, ...]:
+    """Priority groups in order; each group shuffled with probability by weight."""
+    if len(targets) < 2:
+        return targets
+    # Efraimidis-Spirakis: sorting by u^(1/w) draws a weighted permutation.
+    keyed = sorted(targets, key=lambda t: (t.priority, -(rng.random() ** (1.0 / t.weight))))
+    return tuple(keyed)
 
 
 class Router:
     """Resolves logical model names to deployments, honouring policy."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, rng: random.Random | None = None) -> None:
         self._config = config
+        self._rng = rng or random.Random()
         self._targets: dict[str, tuple[Target, ...]] = {
             model: tuple(
                 Target(
@@ -30,11 +54,21 @@ class Router:
                     config.resources[t.resource].endpoint,
                     config.resources[t.resource].region,
                     t.deployment,
+                    i if t.priority is None else t.priority,
+                    t.weight,
                 )
-                for t in targets
+                for i, t in enumerate(targets)
             )
             for model, targets in config.models.items()
         }
+
+    def all_targets(self) -> list[Target]:
+        """Every configured target once (for metrics and shared breaker state)."""
+        seen: dict[str, Target] = {}
+        for targets in self._targets.values():
+            for t in targets:
+                seen.setdefault(t.key, t)
+        return list(seen.values())
 
     def targets(
         self, tenant_name: str, tenant: TenantConfig, model: str, pinned: str | None = None
@@ -66,7 +100,7 @@ class Router:
                     code="model_not_on_resource",
                     param="model",
                 )
-        return allowed
+        return weighted_order(allowed, self._rng)
 
     def deployment_on(
         self, tenant_name: str, tenant: TenantConfig, model: str, resource: str, where: str

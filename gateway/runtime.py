@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 from .admission import QuotaGate
 from .audit import Auditor
+from .breaker import Breakers
 from .config import LoadedConfig
 from .credentials import TokenProvider
 from .errors import UpstreamUnavailable
@@ -69,6 +70,7 @@ class Gateway:
         observers: list[Observer],
         gate: QuotaGate,
         audit: Auditor,
+        breakers: Breakers,
     ) -> None:
         self.snap = snapshot(loaded)
         self.http = http
@@ -77,6 +79,7 @@ class Gateway:
         self.observers = observers
         self.gate = gate
         self.audit = audit
+        self.breakers = breakers
         self.draining = False
 
     def swap(self, loaded: LoadedConfig) -> None:

@@ -48,6 +48,7 @@ class SimState:
     token_expires_in: float = 3600.0
     token_delay: float = 0.0
     fail_queue: list[int] = field(default_factory=list)
+    fail_headers: dict[str, str] = field(default_factory=lambda: {"retry-after": "1"})
     responses: dict[str, Json] = field(default_factory=dict)
     inputs: dict[str, list[Json]] = field(default_factory=dict)
     events: dict[str, list[Json]] = field(default_factory=dict)
@@ -320,7 +321,7 @@ def create_simulator(state: SimState | None = None) -> Starlette:
         )
         if status:
             resp = _error(status, f"Simulated upstream error {status}.", str(status))
-            resp.headers["retry-after"] = "1"
+            resp.headers.update(sim.fail_headers)
             return rec, resp
         return rec, None
 

@@ -11,6 +11,7 @@ holding requests, and redis-py reconnects on the next command.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from importlib.resources import files
 from typing import Any, TypeVar
@@ -197,6 +198,34 @@ class RedisState:
         keys, args = settle_call(scopes, lease, tokens, w, once, ttl)
         r = await self._call("settle", lambda: self._settle(keys=keys, args=args))
         return bool(r)
+
+    # -- shared circuit breakers (gateway/breaker.py) -----------------------------
+
+    @staticmethod
+    def breaker_key(target: str) -> str:
+        """All breaker keys share the ``{breakers}`` slot, so one MGET reads them all."""
+        return f"gw:{{breakers}}:{target}"
+
+    async def publish(self, target: str, until: float, throttled: bool) -> None:
+        """Share a trip: the target is open until ``until`` (epoch seconds)."""
+        ttl_ms = max(1, int((until - time.time()) * 1000))
+        value = f"{until:.3f}|{int(throttled)}"
+        await self._call(
+            "breaker", lambda: self._client.set(self.breaker_key(target), value, px=ttl_ms)
+        )
+
+    async def fetch(self, targets: list[str]) -> dict[str, tuple[float, bool]]:
+        """The trips other replicas shared that are still open."""
+        if not targets:
+            return {}
+        keys = [self.breaker_key(t) for t in targets]
+        values = await self._call("breaker", lambda: self._client.mget(keys))
+        out: dict[str, tuple[float, bool]] = {}
+        for target, raw in zip(targets, values, strict=True):
+            if raw:
+                until, _, throttled = (raw if isinstance(raw, str) else raw.decode()).partition("|")
+                out[target] = (float(until), throttled == "1")
+        return out
 
     async def ping(self) -> None:
         await self._call("ping", self._client.ping)
