@@ -2,7 +2,9 @@
 
 Two ways to open one:
 - a 429 that carries ``retry-after-ms`` / ``retry-after`` opens it at once for exactly
-  that long, capped at ``max_retry_after_seconds`` (Azure's can be a day long);
+  that long, capped at ``max_retry_after_seconds`` (Azure's can be a day long); a 429
+  for Azure's capacity (not the deployment's rate limit) does too, but when every
+  target is open that way the answer is 503, not the caller's 429;
 - otherwise ``failures`` failures (connect error, timeout, 5xx, a 429 without
   Retry-After) within ``window_seconds`` open it for ``open_seconds``.
 
@@ -39,6 +41,20 @@ class BreakerStore(Protocol):
     async def publish(self, target: str, until: float, throttled: bool) -> None: ...
 
     async def fetch(self, targets: list[str]) -> dict[str, tuple[float, bool]]: ...
+
+
+_CAPACITY = (b"temporarily unable to process", b"high demand", b"capacity", b"overloaded")
+
+
+def capacity_429(body: bytes) -> bool:
+    """Whether a 429 is Azure's own capacity running short, not the deployment's rate limit.
+
+    Azure documents both under 429: "Requests to … have been limited" / "Rate limit is
+    exceeded" (the allocation) versus "The service is temporarily unable to process your
+    request" / "System is experiencing high demand" (shared capacity).
+    """
+    text = body[:4096].lower()
+    return any(phrase in text for phrase in _CAPACITY)
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
@@ -130,8 +146,14 @@ class Breakers:
         t.probing = False
         t.failures.clear()
 
-    def failure(self, key: str, status: int | None, retry_after: float | None) -> None:
-        """A connect error or timeout (``status`` None), or an upstream status >= 400."""
+    def failure(
+        self, key: str, status: int | None, retry_after: float | None, capacity: bool = False
+    ) -> None:
+        """A connect error or timeout (``status`` None), or an upstream status >= 400.
+
+        ``capacity``: a 429 for Azure's capacity, not the rate limit (see ``capacity_429``);
+        it opens the breaker the same way but does not count as the caller's throttling.
+        """
         if status is not None and status not in FAILURE_STATUS:
             self.success(key)  # the target answered; a client error is not its fault
             return
@@ -139,13 +161,14 @@ class Breakers:
         now = time.time()
         cfg = self.cfg
         if status == 429 and retry_after is not None:
-            self._open(key, t, now + min(retry_after, cfg.max_retry_after_seconds), True)
+            until = now + min(retry_after, cfg.max_retry_after_seconds)
+            self._open(key, t, until, not capacity)
             return
         t.failures.append(now)
         while t.failures and t.failures[0] < now - cfg.window_seconds:
             t.failures.popleft()
         if t.probing or len(t.failures) >= cfg.failures:
-            self._open(key, t, now + cfg.open_seconds, status == 429)
+            self._open(key, t, now + cfg.open_seconds, status == 429 and not capacity)
         else:
             t.probing = False
 

@@ -13,7 +13,7 @@ from typing import Any
 from starlette.types import ASGIApp, Receive
 
 from .audit import check_mcp_policy
-from .breaker import OPEN, retry_after_seconds
+from .breaker import OPEN, capacity_429, retry_after_seconds
 from .errors import (
     BadRequest,
     ClientClosed,
@@ -309,7 +309,9 @@ class Proxy:
                 raise exc.error from exc
             if guarded:
                 if resp.status >= 400:
-                    breakers.failure(target.key, resp.status, retry_after_seconds(resp.headers))
+                    capacity = resp.status == 429 and capacity_429(await resp.read())
+                    retry_after = retry_after_seconds(resp.headers)
+                    breakers.failure(target.key, resp.status, retry_after, capacity)
                 else:
                     breakers.success(target.key)
             if resp.status >= 400:

@@ -49,6 +49,7 @@ class SimState:
     token_delay: float = 0.0
     fail_queue: list[int] = field(default_factory=list)
     fail_headers: dict[str, str] = field(default_factory=lambda: {"retry-after": "1"})
+    fail_message: str = ""  # the injected error's message; default "Simulated upstream error N."
     responses: dict[str, Json] = field(default_factory=dict)
     inputs: dict[str, list[Json]] = field(default_factory=dict)
     events: dict[str, list[Json]] = field(default_factory=dict)
@@ -320,7 +321,8 @@ def create_simulator(state: SimState | None = None) -> Starlette:
             sim.fail_queue.pop(0) if sim.fail_queue else 0
         )
         if status:
-            resp = _error(status, f"Simulated upstream error {status}.", str(status))
+            message = sim.fail_message or f"Simulated upstream error {status}."
+            resp = _error(status, message, str(status))
             resp.headers.update(sim.fail_headers)
             return rec, resp
         return rec, None
