@@ -128,7 +128,7 @@ class BlackHole:
         self.sock.close()
 
 
-def _p50(client: httpx.Client, key: str, n: int = 60) -> float:
+def _p50(client: httpx.Client, key: str, n: int = 100) -> float:
     times = []
     for _ in range(n):
         t = time.perf_counter()
