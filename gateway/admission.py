@@ -9,7 +9,7 @@ from .config import TenantConfig
 from .errors import StateError
 from .exchange import Exchange
 from .metrics import token_kinds
-from .quotas import estimate_tokens, refusal, scopes_for, windows
+from .quotas import refusal, scopes_for, windows
 from .state import StateBackend
 from .state.guard import StateSkipped
 
@@ -27,14 +27,12 @@ class QuotaGate:
         lease_seconds: float = 300.0,
         retention_seconds: float = 30 * 86400.0,
         on_error: Callable[[str], None] | None = None,
-        on_estimate: Callable[[Exchange, int], None] | None = None,
     ) -> None:
         self.state = state
         self.on_state_error = on_state_error
         self.lease_seconds = lease_seconds
         self.retention = retention_seconds
         self._on_error = on_error
-        self._on_estimate = on_estimate
 
     def _state_failed(self, what: str, exc: StateError) -> None:
         if self._on_error:
@@ -75,16 +73,11 @@ class QuotaGate:
         if not scopes:
             return
         ex.quota_scopes = []
-        tokens = 0
+        tokens = ex.estimated_tokens
         if ex.usage:
             kinds = token_kinds(ex.usage)
             total = ex.usage.get("total_tokens")
             tokens = total if isinstance(total, int) else kinds["input"] + kinds["output"]
-        elif ex.interrupted and ex.operation == "create" and ex.stream:
-            tokens = estimate_tokens(ex.request_bytes, ex.stream_events)
-            ex.estimated_tokens = tokens
-            if self._on_estimate:
-                self._on_estimate(ex, tokens)
         lease = ex.request_id if ex.leased else None
         if lease is None and tokens <= 0:
             return

@@ -152,7 +152,6 @@ def create_app(
         lease_seconds=cfg.state.lease_seconds,
         retention_seconds=cfg.state.response_retention_days * 86400.0,
         on_error=metrics.state_failed,
-        on_estimate=metrics.tokens_estimated,
     )
     gateway = Gateway(
         loaded,

@@ -102,6 +102,24 @@ class TargetConfig(_Frozen):
     weight: PositiveFloat = 1.0  # share of traffic within its priority group
 
 
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+
+
+class TokenPrices(_Frozen):
+    """Prices per 1M tokens; ``reasoning`` when reasoning tokens are priced apart from output."""
+
+    input: NonNegativeFloat
+    cached_input: NonNegativeFloat | None = None  # default: the input price
+    output: NonNegativeFloat
+    reasoning: NonNegativeFloat | None = None  # default: the output price
+    hourly: NonNegativeFloat = 0.0  # a fixed cost per hour (PTU), for reports to spread
+
+
+class PriceConfig(TokenPrices):
+    currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")]
+    resources: dict[str, TokenPrices] = {}  # per-resource override (e.g. PTU: 0 per token)
+
+
 class BreakerConfig(_Frozen):
     failures: Positive = 5
     window_seconds: PositiveFloat = 10.0
@@ -275,6 +293,7 @@ class Config(_Frozen):
     state: StateConfig = StateConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     breaker: BreakerConfig = BreakerConfig()
+    prices: dict[str, PriceConfig] = {}
     server: ServerConfig = ServerConfig()
     audit: AuditConfig = AuditConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -333,6 +352,12 @@ def _cross_check(cfg: Config) -> list[str]:
         for model in tenant.model_quotas:
             if model not in cfg.models:
                 errors.append(f"tenants.{tname}.model_quotas.{model}: unknown model")
+    for model, price in cfg.prices.items():
+        if model not in cfg.models:
+            errors.append(f"prices.{model}: unknown model")
+        for resource in price.resources:
+            if resource not in cfg.resources:
+                errors.append(f"prices.{model}.resources.{resource}: unknown resource")
     return errors
 
 

@@ -50,6 +50,9 @@ class Exchange:
     estimated_tokens: int = 0
     stream_relayed: bool = False
     spillover: bool = False
+    cost: float | None = None
+    currency: str | None = None
+    cost_estimated: bool = False
     audited_items: set[str] = field(default_factory=set)
     pending_audit: list[dict[str, Any]] = field(default_factory=list)
 

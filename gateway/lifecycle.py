@@ -23,7 +23,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ClientClosed, GatewayError, InternalError
 from .exchange import Exchange
-from .quotas import ratelimit_headers
+from .metrics import token_kinds
+from .pricing import cost_of
+from .quotas import estimate_tokens, ratelimit_headers
 from .upstream import safe_request_id
 from .validate import dump_json
 
@@ -159,11 +161,15 @@ class Operation:
                 ex.error_code = ClientClosed.code
             raise
         finally:
+            if not ex.usage and ex.interrupted and ex.stream and ex.operation == "create":
+                # Cut before Azure reported usage: charged and priced by estimate.
+                ex.estimated_tokens = estimate_tokens(ex.request_bytes, ex.stream_events)
             try:
                 if ex.quota_scopes:  # only then is there anything to settle
                     await shielded(self._settle(ex))
             finally:
                 ex.duration_seconds = time.perf_counter() - ex.started
+                _price(ex, gw.snap)
                 for obs in gw.observers:
                     _tell(obs.finished, ex)
 
@@ -219,6 +225,22 @@ def stream_error_event(code: str, message: str, sequence: int | None) -> bytes:
         "sequence_number": sequence,
     }
     return b"\nevent: error\ndata: " + dump_json(event) + b"\n\n"
+
+
+def _price(ex: Exchange, snap: Snapshot) -> None:
+    """Set the exchange's cost from the price table (usage, or the cut-stream estimate)."""
+    price = snap.loaded.config.prices.get(ex.model or "")
+    if price is None:
+        return
+    resource = ex.target.resource if ex.target else None
+    if ex.usage:
+        cost = cost_of(price, resource, token_kinds(ex.usage))
+    elif ex.estimated_tokens:
+        tokens_in = min(ex.request_bytes // 4, ex.estimated_tokens)
+        cost = cost_of(price, resource, None, (tokens_in, ex.estimated_tokens - tokens_in))
+    else:
+        return
+    ex.cost, ex.currency, ex.cost_estimated = cost
 
 
 def _tell(hook: Callable[[Exchange], None], ex: Exchange) -> None:

@@ -138,4 +138,7 @@ class AccessLog(BaseObserver):
             "upstream_request_id": ex.upstream_request_id,
             "attempts": ex.attempts,
             "interrupted": ex.interrupted,
+            "cost": round(ex.cost, 9) if ex.cost is not None else None,
+            "currency": ex.currency,
+            "cost_estimated": ex.cost_estimated if ex.cost is not None else None,
         }

@@ -189,6 +189,13 @@ class Metrics(BaseObserver):
             ["model", "reason"],
             registry=r,
         )
+        self.cost = Counter(
+            "gateway_cost_total",
+            "Cost of the answered requests from the price table, in the price's currency "
+            "(cut streams: from the estimate).",
+            ["tenant", "model", "currency"],
+            registry=r,
+        )
         self.config_reloads = Counter(
             "gateway_config_reloads_total", "Config reloads, by result.", ["result"], registry=r
         )
@@ -266,11 +273,6 @@ class Metrics(BaseObserver):
         self.state_open.set_function(lambda: float(guard.is_open))
         self.state_queue.set_function(lambda: float(guard.queued))
 
-    def tokens_estimated(self, ex: Exchange, tokens: int) -> None:
-        self.estimated_tokens.labels(self.tenant_label(ex.tenant), self.model_label(ex.model)).inc(
-            tokens
-        )
-
     def token_fetched(self, ok: bool) -> None:
         self.token_fetches.labels("success" if ok else "failure").inc()
 
@@ -309,6 +311,10 @@ class Metrics(BaseObserver):
             c(self.interrupted, tenant, model).inc()
         if ex.spillover:
             c(self.spillover, tenant, model).inc()
+        if ex.estimated_tokens:
+            c(self.estimated_tokens, tenant, model).inc(ex.estimated_tokens)
+        if ex.cost:
+            c(self.cost, tenant, model, ex.currency or OTHER).inc(ex.cost)
         if ex.error_code in ("all_targets_throttled", "no_healthy_target"):
             c(self.targets_unavailable, model, ex.error_code).inc()
         if ex.usage and op in ("create", "compact"):

@@ -186,6 +186,17 @@ def _mcp_items(body: Json, items: list[Json], text: str) -> tuple[list[Json], bo
     return out, waiting
 
 
+def _token_details(usage: Json, headers: dict[str, str]) -> None:
+    """Cached and reasoning tokens asked for by ``x-sim-cached-tokens`` / ``-reasoning-``."""
+    cached = int(headers.get("x-sim-cached-tokens", "0"))
+    reasoning = int(headers.get("x-sim-reasoning-tokens", "0"))
+    usage["input_tokens"] = max(usage["input_tokens"], cached)
+    usage["input_tokens_details"]["cached_tokens"] = cached
+    usage["output_tokens"] += reasoning  # reasoning tokens are part of the output
+    usage["output_tokens_details"]["reasoning_tokens"] = reasoning
+    usage["total_tokens"] = usage["input_tokens"] + usage["output_tokens"]
+
+
 def build_response(body: Json, items: list[Json], status: str = "completed") -> Json:
     """A Responses API ``response`` object answering ``body``."""
     text = _user_text(items)
@@ -392,6 +403,7 @@ def create_simulator(state: SimState | None = None) -> Starlette:
             return missing
         items = _input_items(body)
         resp = build_response(body, items)
+        _token_details(resp["usage"], rec.headers)
         events = stream_events(resp)
         delay = float(rec.headers.get("x-sim-delay", sim.delay))
         if body.get("store", True) is not False:

@@ -1,0 +1,55 @@
+"""Price table → the cost of one exchange, from Azure's usage or the cut-stream estimate.
+
+Prices are per 1M tokens. Cached tokens are the part of ``input_tokens`` that
+``input_tokens_details.cached_tokens`` names, priced at ``cached_input`` (default: the
+input price); reasoning tokens are part of ``output_tokens``, priced at ``reasoning``
+when given (default: the output price). A resource may override a model's prices (a PTU
+deployment: 0 per token). A stream cut before its usage arrived is priced from the
+estimate (request bytes / 4 as input, one output token per event) and flagged.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from .config import PriceConfig, TokenPrices
+
+
+class Cost(NamedTuple):
+    amount: float
+    currency: str
+    estimated: bool
+
+
+def price_tokens(
+    p: TokenPrices, input_tokens: int, cached: int, output: int, reasoning: int
+) -> float:
+    """The cost of these token counts at prices ``p`` (per 1M tokens)."""
+    cached = min(max(cached, 0), input_tokens)
+    reasoning = min(max(reasoning, 0), output)
+    cached_price = p.input if p.cached_input is None else p.cached_input
+    reasoning_price = p.output if p.reasoning is None else p.reasoning
+    total = (
+        (input_tokens - cached) * p.input
+        + cached * cached_price
+        + (output - reasoning) * p.output
+        + reasoning * reasoning_price
+    )
+    return total / 1_000_000
+
+
+def cost_of(
+    price: PriceConfig,
+    resource: str | None,
+    kinds: dict[str, int] | None,
+    estimate: tuple[int, int] | None = None,
+) -> Cost:
+    """The cost of one exchange: from usage ``kinds``, else from ``estimate`` (in, out)."""
+    p: TokenPrices = price.resources.get(resource or "", price)
+    if kinds is not None:
+        amount = price_tokens(
+            p, kinds["input"], kinds["cached"], kinds["output"], kinds["reasoning"]
+        )
+        return Cost(amount, price.currency, False)
+    tokens_in, tokens_out = estimate or (0, 0)
+    return Cost(price_tokens(p, tokens_in, 0, tokens_out, 0), price.currency, True)
