@@ -9,7 +9,7 @@ from .config import TenantConfig
 from .errors import StateError
 from .exchange import Exchange
 from .metrics import token_kinds
-from .quotas import refusal, scopes_for, windows
+from .quotas import MICRO, QuotaScope, refusal, scopes_for, windows
 from .state import StateBackend
 from .state.guard import StateSkipped
 
@@ -27,12 +27,14 @@ class QuotaGate:
         lease_seconds: float = 300.0,
         retention_seconds: float = 30 * 86400.0,
         on_error: Callable[[str], None] | None = None,
+        on_budget_warning: Callable[[str, str, str], None] | None = None,
     ) -> None:
         self.state = state
         self.on_state_error = on_state_error
         self.lease_seconds = lease_seconds
         self.retention = retention_seconds
         self._on_error = on_error
+        self._on_budget_warning = on_budget_warning
 
     def _state_failed(self, what: str, exc: StateError) -> None:
         if self._on_error:
@@ -49,6 +51,9 @@ class QuotaGate:
         ex.quota_scopes = scopes
         if not scopes:
             return
+        if tenant.budgets is not None:
+            ex.budget_currency = tenant.budgets.currency
+            ex.budget_warn_at = tenant.budgets.warn_at
         try:
             adm = await self.state.admit(scopes, ex.request_id, self.lease_seconds, windows())
         except StateError as exc:
@@ -64,7 +69,7 @@ class QuotaGate:
         if not adm.allowed:
             ex.quota_scopes = []
             ex.quota_reason = adm.reason
-            raise refusal(adm, tenant_name)
+            raise refusal(adm, tenant_name, scopes, ex.budget_currency or "")
         ex.leased = any(s.concurrency for s in scopes)
 
     async def settle(self, ex: Exchange) -> None:
@@ -78,12 +83,43 @@ class QuotaGate:
             kinds = token_kinds(ex.usage)
             total = ex.usage.get("total_tokens")
             tokens = total if isinstance(total, int) else kinds["input"] + kinds["output"]
+        cost = 0
+        if ex.cost and ex.currency and ex.currency == ex.budget_currency:
+            cost = round(ex.cost * MICRO)
         lease = ex.request_id if ex.leased else None
-        if lease is None and tokens <= 0:
+        if lease is None and tokens <= 0 and cost <= 0:
             return
         try:
-            await self.state.settle(
-                scopes, lease, max(tokens, 0), windows(), ex.response_id, self.retention
+            settled = await self.state.settle(
+                scopes, lease, max(tokens, 0), windows(), ex.response_id, self.retention, cost
             )
         except StateError as exc:
             self._state_failed("settle", exc)
+            return
+        if cost and settled.charged:
+            self._warn(ex, scopes, settled.spent, cost)
+
+    def _warn(
+        self, ex: Exchange, scopes: list[QuotaScope], spent: tuple[tuple[int, int], ...], cost: int
+    ) -> None:
+        """Warn (log + metric) when this charge crossed a budget's soft threshold."""
+        for scope, (day, month) in zip(scopes, spent, strict=False):
+            for period, limit, after in (
+                ("day", scope.cost_day, day),
+                ("month", scope.cost_month, month),
+            ):
+                threshold = limit * ex.budget_warn_at
+                if limit and after - cost < threshold <= after:
+                    log.warning(
+                        "budget threshold crossed",
+                        extra={
+                            "tenant": scope.tenant,
+                            "model": scope.model or None,
+                            "period": period,
+                            "spent": after / MICRO,
+                            "budget": limit / MICRO,
+                            "currency": ex.budget_currency,
+                        },
+                    )
+                    if self._on_budget_warning:
+                        self._on_budget_warning(scope.tenant, scope.model, period)

@@ -152,6 +152,7 @@ def create_app(
         lease_seconds=cfg.state.lease_seconds,
         retention_seconds=cfg.state.response_retention_days * 86400.0,
         on_error=metrics.state_failed,
+        on_budget_warning=metrics.budget_warning,
     )
     gateway = Gateway(
         loaded,

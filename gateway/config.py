@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -165,6 +166,17 @@ class ToolPolicyConfig(_Frozen):
     allowed: tuple[str, ...] | None = None
 
 
+class BudgetLimits(_Frozen):
+    per_day: PositiveFloat | None = None  # in the budget's currency
+    per_month: PositiveFloat | None = None
+
+
+class BudgetConfig(BudgetLimits):
+    currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")]
+    warn_at: Annotated[float, Field(gt=0, le=1)] = 0.8  # soft threshold: warn, don't refuse
+    models: dict[str, BudgetLimits] = {}
+
+
 class TenantConfig(_Frozen):
     keys: tuple[KeyConfig, ...] = ()
     models: tuple[str, ...] = ()
@@ -173,6 +185,7 @@ class TenantConfig(_Frozen):
     model_quotas: dict[str, QuotaConfig] = {}
     mcp: McpPolicyConfig = McpPolicyConfig()
     tools: ToolPolicyConfig = ToolPolicyConfig()
+    budgets: BudgetConfig | None = None
 
 
 class StateConfig(_Frozen):
@@ -352,6 +365,17 @@ def _cross_check(cfg: Config) -> list[str]:
         for model in tenant.model_quotas:
             if model not in cfg.models:
                 errors.append(f"tenants.{tname}.model_quotas.{model}: unknown model")
+        if tenant.budgets is not None:
+            for model in tenant.budgets.models:
+                if model not in cfg.models:
+                    errors.append(f"tenants.{tname}.budgets.models.{model}: unknown model")
+            for model, price in cfg.prices.items():
+                usable = any(fnmatchcase(model, p) for p in tenant.models)
+                if usable and price.currency != tenant.budgets.currency:
+                    errors.append(
+                        f"tenants.{tname}.budgets.currency: {tenant.budgets.currency} differs "
+                        f"from prices.{model}.currency {price.currency}"
+                    )
     for model, price in cfg.prices.items():
         if model not in cfg.models:
             errors.append(f"prices.{model}: unknown model")

@@ -53,6 +53,8 @@ class Exchange:
     cost: float | None = None
     currency: str | None = None
     cost_estimated: bool = False
+    budget_currency: str | None = None
+    budget_warn_at: float = 0.8
     audited_items: set[str] = field(default_factory=set)
     pending_audit: list[dict[str, Any]] = field(default_factory=list)
 

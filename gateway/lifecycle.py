@@ -165,11 +165,11 @@ class Operation:
                 # Cut before Azure reported usage: charged and priced by estimate.
                 ex.estimated_tokens = estimate_tokens(ex.request_bytes, ex.stream_events)
             try:
+                _price(ex, gw.snap)  # budgets are charged in money, so before settling
                 if ex.quota_scopes:  # only then is there anything to settle
                     await shielded(self._settle(ex))
             finally:
                 ex.duration_seconds = time.perf_counter() - ex.started
-                _price(ex, gw.snap)
                 for obs in gw.observers:
                     _tell(obs.finished, ex)
 

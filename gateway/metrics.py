@@ -196,6 +196,12 @@ class Metrics(BaseObserver):
             ["tenant", "model", "currency"],
             registry=r,
         )
+        self.budget_warnings = Counter(
+            "gateway_budget_warnings_total",
+            "Charges that crossed a money budget's soft threshold (budgets.warn_at).",
+            ["tenant", "model", "period"],
+            registry=r,
+        )
         self.config_reloads = Counter(
             "gateway_config_reloads_total", "Config reloads, by result.", ["result"], registry=r
         )
@@ -253,6 +259,10 @@ class Metrics(BaseObserver):
 
     def state_event(self, event: str, operation: str) -> None:
         self.state_events.labels(event, operation).inc()
+
+    def budget_warning(self, tenant: str, model: str, period: str) -> None:
+        m = self.model_label(model) if model else ""
+        self.child(self.budget_warnings, self.tenant_label(tenant), m, period).inc()
 
     def breaker_event(self, event: str, target: str) -> None:
         resource, _, deployment = target.partition("/")

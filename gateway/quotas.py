@@ -24,7 +24,7 @@ import time
 from datetime import UTC, datetime
 from typing import NamedTuple
 
-from .config import QuotaConfig, TenantConfig
+from .config import BudgetLimits, QuotaConfig, TenantConfig
 from .errors import RateLimited
 
 REASONS = (
@@ -33,7 +33,10 @@ REASONS = (
     "tokens_per_day",
     "tokens_per_month",
     "max_concurrent_requests",
+    "budget_per_day",
+    "budget_per_month",
 )
+MICRO = 1_000_000  # money is counted in millionths of the currency unit
 
 
 class QuotaScope(NamedTuple):
@@ -46,6 +49,8 @@ class QuotaScope(NamedTuple):
     tpd: int
     tpmonth: int
     concurrency: int
+    cost_day: int = 0  # budget per UTC day, in millionths of the currency
+    cost_month: int = 0
 
 
 class Windows(NamedTuple):
@@ -71,6 +76,7 @@ class Admission(NamedTuple):
     remaining_tokens: int = 0
     reset_tokens: float = 0.0
     lease: str | None = None
+    scope: int = 0  # which scope refused (an index into the request's scopes)
 
 
 UNLIMITED = Admission(True)
@@ -92,13 +98,18 @@ def windows(now: float | None = None) -> Windows:
     )
 
 
-def _scope(tenant: str, model: str, q: QuotaConfig) -> QuotaScope | None:
+def _scope(
+    tenant: str, model: str, q: QuotaConfig | None, b: BudgetLimits | None
+) -> QuotaScope | None:
+    q = q or QuotaConfig()
     values = (
         q.requests_per_minute or 0,
         q.tokens_per_minute or 0,
         q.tokens_per_day or 0,
         q.tokens_per_month or 0,
         q.max_concurrent_requests or 0,
+        round((b.per_day or 0) * MICRO) if b else 0,
+        round((b.per_month or 0) * MICRO) if b else 0,
     )
     if not any(values):
         return None
@@ -108,11 +119,13 @@ def _scope(tenant: str, model: str, q: QuotaConfig) -> QuotaScope | None:
 def scopes_for(tenant_name: str, tenant: TenantConfig, model: str | None) -> list[QuotaScope]:
     """The quota scopes a request of ``tenant`` for ``model`` must pass."""
     out = []
-    base = _scope(tenant_name, "", tenant.quotas)
+    budgets = tenant.budgets
+    base = _scope(tenant_name, "", tenant.quotas, budgets)
     if base:
         out.append(base)
-    if model and model in tenant.model_quotas:
-        per_model = _scope(tenant_name, model, tenant.model_quotas[model])
+    model_budget = budgets.models.get(model) if budgets and model else None
+    if model and (model in tenant.model_quotas or model_budget):
+        per_model = _scope(tenant_name, model, tenant.model_quotas.get(model), model_budget)
         if per_model:
             out.append(per_model)
     return out
@@ -132,13 +145,28 @@ def ratelimit_headers(adm: Admission) -> dict[str, str]:
     return h
 
 
-def refusal(adm: Admission, tenant: str) -> RateLimited:
+def refusal(
+    adm: Admission, tenant: str, scopes: list[QuotaScope] | None = None, currency: str = ""
+) -> RateLimited:
     """The 429 a refused admission answers with."""
     headers = ratelimit_headers(adm)
     retry = max(adm.retry_after, 0.001)
     headers["retry-after"] = str(max(1, int(retry + 0.999)))
     headers["retry-after-ms"] = str(int(retry * 1000))
     reason = adm.reason or "quota"
+    if reason in ("budget_per_day", "budget_per_month") and scopes:
+        headers["x-should-retry"] = "false"
+        scope = scopes[min(adm.scope, len(scopes) - 1)]
+        day = reason == "budget_per_day"
+        limit = (scope.cost_day if day else scope.cost_month) / MICRO
+        which = f" for model '{scope.model}'" if scope.model else ""
+        return RateLimited(
+            f"Tenant '{tenant}' has spent its budget of {limit:.2f} {currency}{which} for this "
+            f"{'day' if day else 'month'} (UTC); it resets in {int(retry)} s. Ask your "
+            "platform team to raise it.",
+            code="insufficient_quota",
+            headers=headers,
+        )
     if reason in ("tokens_per_day", "tokens_per_month"):
         headers["x-should-retry"] = "false"
         period = "day" if reason == "tokens_per_day" else "month"

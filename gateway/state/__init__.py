@@ -16,6 +16,14 @@ class Binding(NamedTuple):
     model: str = ""
 
 
+class Settled(NamedTuple):
+    """What a settle did: whether it charged, and each scope's money spent after it
+    (today, this month; millionths of the currency), for budget warnings."""
+
+    charged: bool
+    spent: tuple[tuple[int, int], ...] = ()
+
+
 class StateBackend(Protocol):
     """What the gateway keeps between requests (and, with Redis, between replicas)."""
 
@@ -41,11 +49,12 @@ class StateBackend(Protocol):
         w: Windows,
         once: str | None,
         ttl: float,
-    ) -> bool:
-        """Give back ``lease`` (if any) and charge ``tokens`` to every scope, in one step.
+        cost: int = 0,
+    ) -> Settled:
+        """Give back ``lease`` (if any) and charge ``tokens`` and ``cost`` (millionths of the
+        budget's currency) to every scope, in one step.
 
-        With ``once``, the tokens are charged only the first time for that id. True if
-        tokens were charged.
+        With ``once``, they are charged only the first time for that id.
         """
 
     async def ping(self) -> None:

@@ -1,9 +1,11 @@
 -- Admit one request against every quota scope, atomically.
--- KEYS, per scope (5 each): request bucket, token bucket, day counter, month counter, leases
+-- KEYS, per scope (7 each): request bucket, token bucket, day counter, month counter,
+--       leases, money day counter, money month counter
 -- ARGV: now, lease id, lease ttl, day ttl, month ttl, scope count,
---       then per scope: rpm, tpm, tokens/day, tokens/month, max concurrent
+--       then per scope: rpm, tpm, tokens/day, tokens/month, max concurrent,
+--       budget/day, budget/month (millionths of the currency)
 -- Returns {allowed, reason, retry_after, limit_req, remaining_req, reset_req,
---          limit_tok, remaining_tok, reset_tok}; floats as strings.
+--          limit_tok, remaining_tok, reset_tok, scope index}; floats as strings.
 local now = tonumber(ARGV[1])
 local lease = ARGV[2]
 local lease_ttl = tonumber(ARGV[3])
@@ -26,9 +28,10 @@ end
 local first = nil
 local levels = {}
 for i = 0, n - 1 do
-  local k, a = i * 5, 6 + i * 5
+  local k, a = i * 7, 6 + i * 7
   local rpm, tpm = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   local tpd, tpmo, conc = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
+  local cpd, cpmo = tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7])
   local rq = 0
   local tk = 0
   if rpm > 0 then rq = level(KEYS[k + 1], rpm) end
@@ -43,6 +46,10 @@ for i = 0, n - 1 do
     reason, retry = 3, day_ttl
   elseif tpmo > 0 and tonumber(redis.call('GET', KEYS[k + 4]) or '0') >= tpmo then
     reason, retry = 4, month_ttl
+  elseif cpd > 0 and tonumber(redis.call('GET', KEYS[k + 6]) or '0') >= cpd then
+    reason, retry = 6, day_ttl
+  elseif cpmo > 0 and tonumber(redis.call('GET', KEYS[k + 7]) or '0') >= cpmo then
+    reason, retry = 7, month_ttl
   elseif conc > 0 then
     redis.call('ZREMRANGEBYSCORE', KEYS[k + 5], '-inf', now)
     if redis.call('ZCARD', KEYS[k + 5]) >= conc then reason, retry = 5, 1 end
@@ -53,13 +60,13 @@ for i = 0, n - 1 do
   if rpm > 0 then reset_req = (rpm - (rq - taken)) * 60 / rpm end
   if tpm > 0 then reset_tok = math.max(0, (tpm - tk) * 60 / tpm) end
   local out = {1 - math.min(reason, 1), reason, tostring(retry), rpm, math.floor(rq) - taken,
-               tostring(reset_req), tpm, math.floor(tk), tostring(reset_tok)}
+               tostring(reset_req), tpm, math.floor(tk), tostring(reset_tok), i}
   if reason > 0 then return out end
   if first == nil then first = out end
 end
 
 for i = 0, n - 1 do
-  local k, a = i * 5, 6 + i * 5
+  local k, a = i * 7, 6 + i * 7
   local rpm, tpm, conc = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 5])
   if rpm > 0 then save(KEYS[k + 1], levels[i][1] - 1, rpm) end
   if conc > 0 then

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from ..errors import StateError
 from ..quotas import Admission, QuotaScope, Windows
-from . import Binding, StateBackend
+from . import Binding, Settled, StateBackend
 from .redis import binding_key, tenant_key
 
 log = logging.getLogger("gateway.state")
@@ -205,16 +205,17 @@ class GuardedState:
         w: Windows,
         once: str | None,
         ttl: float,
-    ) -> bool:
-        async def op() -> bool:
-            return await self.inner.settle(scopes, lease, tokens, w, once, ttl)
+        cost: int = 0,
+    ) -> Settled:
+        async def op() -> Settled:
+            return await self.inner.settle(scopes, lease, tokens, w, once, ttl, cost)
 
         shard = self._shard_of(tenant_key(scopes[0].tenant)) if scopes else "redis"
         try:
             return await self._call("settle", op, shard)
         except StateError:
             self._enqueue(_Queued("settle", op, None, shard))
-            return False
+            return Settled(False)
 
     async def connect(self) -> None:
         """Connect the inner backend early, if it can; a failure is left to the breaker."""

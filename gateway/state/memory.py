@@ -11,7 +11,7 @@ import time
 from collections import OrderedDict
 
 from ..quotas import Admission, QuotaScope, Windows
-from . import Binding
+from . import Binding, Settled
 
 
 class _Bucket:
@@ -78,7 +78,7 @@ class MemoryState:
     ) -> Admission:
         now = w.now
         first: Admission | None = None
-        for s in scopes:
+        for index, s in enumerate(scopes):
             req = self._bucket(s, "rq", s.rpm, now) if s.rpm else None
             tok = self._bucket(s, "tk", s.tpm, now) if s.tpm else None
             reason, retry = None, 0.0
@@ -90,6 +90,15 @@ class MemoryState:
                 reason, retry = "tokens_per_day", w.day_left
             elif s.tpmonth and self._counters.get((s.tenant, s.model, w.month), 0) >= s.tpmonth:
                 reason, retry = "tokens_per_month", w.month_left
+            elif (
+                s.cost_day and self._counters.get((s.tenant, s.model, "$" + w.day), 0) >= s.cost_day
+            ):
+                reason, retry = "budget_per_day", w.day_left
+            elif (
+                s.cost_month
+                and self._counters.get((s.tenant, s.model, "$" + w.month), 0) >= s.cost_month
+            ):
+                reason, retry = "budget_per_month", w.month_left
             elif s.concurrency and len(self._live_leases(s, now)) >= s.concurrency:
                 reason, retry = "max_concurrent_requests", 1.0
             adm = Admission(
@@ -103,6 +112,7 @@ class MemoryState:
                 int(tok.level) if tok else 0,
                 max(0.0, (s.tpm - tok.level) * 60 / s.tpm) if tok else 0.0,
                 lease,
+                index,
             )
             if reason is not None:
                 return adm
@@ -130,7 +140,7 @@ class MemoryState:
     def _turn_windows(self, w: Windows) -> None:
         if self._windows != (w.day, w.month):
             self._windows = (w.day, w.month)
-            current = {w.day, w.month}
+            current = {w.day, w.month, "$" + w.day, "$" + w.month}
             self._counters = {k: v for k, v in self._counters.items() if k[2] in current}
 
     async def settle(
@@ -141,20 +151,36 @@ class MemoryState:
         w: Windows,
         once: str | None,
         ttl: float,
-    ) -> bool:
+        cost: int = 0,
+    ) -> Settled:
         if lease:
             for s in scopes:
                 self._leases.get((s.tenant, s.model), {}).pop(lease, None)
-        if tokens <= 0 or (once is not None and not self._charge_once(once, w, ttl)):
-            return False
+        if (tokens <= 0 and cost <= 0) or (
+            once is not None and not self._charge_once(once, w, ttl)
+        ):
+            return Settled(False)
         self._turn_windows(w)
+        counters = self._counters
+        spent = []
         for s in scopes:
-            if s.tpm:
+            if s.tpm and tokens > 0:
                 self._bucket(s, "tk", s.tpm, w.now).level -= tokens
-            for window in (w.day, w.month):
+            for window, amount in (
+                (w.day, tokens),
+                (w.month, tokens),
+                ("$" + w.day, cost),
+                ("$" + w.month, cost),
+            ):
                 key = (s.tenant, s.model, window)
-                self._counters[key] = self._counters.get(key, 0) + tokens
-        return True
+                counters[key] = counters.get(key, 0) + amount
+            spent.append(
+                (
+                    counters[(s.tenant, s.model, "$" + w.day)],
+                    counters[(s.tenant, s.model, "$" + w.month)],
+                )
+            )
+        return Settled(True, tuple(spent))
 
     async def ping(self) -> None:
         return None

@@ -24,18 +24,11 @@ from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 from ..errors import StateError
-from ..quotas import Admission, QuotaScope, Windows
-from . import Binding
+from ..quotas import REASONS, Admission, QuotaScope, Windows
+from . import Binding, Settled
 
 T = TypeVar("T")
-_REASONS = (
-    None,
-    "requests_per_minute",
-    "tokens_per_minute",
-    "tokens_per_day",
-    "tokens_per_month",
-    "max_concurrent_requests",
-)
+_REASONS = (None, *REASONS)
 
 
 def _script(name: str) -> str:
@@ -65,7 +58,8 @@ def admit_call(
     for s in scopes:
         b = _base(s)
         keys += [f"{b}:rq", f"{b}:tk", f"{b}:d:{w.day}", f"{b}:m:{w.month}", f"{b}:lease"]
-        args += [s.rpm, s.tpm, s.tpd, s.tpmonth, s.concurrency]
+        keys += [f"{b}:cd:{w.day}", f"{b}:cm:{w.month}"]
+        args += [s.rpm, s.tpm, s.tpd, s.tpmonth, s.concurrency, s.cost_day, s.cost_month]
     return keys, args
 
 
@@ -76,6 +70,7 @@ def settle_call(
     w: Windows,
     once: str | None,
     ttl: float,
+    cost: int = 0,
 ) -> tuple[list[str], list[Any]]:
     """KEYS and ARGV of one ``settle.lua`` call."""
     keys = [f"{tenant_key(scopes[0].tenant)}charged:{once or '-'}"]
@@ -88,10 +83,12 @@ def settle_call(
         w.month_left,
         len(scopes),
         lease or "",
+        cost,
     ]
     for s in scopes:
         b = _base(s)
         keys += [f"{b}:tk", f"{b}:d:{w.day}", f"{b}:m:{w.month}", f"{b}:lease"]
+        keys += [f"{b}:cd:{w.day}", f"{b}:cm:{w.month}"]
         args.append(s.tpm)
     return keys, args
 
@@ -182,6 +179,7 @@ class RedisState:
             int(r[7]),
             float(r[8]),
             lease,
+            int(r[9]),
         )
 
     async def settle(
@@ -192,12 +190,14 @@ class RedisState:
         w: Windows,
         once: str | None,
         ttl: float,
-    ) -> bool:
+        cost: int = 0,
+    ) -> Settled:
         if not scopes:
-            return False
-        keys, args = settle_call(scopes, lease, tokens, w, once, ttl)
+            return Settled(False)
+        keys, args = settle_call(scopes, lease, tokens, w, once, ttl, cost)
         r = await self._call("settle", lambda: self._settle(keys=keys, args=args))
-        return bool(r)
+        spent = tuple((int(r[i]), int(r[i + 1])) for i in range(1, len(r) - 1, 2))
+        return Settled(bool(int(r[0])), spent)
 
     # -- shared circuit breakers (gateway/breaker.py) -----------------------------
 

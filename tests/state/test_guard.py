@@ -9,7 +9,7 @@ import pytest
 
 from gateway.errors import StateError
 from gateway.quotas import Admission, windows
-from gateway.state import Binding
+from gateway.state import Binding, Settled
 from gateway.state.guard import GuardedState, StateSkipped
 from gateway.state.memory import MemoryState
 
@@ -31,7 +31,7 @@ class Flaky(MemoryState):
         await self._gate()
         return await super().admit(*a)
 
-    async def settle(self, *a: Any) -> bool:
+    async def settle(self, *a: Any) -> Settled:
         await self._gate()
         return await super().settle(*a)
 
@@ -61,7 +61,7 @@ def test_breaker_skips_then_probes_then_drains() -> None:
         assert inner.calls == calls and guard.is_open
         await guard.bind_response("r1", Binding("a", "swc"), 60)  # kept here, queued
         assert await guard.get_binding("r1") == Binding("a", "swc")
-        assert await guard.settle([], "l1", 5, windows(), None, 60) is False
+        assert (await guard.settle([], "l1", 5, windows(), None, 60)).charged is False
         assert guard.queued == 2
         inner.down = False
         await asyncio.sleep(0.5)  # the drainer probes once the interval is over

@@ -33,12 +33,18 @@ def test_charge_markers_and_old_windows_are_pruned() -> None:
         scope = QuotaScope("a", "", 0, 0, 1000, 0, 0)
         day1 = windows(1_700_000_000)
         for n in range(250):  # markers are capped like bindings
-            assert await state.settle([scope], None, 1, day1, f"resp_{n}", 3600)
+            assert (await state.settle([scope], None, 1, day1, f"resp_{n}", 3600)).charged
         assert len(state._charged) <= 100
-        assert not await state.settle([scope], None, 1, day1, "resp_249", 3600)  # once
+        again = await state.settle([scope], None, 1, day1, "resp_249", 3600)
+        assert not again.charged  # once
         day2 = windows(1_700_000_000 + 86400 * 40)
         await state.settle([scope], None, 1, day2, None, 3600)
-        assert {k[2] for k in state._counters} == {day2.day, day2.month}
+        assert {k[2] for k in state._counters} == {
+            day2.day,
+            day2.month,
+            "$" + day2.day,
+            "$" + day2.month,
+        }
         later = windows(1_700_000_000 + 7200)  # past the markers' ttl: all pruned
         await state.settle([scope], None, 1, later, "fresh", 3600)
         assert list(state._charged) == ["fresh"]
