@@ -10,7 +10,7 @@ from .errors import StateError
 from .exchange import Exchange
 from .metrics import token_kinds
 from .quotas import MICRO, QuotaScope, refusal, scopes_for, windows
-from .state import StateBackend
+from .state import LedgerEntry, StateBackend
 from .state.guard import StateSkipped
 
 log = logging.getLogger("gateway.quotas")
@@ -72,10 +72,11 @@ class QuotaGate:
             raise refusal(adm, tenant_name, scopes, ex.budget_currency or "")
         ex.leased = any(s.concurrency for s in scopes)
 
-    async def settle(self, ex: Exchange) -> None:
-        """Release the lease and charge the tokens the response used (or an estimate)."""
+    async def settle(self, ex: Exchange, ledger: LedgerEntry | None = None) -> None:
+        """Release the lease, charge the tokens (or an estimate) and the cost, and add the
+        exchange to the usage ledger: one state call."""
         scopes = ex.quota_scopes
-        if not scopes:
+        if not scopes and ledger is None:
             return
         ex.quota_scopes = []
         tokens = ex.estimated_tokens
@@ -87,11 +88,18 @@ class QuotaGate:
         if ex.cost and ex.currency and ex.currency == ex.budget_currency:
             cost = round(ex.cost * MICRO)
         lease = ex.request_id if ex.leased else None
-        if lease is None and tokens <= 0 and cost <= 0:
+        if lease is None and tokens <= 0 and cost <= 0 and ledger is None:
             return
         try:
             settled = await self.state.settle(
-                scopes, lease, max(tokens, 0), windows(), ex.response_id, self.retention, cost
+                scopes,
+                lease,
+                max(tokens, 0),
+                windows(),
+                ex.response_id,
+                self.retention,
+                cost,
+                ledger,
             )
         except StateError as exc:
             self._state_failed("settle", exc)

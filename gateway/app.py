@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
 import time
 import uuid
@@ -24,8 +26,9 @@ from .audit_sinks import FileSink, RedisStreamSink, Sink, StdoutSink
 from .breaker import Breakers, BreakerStore
 from .config import LoadedConfig
 from .credentials import TokenProvider, build_credential
-from .errors import GatewayError, NotFound
+from .errors import BadRequest, GatewayError, NotFound, Unauthenticated
 from .exchange import Observer
+from .keys import presented_key
 from .logs import AccessLog
 from .metrics import Metrics
 from .proxy import Proxy
@@ -34,6 +37,7 @@ from .runtime import Gateway
 from .state import StateBackend
 from .state.memory import MemoryState
 from .upstream import new_client, safe_request_id
+from .usage import UsageQueryError, render, report
 
 log = logging.getLogger("gateway")
 
@@ -242,6 +246,33 @@ def create_app(
         body = {"ready": not problems, "problems": problems, "degraded": degraded}
         return JSONResponse(body, status)
 
+    async def admin_usage(request: Request) -> Response:
+        """The usage ledger for the admin key only (off unless ``admin.key_sha256`` is set)."""
+        cfg_now = gateway.snap.loaded.config
+        expected = cfg_now.admin.key_sha256
+        if expected is None:
+            return _error(NotFound("The admin API is not enabled on this gateway."), request)
+        key = presented_key(request.headers)
+        digest = hashlib.sha256((key or "").encode()).hexdigest()
+        if key is None or not hmac.compare_digest(digest, expected):
+            err = Unauthenticated("This endpoint needs the admin key.", code="invalid_admin_key")
+            return _error(err, request)
+        q = request.query_params
+        fmt = q.get("format", "json")
+        try:
+            if fmt not in ("json", "csv"):
+                raise UsageQueryError("format is json or csv")
+            start, end = q.get("from"), q.get("to")
+            if not start or not end:
+                raise UsageQueryError("give from=YYYY-MM-DD and to=YYYY-MM-DD")
+            rows = await report(gateway.state, cfg_now, start, end, q.get("tenant"))
+        except UsageQueryError as exc:
+            return _error(BadRequest(f"Usage report: {exc}.", code="invalid_usage_query"), request)
+        except GatewayError as exc:
+            return _error(exc, request)
+        media = "application/json" if fmt == "json" else "text/csv"
+        return Response(render(rows, fmt), media_type=media)
+
     async def metrics_endpoint(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -279,6 +310,7 @@ def create_app(
     routes += [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        Route("/admin/usage", admin_usage, methods=["GET"]),
         *([] if cfg.metrics.port else [Route("/metrics", metrics_endpoint, methods=["GET"])]),
     ]
     app = Starlette(

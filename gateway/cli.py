@@ -16,6 +16,7 @@ from typing import Any
 import uvicorn
 
 from .config import ConfigError, LoadedConfig, load_config, parse_config
+from .errors import GatewayError
 from .keys import hash_key, new_key
 from .logs import setup_logging
 from .server import uvicorn_config
@@ -117,6 +118,53 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         print(f"FAILED after {count} good records: {problem}", file=sys.stderr)
         return 1
     print(f"ok: {count} records, chain intact across {len(args.files)} file(s)")
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .state.redis import RedisState
+    from .usage import UsageQueryError, render, report
+
+    path = args.config or os.environ.get("GATEWAY_CONFIG")
+    if not path:
+        print("gateway usage: give --config FILE or set GATEWAY_CONFIG", file=sys.stderr)
+        return 2
+    try:
+        loaded = load_config(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    cfg = loaded.config
+    if cfg.state.backend != "redis" or loaded.redis_url is None:
+        print(
+            "gateway usage: the memory backend keeps the ledger inside the running gateway; "
+            "read it with GET /admin/usage (admin.key_sha256)",
+            file=sys.stderr,
+        )
+        return 2
+    redis_url = loaded.redis_url.value
+
+    async def run() -> str:
+        state = RedisState(
+            redis_url, timeout=max(cfg.state.timeout_seconds, 2.0), mode=cfg.state.mode
+        )
+        try:
+            await state.connect()
+            rows = await report(state, cfg, args.start, args.end, args.tenant)
+        finally:
+            await state.aclose()
+        return render(rows, args.format)
+
+    try:
+        sys.stdout.write(asyncio.run(run()))
+    except UsageQueryError as exc:
+        print(f"gateway usage: {exc}", file=sys.stderr)
+        return 2
+    except GatewayError as exc:
+        print(f"gateway usage: {exc.message}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -224,6 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = audit.add_parser("verify", help="check the hash chain of audit files (oldest first)")
     p.add_argument("files", nargs="+", metavar="FILE")
     p.set_defaults(func=cmd_audit_verify)
+
+    p = sub.add_parser("usage", help="print the usage ledger (Redis backend) as CSV or JSON")
+    p.add_argument("--config", help="YAML config file (or set GATEWAY_CONFIG)")
+    p.add_argument("--from", dest="start", required=True, help="first UTC day, YYYY-MM-DD")
+    p.add_argument("--to", dest="end", required=True, help="last UTC day, YYYY-MM-DD")
+    p.add_argument("--tenant", help="one tenant (default: all)")
+    p.add_argument("--format", choices=["csv", "json"], default="csv")
+    p.set_defaults(func=cmd_usage)
 
     p = sub.add_parser("simulate", help="serve the local Responses API simulator")
     p.add_argument("--host", default="127.0.0.1")

@@ -293,6 +293,22 @@ class AuditConfig(_Frozen):
         return self.sinks
 
 
+class UsageConfig(_Frozen):
+    ledger: bool = True  # per tenant x model x UTC day, in the state backend
+    retention_days: Positive = 400
+
+
+class AdminConfig(_Frozen):
+    key_sha256: str | None = None  # GET /admin/usage is off unless set; never a tenant key
+
+    @field_validator("key_sha256")
+    @classmethod
+    def _hex(cls, value: str | None) -> str | None:
+        if value is not None and not _HEX64.match(value.lower()):
+            raise ValueError("must be 64 hex characters (the SHA-256 of the admin key)")
+        return value.lower() if value else value
+
+
 class MetricsConfig(_Frozen):
     port: Annotated[int, Field(gt=0, lt=65536)] | None = None
     host: str = "0.0.0.0"
@@ -307,6 +323,8 @@ class Config(_Frozen):
     upstream: UpstreamConfig = UpstreamConfig()
     breaker: BreakerConfig = BreakerConfig()
     prices: dict[str, PriceConfig] = {}
+    usage: UsageConfig = UsageConfig()
+    admin: AdminConfig = AdminConfig()
     server: ServerConfig = ServerConfig()
     audit: AuditConfig = AuditConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -376,6 +394,10 @@ def _cross_check(cfg: Config) -> list[str]:
                         f"tenants.{tname}.budgets.currency: {tenant.budgets.currency} differs "
                         f"from prices.{model}.currency {price.currency}"
                     )
+    if cfg.admin.key_sha256 is not None and cfg.admin.key_sha256 in hashes:
+        errors.append(
+            f"admin.key_sha256: the admin key is a tenant key ({hashes[cfg.admin.key_sha256]})"
+        )
     for model, price in cfg.prices.items():
         if model not in cfg.models:
             errors.append(f"prices.{model}: unknown model")

@@ -25,7 +25,8 @@ from .errors import ClientClosed, GatewayError, InternalError
 from .exchange import Exchange
 from .metrics import token_kinds
 from .pricing import cost_of
-from .quotas import estimate_tokens, ratelimit_headers
+from .quotas import MICRO, estimate_tokens, ratelimit_headers
+from .state import LedgerEntry
 from .upstream import safe_request_id
 from .validate import dump_json
 
@@ -166,16 +167,17 @@ class Operation:
                 ex.estimated_tokens = estimate_tokens(ex.request_bytes, ex.stream_events)
             try:
                 _price(ex, gw.snap)  # budgets are charged in money, so before settling
-                if ex.quota_scopes:  # only then is there anything to settle
-                    await shielded(self._settle(ex))
+                ledger = _ledger(ex, gw.snap)
+                if ex.quota_scopes or ledger:  # only then is there anything to settle
+                    await shielded(self._settle(ex, ledger))
             finally:
                 ex.duration_seconds = time.perf_counter() - ex.started
                 for obs in gw.observers:
                     _tell(obs.finished, ex)
 
-    async def _settle(self, ex: Exchange) -> None:
+    async def _settle(self, ex: Exchange, ledger: LedgerEntry | None) -> None:
         try:
-            await self.gw.gate.settle(ex)
+            await self.gw.gate.settle(ex, ledger)
         except Exception:
             log.exception("settling the quota failed", extra={"request_id": ex.request_id})
 
@@ -241,6 +243,30 @@ def _price(ex: Exchange, snap: Snapshot) -> None:
     else:
         return
     ex.cost, ex.currency, ex.cost_estimated = cost
+
+
+def _ledger(ex: Exchange, snap: Snapshot) -> LedgerEntry | None:
+    """The usage-ledger entry of a billed exchange (usage, or a cut-stream estimate)."""
+    usage = snap.loaded.config.usage
+    if not usage.ledger or ex.tenant is None or not (ex.usage or ex.estimated_tokens):
+        return None
+    if ex.usage:
+        kinds = token_kinds(ex.usage)
+    else:
+        tokens_in = min(ex.request_bytes // 4, ex.estimated_tokens)
+        out = ex.estimated_tokens - tokens_in
+        kinds = {"input": tokens_in, "cached": 0, "output": out, "reasoning": 0}
+    return LedgerEntry(
+        ex.tenant,
+        ex.model or "",
+        kinds["input"],
+        kinds["cached"],
+        kinds["output"],
+        kinds["reasoning"],
+        round((ex.cost or 0.0) * MICRO),
+        not ex.usage,
+        usage.retention_days * 86400.0,
+    )
 
 
 def _tell(hook: Callable[[Exchange], None], ex: Exchange) -> None:

@@ -24,6 +24,46 @@ class Settled(NamedTuple):
     spent: tuple[tuple[int, int], ...] = ()
 
 
+class LedgerEntry(NamedTuple):
+    """One billed exchange for the usage ledger (tenant x model x UTC day)."""
+
+    tenant: str
+    model: str
+    input: int
+    cached: int
+    output: int
+    reasoning: int
+    cost: int  # millionths of the price's currency
+    estimated: bool
+    ttl: float  # how long the day's row is kept
+
+
+LEDGER_FIELDS = (
+    "requests",
+    "input_tokens",
+    "cached_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "cost_micro",
+    "estimated_requests",
+    "estimated_cost_micro",
+)
+
+
+def ledger_increments(e: LedgerEntry) -> dict[str, int]:
+    """The ledger fields one exchange adds."""
+    return {
+        "requests": 1,
+        "input_tokens": e.input,
+        "cached_tokens": e.cached,
+        "output_tokens": e.output,
+        "reasoning_tokens": e.reasoning,
+        "cost_micro": e.cost,
+        "estimated_requests": int(e.estimated),
+        "estimated_cost_micro": e.cost if e.estimated else 0,
+    }
+
+
 class StateBackend(Protocol):
     """What the gateway keeps between requests (and, with Redis, between replicas)."""
 
@@ -50,12 +90,16 @@ class StateBackend(Protocol):
         once: str | None,
         ttl: float,
         cost: int = 0,
+        ledger: LedgerEntry | None = None,
     ) -> Settled:
-        """Give back ``lease`` (if any) and charge ``tokens`` and ``cost`` (millionths of the
-        budget's currency) to every scope, in one step.
+        """Give back ``lease`` (if any), charge ``tokens`` and ``cost`` (millionths of the
+        budget's currency) to every scope, and add ``ledger`` to the usage ledger: one step.
 
-        With ``once``, they are charged only the first time for that id.
+        With ``once``, the charge and the ledger entry happen only the first time for that id.
         """
+
+    async def usage(self, tenant: str, day: str) -> dict[str, dict[str, int]]:
+        """The ledger of ``tenant`` for UTC ``day`` (YYYYMMDD): model -> field -> value."""
 
     async def ping(self) -> None:
         """Raise ``StateError`` if the backend cannot be reached."""

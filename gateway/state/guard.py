@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from ..errors import StateError
 from ..quotas import Admission, QuotaScope, Windows
-from . import Binding, Settled, StateBackend
+from . import Binding, LedgerEntry, Settled, StateBackend
 from .redis import binding_key, tenant_key
 
 log = logging.getLogger("gateway.state")
@@ -206,11 +206,13 @@ class GuardedState:
         once: str | None,
         ttl: float,
         cost: int = 0,
+        ledger: LedgerEntry | None = None,
     ) -> Settled:
         async def op() -> Settled:
-            return await self.inner.settle(scopes, lease, tokens, w, once, ttl, cost)
+            return await self.inner.settle(scopes, lease, tokens, w, once, ttl, cost, ledger)
 
-        shard = self._shard_of(tenant_key(scopes[0].tenant)) if scopes else "redis"
+        tenant = scopes[0].tenant if scopes else ledger.tenant if ledger else ""
+        shard = self._shard_of(tenant_key(tenant))
         try:
             return await self._call("settle", op, shard)
         except StateError:
@@ -226,6 +228,10 @@ class GuardedState:
             await connect()
         except StateError as exc:
             log.error("state store unreachable at start", extra={"reason": exc.message})
+
+    async def usage(self, tenant: str, day: str) -> dict[str, dict[str, int]]:
+        shard = self._shard_of(tenant_key(tenant))
+        return await self._call("usage", lambda: self.inner.usage(tenant, day), shard)
 
     async def ping(self) -> None:
         """Raise while any node is skipped; else ping (a failed ping trips no breaker)."""

@@ -11,7 +11,7 @@ import time
 from collections import OrderedDict
 
 from ..quotas import Admission, QuotaScope, Windows
-from . import Binding, Settled
+from . import Binding, LedgerEntry, Settled, ledger_increments
 
 
 class _Bucket:
@@ -38,6 +38,7 @@ class MemoryState:
         self._leases: dict[tuple[str, str], dict[str, float]] = {}
         self._charged: OrderedDict[str, float] = OrderedDict()
         self._windows: tuple[str, str] = ("", "")
+        self._ledger: dict[tuple[str, str], dict[str, dict[str, int]]] = {}
 
     async def bind_response(self, response_id: str, binding: Binding, ttl: float) -> None:
         now = time.monotonic()
@@ -152,15 +153,21 @@ class MemoryState:
         once: str | None,
         ttl: float,
         cost: int = 0,
+        ledger: LedgerEntry | None = None,
     ) -> Settled:
         if lease:
             for s in scopes:
                 self._leases.get((s.tenant, s.model), {}).pop(lease, None)
-        if (tokens <= 0 and cost <= 0) or (
-            once is not None and not self._charge_once(once, w, ttl)
-        ):
+        if tokens <= 0 and cost <= 0 and ledger is None:
+            return Settled(False)
+        if once is not None and not self._charge_once(once, w, ttl):
             return Settled(False)
         self._turn_windows(w)
+        if ledger is not None:
+            row = self._ledger.setdefault((ledger.tenant, w.day), {}).setdefault(ledger.model, {})
+            for field, value in ledger_increments(ledger).items():
+                row[field] = row.get(field, 0) + value
+            self._prune_ledger(w, ledger.ttl)
         counters = self._counters
         spent = []
         for s in scopes:
@@ -181,6 +188,15 @@ class MemoryState:
                 )
             )
         return Settled(True, tuple(spent))
+
+    def _prune_ledger(self, w: Windows, ttl: float) -> None:
+        oldest = time.strftime("%Y%m%d", time.gmtime(w.now - ttl))
+        for key in [k for k in self._ledger if k[1] < oldest]:
+            del self._ledger[key]
+
+    async def usage(self, tenant: str, day: str) -> dict[str, dict[str, int]]:
+        row = self._ledger.get((tenant, day), {})
+        return {model: dict(fields) for model, fields in row.items()}
 
     async def ping(self) -> None:
         return None

@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 
 from ..errors import StateError
 from ..quotas import REASONS, Admission, QuotaScope, Windows
-from . import Binding, Settled
+from . import Binding, LedgerEntry, Settled, ledger_increments
 
 T = TypeVar("T")
 _REASONS = (None, *REASONS)
@@ -71,9 +71,11 @@ def settle_call(
     once: str | None,
     ttl: float,
     cost: int = 0,
+    ledger: LedgerEntry | None = None,
 ) -> tuple[list[str], list[Any]]:
     """KEYS and ARGV of one ``settle.lua`` call."""
-    keys = [f"{tenant_key(scopes[0].tenant)}charged:{once or '-'}"]
+    tenant = scopes[0].tenant if scopes else ledger.tenant if ledger else ""
+    keys = [f"{tenant_key(tenant)}charged:{once or '-'}", ledger_key(tenant, w.day)]
     args: list[Any] = [
         w.now,
         tokens,
@@ -90,7 +92,18 @@ def settle_call(
         keys += [f"{b}:tk", f"{b}:d:{w.day}", f"{b}:m:{w.month}", f"{b}:lease"]
         keys += [f"{b}:cd:{w.day}", f"{b}:cm:{w.month}"]
         args.append(s.tpm)
+    if ledger is None:
+        args.append("0")
+    else:
+        args += ["1", int(ledger.ttl), ledger.model]
+        for field, value in ledger_increments(ledger).items():
+            args += [field, value]
     return keys, args
+
+
+def ledger_key(tenant: str, day: str) -> str:
+    """The usage ledger row of a tenant for one UTC day (a hash: model|field -> count)."""
+    return f"{tenant_key(tenant)}u:{day}"
 
 
 class RedisState:
@@ -191,10 +204,11 @@ class RedisState:
         once: str | None,
         ttl: float,
         cost: int = 0,
+        ledger: LedgerEntry | None = None,
     ) -> Settled:
-        if not scopes:
+        if not scopes and ledger is None:
             return Settled(False)
-        keys, args = settle_call(scopes, lease, tokens, w, once, ttl, cost)
+        keys, args = settle_call(scopes, lease, tokens, w, once, ttl, cost, ledger)
         r = await self._call("settle", lambda: self._settle(keys=keys, args=args))
         spent = tuple((int(r[i]), int(r[i + 1])) for i in range(1, len(r) - 1, 2))
         return Settled(bool(int(r[0])), spent)
@@ -225,6 +239,15 @@ class RedisState:
             if raw:
                 until, _, throttled = (raw if isinstance(raw, str) else raw.decode()).partition("|")
                 out[target] = (float(until), throttled == "1")
+        return out
+
+    async def usage(self, tenant: str, day: str) -> dict[str, dict[str, int]]:
+        raw = await self._call("usage", lambda: self._client.hgetall(ledger_key(tenant, day)))
+        out: dict[str, dict[str, int]] = {}
+        for name, value in raw.items():
+            text = name if isinstance(name, str) else name.decode()
+            model, _, field = text.rpartition("|")
+            out.setdefault(model, {})[field] = int(value)
         return out
 
     async def ping(self) -> None:

@@ -1,9 +1,10 @@
 -- Settle one request, atomically: give back its lease, then charge its tokens and its cost
 -- to every quota scope (with a marker, only once per response id).
--- KEYS: marker, then per scope (6 each): token bucket, day counter, month counter, leases,
---       money day counter, money month counter
+-- KEYS: marker, ledger row (a hash per tenant and UTC day), then per scope (6 each): token
+--       bucket, day counter, month counter, leases, money day counter, money month counter
 -- ARGV: now, tokens, use marker (0|1), marker ttl, day ttl, month ttl, scope count,
---       lease id ('' for none), cost (millionths of the currency), then per scope: tpm
+--       lease id ('' for none), cost (millionths of the currency), then per scope: tpm,
+--       then the ledger: write (0|1), ttl, model, and field/increment pairs
 -- Returns {charged (0|1), then per scope: money spent today, this month (after)}.
 local now = tonumber(ARGV[1])
 local tokens = tonumber(ARGV[2])
@@ -12,16 +13,25 @@ local lease = ARGV[8]
 local cost = tonumber(ARGV[9])
 if lease ~= '' then
   for i = 0, n - 1 do
-    redis.call('ZREM', KEYS[2 + i * 6 + 3], lease)
+    redis.call('ZREM', KEYS[3 + i * 6 + 3], lease)
   end
 end
-if tokens <= 0 and cost <= 0 then return {0} end
+local l = 10 + n
+local ledger = ARGV[l] == '1'
+if tokens <= 0 and cost <= 0 and not ledger then return {0} end
 if ARGV[3] == '1' then
   if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[4]) then return {0} end
 end
+if ledger then
+  local model = ARGV[l + 2]
+  for j = l + 3, #ARGV, 2 do
+    redis.call('HINCRBY', KEYS[2], model .. '|' .. ARGV[j], ARGV[j + 1])
+  end
+  redis.call('EXPIRE', KEYS[2], ARGV[l + 1])
+end
 local out = {1}
 for i = 0, n - 1 do
-  local k = 1 + i * 6
+  local k = 2 + i * 6
   local tpm = tonumber(ARGV[10 + i])
   if tpm > 0 and tokens > 0 then
     local v = redis.call('HMGET', KEYS[k + 1], 'l', 't')
