@@ -7,10 +7,11 @@ else is ``other``), resources and regions likewise, statuses are numbers.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 from .config import Config
 from .exchange import BaseObserver, Exchange
@@ -21,6 +22,30 @@ _LABEL = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _TTFB = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 _TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
+
+
+class _Budgets:
+    """``gateway_budget``: the money budgets of the current config (read at scrape)."""
+
+    def __init__(self, config_source: Callable[[], Config]) -> None:
+        self._config = config_source
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "gateway_budget",
+            "Money budgets from the config, by tenant, model ('' tenant-wide), period, currency.",
+            labels=["tenant", "model", "period", "currency"],
+        )
+        for tenant, t in self._config().tenants.items():
+            b = t.budgets
+            if b is None:
+                continue
+            limits = [("", b), *b.models.items()]
+            for model, limit in limits:
+                for period, amount in (("day", limit.per_day), ("month", limit.per_month)):
+                    if amount:
+                        family.add_metric([tenant, model, period, b.currency], amount)
+        yield family
 
 
 class Metrics(BaseObserver):
@@ -202,6 +227,7 @@ class Metrics(BaseObserver):
             ["tenant", "model", "period"],
             registry=r,
         )
+        r.register(_Budgets(config_source))
         self.config_reloads = Counter(
             "gateway_config_reloads_total", "Config reloads, by result.", ["result"], registry=r
         )

@@ -103,3 +103,15 @@ def test_budget_config_is_validated(identity: Sim, tenants: Tenants) -> None:
         info.value
     )
     assert "tenants.team-a.budgets.models.ghost: unknown model" in str(info.value)
+
+
+def test_budgets_are_exposed_for_the_dashboard(identity: Sim, tenants: Tenants) -> None:
+    cfg = _cfg(identity, tenants, 12.5)
+    cfg["tenants"]["team-a"]["budgets"]["models"] = {"gpt-4.1": {"per_month": 100}}
+    with gateway(cfg) as gw:
+        text = httpx.get(gw.url + "/metrics").text
+    assert 'gateway_budget{currency="EUR",model="",period="day",tenant="team-a"} 12.5' in text
+    assert (
+        'gateway_budget{currency="EUR",model="gpt-4.1",period="month",tenant="team-a"} 100.0'
+        in text
+    )
