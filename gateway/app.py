@@ -138,6 +138,18 @@ def create_app(
     cfg = loaded.config
     metrics = Metrics(lambda: gateway.snap.loaded.config)
     observers: list[Observer] = [metrics, AccessLog()]
+    tracing = None
+    if cfg.tracing.otlp_endpoint:
+        try:
+            from .tracing import Tracing
+
+            tracing = Tracing(cfg.tracing)
+        except ImportError as exc:
+            raise RuntimeError(
+                "tracing.otlp_endpoint is set but OpenTelemetry is not installed: "
+                "pip install 'azure-responses-gateway[tracing]'"
+            ) from exc
+        observers.insert(0, tracing)  # first: the span starts before the others look
     needs_entra = any(r.auth == "entra" for r in cfg.resources.values())
     tokens = None
     if needs_entra:
@@ -215,6 +227,8 @@ def create_app(
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
             await breakers.aclose()
+            if tracing is not None:
+                await asyncio.to_thread(tracing.shutdown)
             await gateway.http.aclose()
             await gateway.state.aclose()
             await gateway.audit.aclose()

@@ -309,6 +309,19 @@ class AdminConfig(_Frozen):
         return value.lower() if value else value
 
 
+class TracingConfig(_Frozen):
+    otlp_endpoint: str | None = None  # e.g. http://otel-collector:4318; off when unset
+    service_name: str = "azure-responses-gateway"
+    sample_ratio: Annotated[float, Field(ge=0, le=1)] = 1.0
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value
+
+
 class MetricsConfig(_Frozen):
     port: Annotated[int, Field(gt=0, lt=65536)] | None = None
     host: str = "0.0.0.0"
@@ -324,6 +337,7 @@ class Config(_Frozen):
     breaker: BreakerConfig = BreakerConfig()
     prices: dict[str, PriceConfig] = {}
     usage: UsageConfig = UsageConfig()
+    tracing: TracingConfig = TracingConfig()
     admin: AdminConfig = AdminConfig()
     server: ServerConfig = ServerConfig()
     audit: AuditConfig = AuditConfig()

@@ -55,6 +55,9 @@ class Exchange:
     cost_estimated: bool = False
     budget_currency: str | None = None
     budget_warn_at: float = 0.8
+    traceparent: str | None = None  # the client's, when it sent one
+    traceparent_out: str | None = None  # ours, sent upstream (tracing on)
+    span: Any = None
     audited_items: set[str] = field(default_factory=set)
     pending_audit: list[dict[str, Any]] = field(default_factory=list)
 

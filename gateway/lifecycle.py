@@ -85,6 +85,7 @@ def new_exchange(incoming: Incoming, operation: str, snap: Snapshot) -> Exchange
         operation=operation,
         method=incoming.method,
         client=client_address(peer, headers.get("x-forwarded-for"), snap),
+        traceparent=headers.get("traceparent"),
     )
 
 

@@ -43,6 +43,7 @@ IMAGE_DEPLOYMENT_HEADER = "x-ms-oai-image-generation-deployment"
 # goes and the gateway sets its own; by-id bodies are forwarded as sent.
 _DROP_REWRITTEN = frozenset({IMAGE_DEPLOYMENT_HEADER.encode(), b"content-type"})
 _DROP_AS_SENT = frozenset({IMAGE_DEPLOYMENT_HEADER.encode()})
+_TRACE = frozenset({b"traceparent"})
 
 
 class Attempt:
@@ -285,7 +286,11 @@ class Proxy:
                 if guarded:
                     breakers.release(target.key)
                 raise
-            headers = request_headers(scope["headers"], ex.request_id, auth, drop)
+            if ex.traceparent_out is None:
+                headers = request_headers(scope["headers"], ex.request_id, auth, drop)
+            else:  # our span continues the trace upstream
+                headers = request_headers(scope["headers"], ex.request_id, auth, drop | _TRACE)
+                headers.append(("traceparent", ex.traceparent_out))
             headers += attempt.headers
             if drop is _DROP_REWRITTEN and attempt.body is not None:
                 headers.append(("content-type", "application/json"))
