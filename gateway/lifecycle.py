@@ -260,6 +260,7 @@ def _ledger(ex: Exchange, snap: Snapshot) -> LedgerEntry | None:
     return LedgerEntry(
         ex.tenant,
         ex.model or "",
+        ex.target.resource if ex.target else "",
         kinds["input"],
         kinds["cached"],
         kinds["output"],

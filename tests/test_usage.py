@@ -185,3 +185,26 @@ def test_admin_key_may_not_be_a_tenant_key(identity: Sim, tenants: Tenants) -> N
     cfg["admin"] = {"key_sha256": hash_key(tenants.key("team-a"))}
     with pytest.raises(ConfigError, match="admin key is a tenant key"):
         parse_config(cfg, {})
+
+
+def test_ptu_hourly_cost_is_spread_by_token_share(identity: Sim, tenants: Tenants) -> None:
+    admin = new_key()
+    ptu = {**PRICES, "resources": {"swc": {"input": 0, "output": 0, "hourly": 30.0}}}
+    cfg = base_config({"swc": identity}, tenants, prices={"gpt-4.1": ptu})
+    cfg["admin"] = {"key_sha256": hash_key(admin)}
+    day = datetime.now(UTC).date().isoformat()
+    with gateway(cfg) as gw:
+        usages = _traffic(gw.url, tenants)
+        r = httpx.get(
+            gw.url + "/admin/usage", params={"from": day, "to": day}, headers={"api-key": admin}
+        )
+    now = datetime.now(UTC)
+    hours = now.hour + now.minute / 60 + now.second / 3600
+    rows = {row["tenant"]: row for row in r.json()}
+    tokens = {t: sum(u["input_tokens"] + u["output_tokens"] for u in usages[t]) for t in usages}
+    assert all(row["cost"] == 0 for row in rows.values())  # 0 per token on the PTU
+    total = rows["team-a"]["ptu_cost"] + rows["team-b"]["ptu_cost"]
+    assert abs(total - 30.0 * hours) <= 30.0 * 0.01  # the whole day so far, within a minute
+    if total > 0:  # just after midnight UTC there is no day to share yet
+        share = rows["team-a"]["ptu_cost"] / total
+        assert abs(share - tokens["team-a"] / (tokens["team-a"] + tokens["team-b"])) < 1e-3

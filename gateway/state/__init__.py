@@ -29,6 +29,7 @@ class LedgerEntry(NamedTuple):
 
     tenant: str
     model: str
+    resource: str
     input: int
     cached: int
     output: int
@@ -98,8 +99,8 @@ class StateBackend(Protocol):
         With ``once``, the charge and the ledger entry happen only the first time for that id.
         """
 
-    async def usage(self, tenant: str, day: str) -> dict[str, dict[str, int]]:
-        """The ledger of ``tenant`` for UTC ``day`` (YYYYMMDD): model -> field -> value."""
+    async def usage(self, tenant: str, day: str) -> dict[tuple[str, str], dict[str, int]]:
+        """The ledger of ``tenant`` for UTC ``day`` (YYYYMMDD): (model, resource) -> field -> n."""
 
     async def ping(self) -> None:
         """Raise ``StateError`` if the backend cannot be reached."""

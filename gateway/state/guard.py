@@ -229,7 +229,7 @@ class GuardedState:
         except StateError as exc:
             log.error("state store unreachable at start", extra={"reason": exc.message})
 
-    async def usage(self, tenant: str, day: str) -> dict[str, dict[str, int]]:
+    async def usage(self, tenant: str, day: str) -> dict[tuple[str, str], dict[str, int]]:
         shard = self._shard_of(tenant_key(tenant))
         return await self._call("usage", lambda: self.inner.usage(tenant, day), shard)
 

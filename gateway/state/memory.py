@@ -38,7 +38,7 @@ class MemoryState:
         self._leases: dict[tuple[str, str], dict[str, float]] = {}
         self._charged: OrderedDict[str, float] = OrderedDict()
         self._windows: tuple[str, str] = ("", "")
-        self._ledger: dict[tuple[str, str], dict[str, dict[str, int]]] = {}
+        self._ledger: dict[tuple[str, str], dict[tuple[str, str], dict[str, int]]] = {}
 
     async def bind_response(self, response_id: str, binding: Binding, ttl: float) -> None:
         now = time.monotonic()
@@ -164,7 +164,8 @@ class MemoryState:
             return Settled(False)
         self._turn_windows(w)
         if ledger is not None:
-            row = self._ledger.setdefault((ledger.tenant, w.day), {}).setdefault(ledger.model, {})
+            day = self._ledger.setdefault((ledger.tenant, w.day), {})
+            row = day.setdefault((ledger.model, ledger.resource), {})
             for field, value in ledger_increments(ledger).items():
                 row[field] = row.get(field, 0) + value
             self._prune_ledger(w, ledger.ttl)
@@ -194,9 +195,9 @@ class MemoryState:
         for key in [k for k in self._ledger if k[1] < oldest]:
             del self._ledger[key]
 
-    async def usage(self, tenant: str, day: str) -> dict[str, dict[str, int]]:
+    async def usage(self, tenant: str, day: str) -> dict[tuple[str, str], dict[str, int]]:
         row = self._ledger.get((tenant, day), {})
-        return {model: dict(fields) for model, fields in row.items()}
+        return {key: dict(fields) for key, fields in row.items()}
 
     async def ping(self) -> None:
         return None

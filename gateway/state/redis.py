@@ -95,7 +95,7 @@ def settle_call(
     if ledger is None:
         args.append("0")
     else:
-        args += ["1", int(ledger.ttl), ledger.model]
+        args += ["1", int(ledger.ttl), f"{ledger.model}|{ledger.resource}"]
         for field, value in ledger_increments(ledger).items():
             args += [field, value]
     return keys, args
@@ -241,13 +241,13 @@ class RedisState:
                 out[target] = (float(until), throttled == "1")
         return out
 
-    async def usage(self, tenant: str, day: str) -> dict[str, dict[str, int]]:
+    async def usage(self, tenant: str, day: str) -> dict[tuple[str, str], dict[str, int]]:
         raw = await self._call("usage", lambda: self._client.hgetall(ledger_key(tenant, day)))
-        out: dict[str, dict[str, int]] = {}
+        out: dict[tuple[str, str], dict[str, int]] = {}
         for name, value in raw.items():
             text = name if isinstance(name, str) else name.decode()
-            model, _, field = text.rpartition("|")
-            out.setdefault(model, {})[field] = int(value)
+            model, resource, field = text.rsplit("|", 2)  # resource names have no '|'
+            out.setdefault((model, resource), {})[field] = int(value)
         return out
 
     async def ping(self) -> None:

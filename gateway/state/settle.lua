@@ -4,7 +4,7 @@
 --       bucket, day counter, month counter, leases, money day counter, money month counter
 -- ARGV: now, tokens, use marker (0|1), marker ttl, day ttl, month ttl, scope count,
 --       lease id ('' for none), cost (millionths of the currency), then per scope: tpm,
---       then the ledger: write (0|1), ttl, model, and field/increment pairs
+--       then the ledger: write (0|1), ttl, "model|resource", and field/increment pairs
 -- Returns {charged (0|1), then per scope: money spent today, this month (after)}.
 local now = tonumber(ARGV[1])
 local tokens = tonumber(ARGV[2])
