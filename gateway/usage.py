@@ -19,7 +19,7 @@ from typing import Any
 
 from .config import Config
 from .quotas import MICRO
-from .state import StateBackend
+from .state import LEDGER_FIELDS, StateBackend
 
 COLUMNS = (
     "date",
@@ -57,18 +57,6 @@ def days(start: str, end: str) -> list[date]:
     return [first + timedelta(days=n) for n in range(count)]
 
 
-_SUMMED = (
-    "requests",
-    "input_tokens",
-    "cached_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "cost_micro",
-    "estimated_requests",
-    "estimated_cost_micro",
-)
-
-
 def _hours(day: date) -> float:
     """Hours of ``day`` (UTC) that have passed: 24, or the part of today so far."""
     now = datetime.now(UTC)
@@ -99,8 +87,8 @@ async def report(
                 continue
             by_model: dict[str, dict[str, float]] = {}
             for (model, resource), f in ledger.items():
-                row = by_model.setdefault(model, dict.fromkeys((*_SUMMED, "ptu"), 0.0))
-                for field in _SUMMED:
+                row = by_model.setdefault(model, dict.fromkeys((*LEDGER_FIELDS, "ptu"), 0.0))
+                for field in LEDGER_FIELDS:
                     row[field] += f.get(field, 0)
                 price = config.prices.get(model)
                 override = price.resources.get(resource) if price else None
