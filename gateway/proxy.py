@@ -312,13 +312,22 @@ class Proxy:
                     continue
                 ex.target = target
                 raise exc.error from exc
+            except BaseException:  # cancelled: no verdict, so a probe must not stay taken
+                if guarded:
+                    breakers.release(target.key)
+                raise
             if guarded:
-                if resp.status >= 400:
-                    capacity = resp.status == 429 and capacity_429(await resp.read())
-                    retry_after = retry_after_seconds(resp.headers)
-                    breakers.failure(target.key, resp.status, retry_after, capacity)
-                else:
-                    breakers.success(target.key)
+                try:
+                    if resp.status >= 400:
+                        capacity = resp.status == 429 and capacity_429(await resp.read())
+                        retry_after = retry_after_seconds(resp.headers)
+                        breakers.failure(target.key, resp.status, retry_after, capacity)
+                    else:
+                        breakers.success(target.key)
+                except BaseException:
+                    breakers.release(target.key)
+                    resp.close()
+                    raise
             if resp.status >= 400:
                 for obs in gw.observers:
                     obs.upstream_failed(ex, target, resp.status)

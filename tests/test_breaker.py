@@ -244,3 +244,16 @@ def test_a_trip_is_shared_through_redis(
     finally:
         r1.stop()
         r2.stop()
+
+
+def test_a_probe_given_back_can_be_taken_again() -> None:
+    from gateway.breaker import Breakers
+    from gateway.config import BreakerConfig
+
+    b = Breakers(BreakerConfig(failures=1, open_seconds=0.01))
+    b.failure("r/d", None, None)  # opens (no event loop needed without a store)
+    time.sleep(0.02)
+    assert b.acquire("r/d")  # the probe
+    assert not b.acquire("r/d")  # one at a time
+    b.release("r/d")  # the request holding it was cancelled
+    assert b.acquire("r/d")
