@@ -86,11 +86,17 @@ def backend(request: pytest.FixtureRequest) -> tuple[dict[str, object], dict[str
     """(state config, environment) for each state backend: memory, one Redis, a cluster."""
     if request.param == "memory":
         return {"backend": "memory"}, {}
+    # These gateways run in the test process, sharing one GIL with the simulator and the
+    # client threads: their event loop can stall past the 0.2 s production default and
+    # trip the breaker on a healthy Redis (the overload trade-off the README documents;
+    # tests/test_state_faults.py measures the default itself).
+    timeout = 1.0
     if request.param == "cluster":
         cluster: RedisClusterServer = request.getfixturevalue("redis_cluster")
         cluster.flush()
         state = {"backend": "redis", "mode": "cluster", "url_env": "REDIS_URL"}
-        return state, {"REDIS_URL": cluster.url}
+        return {**state, "timeout_seconds": timeout}, {"REDIS_URL": cluster.url}
     server: RedisServer = request.getfixturevalue("redis_server")
     server.flush()
-    return {"backend": "redis", "url_env": "REDIS_URL"}, {"REDIS_URL": server.url}
+    state = {"backend": "redis", "url_env": "REDIS_URL", "timeout_seconds": timeout}
+    return state, {"REDIS_URL": server.url}

@@ -25,7 +25,9 @@ def replicas(
         "IDENTITY_ENDPOINT": f"{sim.url}/msi/token",
         "IDENTITY_HEADER": IDENTITY_HEADER,
     }
-    cfg = {**cfg, "state": {"backend": "redis", "url_env": "REDIS_URL", **cfg.get("state", {})}}
+    # timeout 1 s: replicas, simulator and client share two cores here (see conftest.backend)
+    state = {"backend": "redis", "url_env": "REDIS_URL", "timeout_seconds": 1.0}
+    cfg = {**cfg, "state": {**state, **cfg.get("state", {})}}
     procs = [GatewayProcess(cfg, str(tmp), env) for _ in range(n)]
     try:
         for p in procs:
