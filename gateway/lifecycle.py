@@ -167,8 +167,9 @@ class Operation:
                 # Cut before Azure reported usage: charged and priced by estimate.
                 ex.estimated_tokens = estimate_tokens(ex.request_bytes, ex.stream_events)
             try:
-                _price(ex, gw.snap)  # budgets are charged in money, so before settling
-                ledger = _ledger(ex, gw.snap)
+                kinds = _billed_kinds(ex)
+                _price(ex, gw.snap, kinds)  # budgets are charged in money, so before settling
+                ledger = _ledger(ex, gw.snap, kinds)
                 if ex.quota_scopes or ledger:  # only then is there anything to settle
                     await shielded(self._settle(ex, ledger))
             finally:
@@ -230,33 +231,36 @@ def stream_error_event(code: str, message: str, sequence: int | None) -> bytes:
     return b"\nevent: error\ndata: " + dump_json(event) + b"\n\n"
 
 
-def _price(ex: Exchange, snap: Snapshot) -> None:
-    """Set the exchange's cost from the price table (usage, or the cut-stream estimate)."""
+def _billed_kinds(ex: Exchange) -> dict[str, int] | None:
+    """The token counts an exchange is billed for: Azure's usage, or for a stream cut
+    before it, the estimate (request bytes / 4 as input, the rest as output)."""
+    if ex.usage:
+        return token_kinds(ex.usage)
+    if not ex.estimated_tokens:
+        return None
+    tokens_in = min(ex.request_bytes // 4, ex.estimated_tokens)
+    return {
+        "input": tokens_in,
+        "cached": 0,
+        "output": ex.estimated_tokens - tokens_in,
+        "reasoning": 0,
+    }
+
+
+def _price(ex: Exchange, snap: Snapshot, kinds: dict[str, int] | None) -> None:
+    """Set the exchange's cost from the price table."""
     price = snap.loaded.config.prices.get(ex.model or "")
-    if price is None:
+    if price is None or kinds is None:
         return
     resource = ex.target.resource if ex.target else None
-    if ex.usage:
-        cost = cost_of(price, resource, token_kinds(ex.usage))
-    elif ex.estimated_tokens:
-        tokens_in = min(ex.request_bytes // 4, ex.estimated_tokens)
-        cost = cost_of(price, resource, None, (tokens_in, ex.estimated_tokens - tokens_in))
-    else:
-        return
-    ex.cost, ex.currency, ex.cost_estimated = cost
+    ex.cost, ex.currency, ex.cost_estimated = cost_of(price, resource, kinds, not ex.usage)
 
 
-def _ledger(ex: Exchange, snap: Snapshot) -> LedgerEntry | None:
-    """The usage-ledger entry of a billed exchange (usage, or a cut-stream estimate)."""
+def _ledger(ex: Exchange, snap: Snapshot, kinds: dict[str, int] | None) -> LedgerEntry | None:
+    """The usage-ledger entry of a billed exchange."""
     usage = snap.loaded.config.usage
-    if not usage.ledger or ex.tenant is None or not (ex.usage or ex.estimated_tokens):
+    if not usage.ledger or ex.tenant is None or kinds is None:
         return None
-    if ex.usage:
-        kinds = token_kinds(ex.usage)
-    else:
-        tokens_in = min(ex.request_bytes // 4, ex.estimated_tokens)
-        out = ex.estimated_tokens - tokens_in
-        kinds = {"input": tokens_in, "cached": 0, "output": out, "reasoning": 0}
     return LedgerEntry(
         ex.tenant,
         ex.model or "",

@@ -39,17 +39,9 @@ def price_tokens(
 
 
 def cost_of(
-    price: PriceConfig,
-    resource: str | None,
-    kinds: dict[str, int] | None,
-    estimate: tuple[int, int] | None = None,
+    price: PriceConfig, resource: str | None, kinds: dict[str, int], estimated: bool = False
 ) -> Cost:
-    """The cost of one exchange: from usage ``kinds``, else from ``estimate`` (in, out)."""
+    """The cost of one exchange's token ``kinds`` (from usage, or ``estimated``)."""
     p: TokenPrices = price.resources.get(resource or "", price)
-    if kinds is not None:
-        amount = price_tokens(
-            p, kinds["input"], kinds["cached"], kinds["output"], kinds["reasoning"]
-        )
-        return Cost(amount, price.currency, False)
-    tokens_in, tokens_out = estimate or (0, 0)
-    return Cost(price_tokens(p, tokens_in, 0, tokens_out, 0), price.currency, True)
+    amount = price_tokens(p, kinds["input"], kinds["cached"], kinds["output"], kinds["reasoning"])
+    return Cost(amount, price.currency, estimated)

@@ -174,10 +174,9 @@ class UpstreamClient:
         if self._session is None:
             self._session = self._new_session(pooled=True)
         target = URL(url, encoded=True)
-        hdrs = headers  # aiohttp builds its own multidict from the pairs
         try:
             resp = await self._session.request(
-                method, target, headers=hdrs, data=body, allow_redirects=False
+                method, target, headers=headers, data=body, allow_redirects=False
             )
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             if not _stale(exc):
@@ -186,7 +185,7 @@ class UpstreamClient:
                 self._fresh = self._new_session(pooled=False)
             try:
                 resp = await self._fresh.request(
-                    method, target, headers=hdrs, data=body, allow_redirects=False
+                    method, target, headers=headers, data=body, allow_redirects=False
                 )
             except (TimeoutError, aiohttp.ClientError, OSError) as again:
                 raise UpstreamError(self._map(again, where), connect=_never_sent(again)) from again

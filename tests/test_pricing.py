@@ -41,7 +41,7 @@ def test_price_tokens() -> None:
         currency="EUR", input=2, output=8, resources={"ptu": {"input": 0, "output": 0}}
     )  # type: ignore[arg-type]
     assert cost_of(ptu, "ptu", {"input": 9, "cached": 0, "output": 9, "reasoning": 0}).amount == 0
-    cut = cost_of(ptu, "payg", None, (100, 10))
+    cut = cost_of(ptu, "payg", {"input": 100, "cached": 0, "output": 10, "reasoning": 0}, True)
     assert cut.estimated and cut.amount == pytest.approx((100 * 2 + 10 * 8) / 1e6)
 
 

@@ -82,10 +82,6 @@ class GuardedState:
         return bool(self._open)
 
     @property
-    def open_nodes(self) -> list[str]:
-        return sorted(self._open)
-
-    @property
     def queued(self) -> int:
         return len(self._queue)
 
