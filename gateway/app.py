@@ -33,6 +33,7 @@ from .logs import AccessLog
 from .metrics import Metrics
 from .proxy import Proxy
 from .reload import Reloader
+from .routes import ENDPOINTS, RouteTable
 from .runtime import Gateway
 from .state import StateBackend
 from .state.memory import MemoryState
@@ -40,8 +41,6 @@ from .upstream import new_client, safe_request_id
 from .usage import UsageQueryError, render, report
 
 log = logging.getLogger("gateway")
-
-PREFIXES = ("/openai/v1", "/openai")
 
 
 def _error(exc: GatewayError, request: Request) -> Response:
@@ -51,24 +50,40 @@ def _error(exc: GatewayError, request: Request) -> Response:
 
 
 class Dispatch:
-    """Exact (method, path) matches go straight to their endpoint; the rest to Starlette.
+    """API paths go straight to their operation through the route table; the gateway's
+    own endpoints (health, readiness, metrics, admin) and lifespan go to Starlette; every
+    other path to the ``unknown`` operation (a logged, counted 404).
 
-    The hot routes have no path parameters, so a dict lookup replaces the router's walk
-    over every route's regex (and Starlette's middleware, which the lifecycle owner
-    makes redundant for them). Lifespan and everything else goes to the Starlette app.
+    Fixed paths are a dict lookup; the lifecycle owner makes Starlette's router and
+    middleware redundant for API routes.
     """
 
-    def __init__(self, app: Starlette, exact: dict[tuple[str, str], Any]) -> None:
+    def __init__(
+        self,
+        app: Starlette,
+        table: RouteTable,
+        operations: dict[str, Any],
+        unknown: Any,
+        local: frozenset[str],
+    ) -> None:
         self.app = app
-        self.exact = exact
+        self.table = table
+        self.operations = operations
+        self.unknown = unknown
+        self.local = local
         self.state = app.state
         self.router = app.router
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            endpoint = self.exact.get((scope["method"], scope["path"]))
-            if endpoint is not None:
-                await endpoint(scope, receive, send)
+            path = scope["path"]
+            match = self.table.match(scope["method"], path)
+            if match is not None:
+                scope["route"] = match
+                await self.operations[match.endpoint.operation](scope, receive, send)
+                return
+            if path not in self.local:
+                await self.unknown(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -292,36 +307,15 @@ def create_app(
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        if exc.status_code == 404:
-            err: GatewayError = NotFound(
-                f"Unknown path {request.url.path!r}; this gateway serves /openai/v1/responses."
-            )
-        else:
-            err = GatewayError(f"{exc.detail} ({request.method} {request.url.path}).")
-            err.code = "method_not_allowed" if exc.status_code == 405 else "http_error"
-            err.status = exc.status_code
-            err.type = "invalid_request_error"
+        err = GatewayError(f"{exc.detail} ({request.method} {request.url.path}).")
+        err.code = "method_not_allowed" if exc.status_code == 405 else "http_error"
+        err.status = exc.status_code
+        err.type = "invalid_request_error"
         return _error(err, request)
 
-    routes = []
-    exact: dict[tuple[str, str], Any] = {}
-    for prefix in PREFIXES:
-        base = prefix + "/responses"
-        for suffix, operation in (("", "create"), ("/compact", "compact")):
-            exact["POST", base + suffix] = proxy.endpoint(operation)
-        exact["POST", base + "/input_tokens"] = proxy.endpoint("input_tokens")
-        routes += [
-            Route(base, exact["POST", base], methods=["POST"]),
-            Route(base + "/compact", exact["POST", base + "/compact"], methods=["POST"]),
-            Route(base + "/input_tokens", exact["POST", base + "/input_tokens"], methods=["POST"]),
-            Route(base + "/{response_id}", proxy.endpoint("retrieve"), methods=["GET"]),
-            Route(base + "/{response_id}", proxy.endpoint("delete"), methods=["DELETE"]),
-            Route(base + "/{response_id}/cancel", proxy.endpoint("cancel"), methods=["POST"]),
-            Route(
-                base + "/{response_id}/input_items", proxy.endpoint("input_items"), methods=["GET"]
-            ),
-        ]
-    routes += [
+    table = RouteTable()
+    operations = {ep.operation: proxy.endpoint(ep.operation) for ep in ENDPOINTS}
+    routes = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/admin/usage", admin_usage, methods=["GET"]),
@@ -335,4 +329,5 @@ def create_app(
     app.state.gateway = gateway
     app.state.metrics = metrics
     app.state.reloader = reloader
-    return Dispatch(app, exact)
+    local = frozenset(r.path for r in routes)
+    return Dispatch(app, table, operations, proxy.unknown(table), local)

@@ -177,7 +177,12 @@ class BudgetConfig(BudgetLimits):
     models: dict[str, BudgetLimits] = {}
 
 
+class TenantFilesConfig(_Frozen):
+    resource: str | None = None  # where uploads (and other home-routed objects) land
+
+
 class TenantConfig(_Frozen):
+    files: TenantFilesConfig = TenantFilesConfig()
     keys: tuple[KeyConfig, ...] = ()
     models: tuple[str, ...] = ()
     regions: tuple[str, ...] | None = None
@@ -214,6 +219,8 @@ class UpstreamConfig(_Frozen):
     read_timeout: PositiveFloat = 600.0
     write_timeout: PositiveFloat = 60.0
     pool_timeout: PositiveFloat = 10.0
+    stale_read_retries: Annotated[int, Field(ge=0, le=10)] = 3
+    stale_read_backoff_seconds: Annotated[float, Field(ge=0, le=5)] = 0.2
     max_connections: Positive = 10_000
     trust_env: bool = False
     ca_file: str | None = None
@@ -221,6 +228,7 @@ class UpstreamConfig(_Frozen):
 
 class ServerConfig(_Frozen):
     max_body_bytes: Positive = 50 * 1024 * 1024
+    max_upload_bytes: Positive = 512 * 1024 * 1024  # streamed uploads (Files, container files)
     max_json_depth: Annotated[int, Field(gt=0, le=512)] = 128
     body_timeout_seconds: PositiveFloat = 30.0
     header_timeout_seconds: PositiveFloat = 10.0
@@ -366,6 +374,11 @@ class LoadedConfig:
     audit_urls: tuple[Secret | None, ...] = ()
 
 
+def region_ok(tenant: TenantConfig, region: str) -> bool:
+    """Whether the tenant's residency pin (if any) admits ``region``."""
+    return tenant.regions is None or region in tenant.regions
+
+
 def _cross_check(cfg: Config) -> list[str]:
     errors: list[str] = []
     regions = {r.region for r in cfg.resources.values()}
@@ -394,6 +407,14 @@ def _cross_check(cfg: Config) -> list[str]:
         for i, region in enumerate(tenant.regions or ()):
             if region not in regions:
                 errors.append(f"tenants.{tname}.regions[{i}]: no resource is in region {region!r}")
+        home = tenant.files.resource
+        if home is not None and home not in cfg.resources:
+            errors.append(f"tenants.{tname}.files.resource: unknown resource {home!r}")
+        elif home is not None and not region_ok(tenant, cfg.resources[home].region):
+            errors.append(
+                f"tenants.{tname}.files.resource: {home!r} is in "
+                f"{cfg.resources[home].region}, outside the tenant's regions"
+            )
         for model in tenant.model_quotas:
             if model not in cfg.models:
                 errors.append(f"tenants.{tname}.model_quotas.{model}: unknown model")

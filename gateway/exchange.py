@@ -60,6 +60,8 @@ class Exchange:
     span: Any = None
     audited_items: set[str] = field(default_factory=set)
     pending_audit: list[dict[str, Any]] = field(default_factory=list)
+    pinned: str | None = None  # the resource of the stored objects the request names
+    path: str | None = None  # only for unknown paths, for the access log
 
     @property
     def tenant(self) -> str | None:
@@ -88,6 +90,8 @@ class Observer(Protocol):
 
     def upstream_failed(self, ex: Exchange, target: Target, status: int | None) -> None: ...
 
+    def stale_read(self, ex: Exchange, target: Target) -> None: ...
+
     def finished(self, ex: Exchange) -> None: ...
 
 
@@ -101,6 +105,9 @@ class BaseObserver:
         return None
 
     def upstream_failed(self, ex: Exchange, target: Target, status: int | None) -> None:
+        return None
+
+    def stale_read(self, ex: Exchange, target: Target) -> None:
         return None
 
     def finished(self, ex: Exchange) -> None:

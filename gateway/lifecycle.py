@@ -163,8 +163,12 @@ class Operation:
                 ex.error_code = ClientClosed.code
             raise
         finally:
-            if not ex.usage and ex.interrupted and ex.stream and ex.operation == "create":
-                # Cut before Azure reported usage: charged and priced by estimate.
+            if not ex.usage and (
+                (ex.interrupted and ex.stream and ex.operation == "create")
+                or (ex.stream_relayed and ex.operation in CHAT_STREAMS)
+            ):
+                # Cut before Azure reported usage, or a chat stream without a usage chunk:
+                # charged and priced by estimate.
                 ex.estimated_tokens = estimate_tokens(ex.request_bytes, ex.stream_events)
             try:
                 kinds = _billed_kinds(ex)
@@ -205,7 +209,11 @@ class Operation:
                 await cycle({"type": "http.response.body", "body": body})
             elif cycle.stream:
                 ex.interrupted = True
-                event = stream_error_event(exc.code or "internal_error", exc.message, None)
+                code = exc.code or "internal_error"
+                if ex.operation in CHAT_STREAMS:
+                    event = chat_error_chunk(code, exc.message)
+                else:
+                    event = stream_error_event(code, exc.message, None)
                 await cycle({"type": "http.response.body", "body": event})
             else:
                 ex.interrupted = True
@@ -229,6 +237,17 @@ def stream_error_event(code: str, message: str, sequence: int | None) -> bytes:
         "sequence_number": sequence,
     }
     return b"\nevent: error\ndata: " + dump_json(event) + b"\n\n"
+
+
+# Streams in the chat-completions framing: ``data: {chunk}`` lines ending in ``[DONE]``;
+# usage only when the client asked for it, so a stream without it is estimated.
+CHAT_STREAMS = frozenset({"chat.completions", "completions"})
+
+
+def chat_error_chunk(code: str, message: str) -> bytes:
+    """A closing ``data: {"error": ...}`` chunk, which the SDKs raise for chat streams."""
+    error = {"message": message, "type": "server_error", "param": None, "code": code}
+    return b"\ndata: " + dump_json({"error": error}) + b"\n\n"
 
 
 def _billed_kinds(ex: Exchange) -> dict[str, int] | None:

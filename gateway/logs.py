@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 
 from .exchange import BaseObserver, Exchange
+from .metrics import token_kinds
 
 _STD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {
     "message",
@@ -122,6 +123,7 @@ class AccessLog(BaseObserver):
     def fields(ex: Exchange) -> dict[str, Any]:
         """The fields of one access line."""
         usage = ex.usage or {}
+        kinds = token_kinds(usage) if usage else {}
         return {
             **ex.who_and_where(),
             "operation": ex.operation,
@@ -131,8 +133,8 @@ class AccessLog(BaseObserver):
             "stream": ex.stream,
             "duration_ms": round((ex.duration_seconds or 0) * 1000, 3),
             "ttfb_ms": round(ex.ttfb_seconds * 1000, 3) if ex.ttfb_seconds else None,
-            "input_tokens": usage.get("input_tokens"),
-            "output_tokens": usage.get("output_tokens"),
+            "input_tokens": kinds.get("input"),
+            "output_tokens": kinds.get("output"),
             "total_tokens": usage.get("total_tokens"),
             "response_id": ex.response_id,
             "upstream_request_id": ex.upstream_request_id,
@@ -140,5 +142,6 @@ class AccessLog(BaseObserver):
             "interrupted": ex.interrupted,
             "cost": round(ex.cost, 9) if ex.cost is not None else None,
             "currency": ex.currency,
+            **({"path": ex.path} if ex.path else {}),
             "cost_estimated": ex.cost_estimated if ex.cost is not None else None,
         }

@@ -93,6 +93,13 @@ class Metrics(BaseObserver):
             ["resource", "region", "status"],
             registry=r,
         )
+        self.stale_reads = Counter(
+            "gateway_stale_read_retries_total",
+            "Requests sent again to the same resource because Azure said an object the gateway "
+            "knows it holds was not found (a stale read).",
+            ["resource", "operation"],
+            registry=r,
+        )
         self.token_fetches = Counter(
             "gateway_entra_token_fetches_total",
             "Microsoft Entra token fetches, by result.",
@@ -312,6 +319,9 @@ class Metrics(BaseObserver):
     def token_fetched(self, ok: bool) -> None:
         self.token_fetches.labels("success" if ok else "failure").inc()
 
+    def stale_read(self, ex: Exchange, target: Target) -> None:
+        self.child(self.stale_reads, target.resource, ex.operation).inc()
+
     def upstream_failed(self, ex: Exchange, target: Target, status: int | None) -> None:
         resource, region = self._target_labels(target)
         self.upstream_errors.labels(resource, region, str(status) if status else "connect").inc()
@@ -353,7 +363,7 @@ class Metrics(BaseObserver):
             c(self.cost, tenant, model, ex.currency or OTHER).inc(ex.cost)
         if ex.error_code in ("all_targets_throttled", "no_healthy_target"):
             c(self.targets_unavailable, model, ex.error_code).inc()
-        if ex.usage and op in ("create", "compact"):
+        if ex.usage:
             self._count_usage(tenant, model, op, ex.usage)
 
     def _count_usage(self, tenant: str, model: str, operation: str, usage: dict[str, Any]) -> None:
@@ -367,17 +377,24 @@ class Metrics(BaseObserver):
 
 
 def token_kinds(usage: dict[str, Any]) -> dict[str, int]:
-    """Input, cached, output and reasoning token counts of a Responses ``usage`` object."""
+    """Input, cached, output and reasoning token counts of a ``usage`` object (Responses
+    names, or the chat/embeddings ``prompt_tokens``/``completion_tokens`` names)."""
 
     def num(value: Any) -> int:
         return value if isinstance(value, int) and value >= 0 else 0
 
-    in_details = usage.get("input_tokens_details") or {}
-    out_details = usage.get("output_tokens_details") or {}
+    if "input_tokens" not in usage and "prompt_tokens" in usage:  # chat, embeddings, completions
+        in_details = usage.get("prompt_tokens_details") or {}
+        out_details = usage.get("completion_tokens_details") or {}
+        tokens_in, tokens_out = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    else:
+        in_details = usage.get("input_tokens_details") or {}
+        out_details = usage.get("output_tokens_details") or {}
+        tokens_in, tokens_out = usage.get("input_tokens"), usage.get("output_tokens")
     return {
-        "input": num(usage.get("input_tokens")),
+        "input": num(tokens_in),
         "cached": num(in_details.get("cached_tokens") if isinstance(in_details, dict) else 0),
-        "output": num(usage.get("output_tokens")),
+        "output": num(tokens_out),
         "reasoning": num(
             out_details.get("reasoning_tokens") if isinstance(out_details, dict) else 0
         ),

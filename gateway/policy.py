@@ -38,8 +38,3 @@ def check_tools(tenant_name: str, tenant: TenantConfig, tools: object) -> None:
                 code="tool_not_allowed",
                 param=f"tools[{i}].type",
             )
-
-
-def region_allowed(tenant: TenantConfig, region: str) -> bool:
-    """Whether the tenant's residency pin (if any) admits ``region``."""
-    return tenant.regions is None or region in tenant.regions

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.types import ASGIApp, Receive
@@ -18,6 +19,7 @@ from .errors import (
     BadRequest,
     ClientClosed,
     GatewayError,
+    MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     RateLimited,
@@ -25,45 +27,67 @@ from .errors import (
     ServiceUnavailable,
 )
 from .exchange import Exchange
+from .forms import boundary, field_span
+from .forms import field as form_field
+from .forms import replace as form_replace
 from .keys import Principal
 from .lifecycle import Incoming, Operation
+from .objects import Ref, body_refs, created_ids, not_found, owned, owned_ids
 from .policy import check_tools
-from .relay import JsonRelay, StreamRelay
+from .relay import JsonRelay, RawRelay, StreamRelay
+from .routes import DEPLOYMENTS, Endpoint, Match, RouteTable
 from .routing import Target
 from .runtime import Gateway, Snapshot
 from .state import Binding
-from .upstream import RETRYABLE_STATUS, UpstreamError, request_headers
-from .validate import check_body, check_headers, dump_json, parse_json
+from .upstream import RETRYABLE_STATUS, UpstreamError, UpstreamResponse, request_headers
+from .validate import check_body, check_headers, dump_json, invalid_type, parse_json, parse_upstream
 
 log = logging.getLogger("gateway.proxy")
 
-_RESPONSE_ID = re.compile(r"^[A-Za-z0-9_\-]{1,256}$")
+_OBJECT_ID = re.compile(r"^[A-Za-z0-9_\-]{1,256}$")
 IMAGE_DEPLOYMENT_HEADER = "x-ms-oai-image-generation-deployment"
-# The create path re-serialises the body it checked, so the client's content-type
-# goes and the gateway sets its own; by-id bodies are forwarded as sent.
+# A rewritten JSON body is re-serialised, so the client's content-type goes and the
+# gateway sets its own; other bodies are forwarded as sent.
 _DROP_REWRITTEN = frozenset({IMAGE_DEPLOYMENT_HEADER.encode(), b"content-type"})
 _DROP_AS_SENT = frozenset({IMAGE_DEPLOYMENT_HEADER.encode()})
 _TRACE = frozenset({b"traceparent"})
 
 
 class Attempt:
-    """One upstream target with the request body rewritten for it."""
+    """One upstream target with the request body (and path) rewritten for it."""
 
-    __slots__ = ("body", "headers", "target")
+    __slots__ = ("body", "headers", "path", "target")
 
-    def __init__(self, target: Target, body: bytes | None, headers: list[tuple[str, str]]) -> None:
+    def __init__(
+        self,
+        target: Target,
+        body: Body,
+        headers: list[tuple[str, str]],
+        path: str | None = None,
+    ) -> None:
         self.target = target
         self.body = body
         self.headers = headers
+        self.path = path
 
 
 async def read_body(
     receive: Receive, limit: int, idle_timeout: float, declared: str | None
 ) -> bytes:
     """The whole request body, refused past ``limit`` bytes or ``idle_timeout`` of silence."""
+    body = bytearray()
+    async for chunk in body_chunks(receive, limit, idle_timeout, declared):
+        body += chunk
+    return bytes(body)
+
+
+async def body_chunks(
+    receive: Receive, limit: int, idle_timeout: float, declared: str | None
+) -> AsyncIterator[bytes]:
+    """The request body as it arrives, refused past ``limit`` bytes or ``idle_timeout``."""
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"Request body is {declared} bytes; the limit is {limit} bytes.")
-    body = bytearray()
+    total = 0
     while True:
         try:
             async with asyncio.timeout(idle_timeout):
@@ -74,21 +98,132 @@ async def read_body(
             ) from None
         if message["type"] == "http.disconnect":
             raise ClientClosed("The client disconnected while sending the body.")
-        body += message.get("body", b"")
-        if len(body) > limit:
+        chunk = message.get("body", b"")
+        total += len(chunk)
+        if total > limit:
             raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+        if chunk:
+            yield chunk
         if not message.get("more_body", False):
-            return bytes(body)
+            return
 
 
-def _response_id(value: Any, param: str) -> str:
-    if not isinstance(value, str) or not _RESPONSE_ID.match(value):
-        raise NotFound(f"No response found with id {str(value)[:64]!r}.", param=param)
-    return value
+class _Upload:
+    """A request body streamed upstream as it arrives; remembers why it stopped early."""
+
+    def __init__(self, request: Incoming, limit: int, idle_timeout: float, ex: Exchange) -> None:
+        self.failure: GatewayError | None = None
+        self._chunks = body_chunks(
+            request.receive, limit, idle_timeout, request.headers.get("content-length")
+        )
+        self._ex = ex
+        self.started = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        self.started = True
+        try:
+            async for chunk in self._chunks:
+                self._ex.request_bytes += len(chunk)
+                yield chunk
+        except GatewayError as exc:
+            self.failure = exc
+            raise
+
+
+Body = bytes | _Upload | None
+
+
+class Keeper:
+    """What an answer changes in the bindings: the ids it creates, the id it deletes,
+    and which items of a list the tenant may see."""
+
+    def __init__(
+        self, gw: Gateway, ex: Exchange, ep: Endpoint, ttl: float, deleted: str | None
+    ) -> None:
+        self.gw = gw
+        self.ex = ex
+        self.creates = ep.creates
+        self.lists = ep.lists
+        self.deleted = deleted
+        self.ttl = ttl
+
+    async def bind(self, kind: str, object_id: str) -> None:
+        ex = self.ex
+        assert ex.principal is not None and ex.target is not None
+        if kind == "response" and ex.response_id is None:
+            ex.response_id = object_id
+        binding = Binding(ex.principal.tenant, ex.target.resource, ex.model or "")
+        try:
+            await self.gw.state.bind_response(object_id, binding, self.ttl)
+        except Exception as exc:
+            # The object exists upstream already; the client still gets its answer.
+            log.error(
+                "could not bind an object to its tenant",
+                extra={"request_id": ex.request_id, "reason": type(exc).__name__, "kind": kind},
+            )
+
+    async def created(self, body: dict[str, Any]) -> None:
+        """Bind what a JSON answer created."""
+        for kind, object_id in created_ids(self.creates, body):
+            await self.bind(kind, object_id)
+
+    async def forget(self) -> None:
+        """A delete succeeded: the id is gone for everyone."""
+        if self.deleted is not None:
+            await self.gw.state.delete_binding(self.deleted)
+
+    async def only_mine(self, body: dict[str, Any]) -> bytes | None:
+        """A list answer without the items of other tenants (None: leave it as it is)."""
+        data = body.get("data")
+        if self.lists is None or not isinstance(data, list):
+            return None
+        assert self.ex.principal is not None
+        ids = [d["id"] for d in data if isinstance(d, dict) and isinstance(d.get("id"), str)]
+        mine = await owned_ids(self.gw.state, self.ex.principal.tenant, ids)
+        kept = [d for d in data if isinstance(d, dict) and d.get("id") in mine]
+        if len(kept) == len(data):
+            return None
+        out = dict(body, data=kept)
+        if "first_id" in body:
+            out["first_id"] = kept[0]["id"] if kept else None
+        return dump_json(out)
+
+
+# Operations whose body is a Responses create/compact/input_tokens request.
+_RESPONSES_BODY = frozenset({"create", "compact", "input_tokens"})
+# Where Azure says an object it holds is not there (yet): a stale read to retry.
+_STALE_CODES = frozenset({"previous_response_not_found", "not_found", "404"})
+OWNER_PARAM = {
+    "response": "response_id",
+    "file": "file_id",
+    "conversation": "conversation_id",
+    "vector_store": "vector_store_id",
+    "container": "container_id",
+}
+
+
+def check_fields(body: Any) -> dict[str, Any]:
+    """Type-check the fields of a non-Responses JSON body that the gateway reads."""
+    if not isinstance(body, dict):
+        raise BadRequest("Request body must be a JSON object.", code="invalid_json")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise invalid_type("model", "a string", model)
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise invalid_type("stream", "a boolean", stream)
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise invalid_type("tools", "an array", tools)
+        for i, tool in enumerate(tools):
+            if not isinstance(tool, dict):
+                raise invalid_type(f"tools[{i}]", "an object", tool)
+    return body
 
 
 class Proxy:
-    """Request handlers for each Responses operation."""
+    """The one generic handler of every endpoint in the route table."""
 
     def __init__(self, gateway: Gateway) -> None:
         self.gw = gateway
@@ -97,24 +232,125 @@ class Proxy:
 
     def endpoint(self, operation: str) -> Operation:
         """An ASGI endpoint for ``operation``, owned by the lifecycle."""
-        handler = {
-            "create": self._create,
-            "compact": self._create,
-            "input_tokens": self._create,
-            "retrieve": self._by_id,
-            "delete": self._by_id,
-            "cancel": self._by_id,
-            "input_items": self._by_id,
-        }[operation]
-        return Operation(self.gw, operation, handler)
+        return Operation(self.gw, operation, self._serve)
 
-    # -- operations ---------------------------------------------------------
+    def unknown(self, table: RouteTable) -> Operation:
+        """The endpoint of every path the table does not serve: 404 (or 405), logged."""
 
-    async def _owned(self, principal: Principal, response_id: str, param: str) -> Binding:
-        binding = await self.gw.state.get_binding(response_id)
-        if binding is None or binding.tenant != principal.tenant:
-            raise NotFound(f"No response found with id '{response_id}'.", param=param)
-        return binding
+        async def handler(request: Incoming, ex: Exchange) -> ASGIApp:
+            path = request.scope["path"]
+            ex.path = path[:200].encode("unicode_escape").decode("ascii")
+            # The answer is the same either way; the tenant is only for the log.
+            with contextlib.suppress(GatewayError):
+                ex.principal = self.gw.snap.keyring.authenticate(request.headers)
+            if table.known_path(path):
+                raise MethodNotAllowed(
+                    f"Method {request.method} is not allowed on {ex.path}.",
+                )
+            raise NotFound(
+                f"Unknown path '{ex.path}'; see the gateway's endpoint table for what it serves.",
+                code="unknown_path",
+            )
+
+        return Operation(self.gw, "unknown", handler)
+
+    # -- the generic handler ------------------------------------------------
+
+    async def _serve(self, request: Incoming, ex: Exchange) -> ASGIApp:
+        match: Match = request.scope["route"]
+        ep = match.endpoint
+        snap = self.gw.snap
+        cfg = snap.loaded.config
+        check_headers(request.scope["headers"])
+        principal = snap.keyring.authenticate(request.headers)
+        ex.principal = principal
+        tenant = cfg.tenants[principal.tenant]
+        refs: list[Ref] = []
+        if ep.owner is not None:
+            param = OWNER_PARAM[ep.owner]
+            oid = match.params[param]
+            if not _OBJECT_ID.match(oid):
+                raise not_found(ep.owner, oid, param)
+            refs.append(Ref(ep.owner, oid, param))
+            if ep.owner == "response":
+                ex.response_id = oid
+
+        # The body, as the route reads it.
+        kind = ep.body
+        ctype = request.headers.get("content-type", "")
+        if kind == "upload" and ctype.startswith("application/json"):
+            kind = "json"
+        body: dict[str, Any] | None = None
+        raw: Body = None
+        sep: bytes | None = None
+        decisions: list[dict[str, Any]] = []
+        if kind == "json" and request.method == "POST":
+            data = await self._body(request, snap, ex)
+            if data.strip():
+                parsed = parse_json(data, cfg.server.max_json_depth)
+                body = (
+                    check_body(parsed) if ep.operation in _RESPONSES_BODY else check_fields(parsed)
+                )
+                raw = data
+                check_tools(principal.tenant, tenant, body.get("tools"))
+                decisions = check_mcp_policy(principal.tenant, tenant.mcp, body.get("tools"))
+                refs += body_refs(body)
+                ex.stream = body.get("stream") is True
+                prev = body.get("previous_response_id")
+                if isinstance(prev, str):
+                    ex.previous_response_id = prev
+            elif ep.route == "model" and match.prefix != DEPLOYMENTS:
+                raise BadRequest("Request body is empty; send a JSON object.", code="invalid_json")
+        elif kind == "form":
+            sep = boundary(request.headers.get("content-type"))
+            raw = await self._body(request, snap, ex)
+        elif kind == "upload":
+            raw = _Upload(request, cfg.server.max_upload_bytes, cfg.server.body_timeout_seconds, ex)
+            declared = request.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > cfg.server.max_upload_bytes:
+                raise PayloadTooLarge(
+                    f"Upload is {declared} bytes; the limit is {cfg.server.max_upload_bytes} bytes."
+                )
+        if ep.operation == "retrieve":
+            ex.stream = request.query_param("stream") == "true"
+
+        pinned, bindings = await owned(self.gw.state, principal.tenant, refs)
+        ex.pinned = pinned
+
+        # Where it goes.
+        rewritten = False
+        model: str | None = None
+        if ep.route in ("model", "form"):
+            if match.prefix == DEPLOYMENTS:
+                model = match.params["deployment"]
+            elif body is not None:
+                model = body.get("model")
+            elif sep is not None:
+                assert isinstance(raw, bytes)
+                model = form_field(raw, sep, "model")
+            if not model and not (ep.model_optional and pinned is not None):
+                raise BadRequest(
+                    "Missing required parameter: 'model' (a model name this gateway serves).",
+                    code="missing_required_parameter",
+                    param="model",
+                )
+        if model:
+            ex.model = model
+            targets = snap.router.targets(principal.tenant, tenant, model, pinned)
+            attempts = self._attempts(snap, principal, request, match, targets, body, raw, sep)
+            rewritten = body is not None
+        else:
+            if ep.route == "object":
+                ex.model = bindings[0].model or None
+            resource = pinned or snap.router.home(principal.tenant, tenant)
+            attempts = [Attempt(self._resource_target(snap, resource), raw, [])]
+        await self.gw.gate.admit(ex, principal.tenant, tenant, ex.model or "")
+        if body is not None:
+            await self._audit_request(ex, body, decisions, attempts)
+        deleted = refs[0].id if ep.deletes else None
+        keeper = Keeper(self.gw, ex, ep, cfg.state.response_retention_days * 86400.0, deleted)
+        drop = _DROP_REWRITTEN if rewritten else _DROP_AS_SENT
+        return await self._forward(request, ex, snap, attempts, drop, keeper, bool(refs))
 
     async def _body(self, request: Incoming, snap: Snapshot, ex: Exchange) -> bytes:
         server = snap.loaded.config.server
@@ -126,45 +362,6 @@ class Proxy:
         )
         ex.request_bytes = len(raw)
         return raw
-
-    async def _create(self, request: Incoming, ex: Exchange) -> ASGIApp:
-        snap = self.gw.snap
-        check_headers(request.scope["headers"])
-        principal = snap.keyring.authenticate(request.headers)
-        ex.principal = principal
-        tenant = snap.loaded.config.tenants[principal.tenant]
-        raw = await self._body(request, snap, ex)
-        if not raw.strip():
-            raise BadRequest("Request body is empty; send a JSON object.", code="invalid_json")
-        body = check_body(parse_json(raw, snap.loaded.config.server.max_json_depth))
-        check_tools(principal.tenant, tenant, body.get("tools"))
-        decisions = check_mcp_policy(principal.tenant, tenant.mcp, body.get("tools"))
-        model = body.get("model")
-        ex.stream = body.get("stream") is True
-        pinned = None
-        prev = body.get("previous_response_id")
-        if prev is not None:
-            prev = _response_id(prev, "previous_response_id")
-            ex.previous_response_id = prev
-            pinned = (await self._owned(principal, prev, "previous_response_id")).resource
-        if model is None and pinned is not None and ex.operation != "create":
-            target = self._resource_target(snap, pinned)
-            attempts = [Attempt(target, dump_json(body), [])]
-            await self.gw.gate.admit(ex, principal.tenant, tenant, "")
-            await self._audit_request(ex, body, decisions, attempts)
-            return await self._forward(request, ex, snap, attempts, _DROP_REWRITTEN)
-        if not model:
-            raise BadRequest(
-                "Missing required parameter: 'model' (a model name this gateway serves).",
-                code="missing_required_parameter",
-                param="model",
-            )
-        ex.model = model
-        targets = snap.router.targets(principal.tenant, tenant, model, pinned)
-        attempts = self._attempts(snap, principal, body, request, targets)
-        await self.gw.gate.admit(ex, principal.tenant, tenant, model)
-        await self._audit_request(ex, body, decisions, attempts)
-        return await self._forward(request, ex, snap, attempts, _DROP_REWRITTEN)
 
     async def _audit_request(
         self,
@@ -186,19 +383,32 @@ class Proxy:
         self,
         snap: Snapshot,
         principal: Principal,
-        body: dict[str, Any],
         request: Incoming,
+        match: Match,
         targets: tuple[Target, ...],
+        body: dict[str, Any] | None,
+        raw: Body,
+        sep: bytes | None,
     ) -> list[Attempt]:
-        """Rewrite every deployment name in the request for each target; drop unusable ones."""
+        """Rewrite every deployment name in the request for each target; drop unusable ones.
+
+        The body's ``model`` (JSON or form field), a tool's ``model``, the image-generation
+        header, and on the deployments prefix the path's deployment segment.
+        """
         tenant = snap.loaded.config.tenants[principal.tenant]
         image_model = request.headers.get(IMAGE_DEPLOYMENT_HEADER)
-        tools = body.get("tools") or []
+        tools = (body.get("tools") if body is not None else None) or []
         tool_models = [(i, tool["model"]) for i, tool in enumerate(tools) if "model" in tool]
+        query = request.query.decode("latin-1")
+        form_model = (
+            sep is not None and isinstance(raw, bytes) and field_span(raw, sep, "model") is not None
+        )
         attempts: list[Attempt] = []
         for target in targets:
-            out = dict(body)
-            out["model"] = target.deployment
+            path = None
+            if match.prefix == DEPLOYMENTS:
+                path = f"/openai/deployments/{target.deployment}{match.endpoint.path}"
+                path += "?" + query if query else ""
             headers: list[tuple[str, str]] = []
             ok = True
             if image_model is not None:
@@ -207,21 +417,31 @@ class Proxy:
                 )
                 ok = dep is not None
                 headers.append((IMAGE_DEPLOYMENT_HEADER, dep or ""))
-            if tool_models and ok:
-                new_tools = list(tools)
-                for i, name in tool_models:
-                    if name is None:
-                        continue
-                    dep = snap.router.deployment_on(
-                        principal.tenant, tenant, name, target.resource, f"tools[{i}].model"
-                    )
-                    if dep is None:
-                        ok = False
-                        break
-                    new_tools[i] = {**new_tools[i], "model": dep}
-                out["tools"] = new_tools
+            out_body: Body = raw
+            if body is not None:
+                out = dict(body)
+                if match.prefix != DEPLOYMENTS or "model" in body:
+                    out["model"] = target.deployment
+                if tool_models and ok:
+                    new_tools = list(tools)
+                    for i, name in tool_models:
+                        if name is None:
+                            continue
+                        dep = snap.router.deployment_on(
+                            principal.tenant, tenant, name, target.resource, f"tools[{i}].model"
+                        )
+                        if dep is None:
+                            ok = False
+                            break
+                        new_tools[i] = {**new_tools[i], "model": dep}
+                    out["tools"] = new_tools
+                out_body = dump_json(out)
+                headers.append(("content-type", "application/json"))
+            elif form_model:
+                assert sep is not None and isinstance(raw, bytes)
+                out_body = form_replace(raw, sep, "model", target.deployment)
             if ok:
-                attempts.append(Attempt(target, dump_json(out), headers))
+                attempts.append(Attempt(target, out_body, headers, path))
         if not attempts:
             raise BadRequest(
                 "No resource serving this model also deploys the model(s) its tools or the "
@@ -233,26 +453,8 @@ class Proxy:
     def _resource_target(self, snap: Snapshot, resource: str) -> Target:
         res = snap.loaded.config.resources.get(resource)
         if res is None:
-            raise NotFound("The resource holding this response is no longer configured.")
+            raise NotFound("The resource holding this object is no longer configured.")
         return Target(resource, res.endpoint, res.region, "")
-
-    async def _by_id(self, request: Incoming, ex: Exchange) -> ASGIApp:
-        snap = self.gw.snap
-        check_headers(request.scope["headers"])
-        principal = snap.keyring.authenticate(request.headers)
-        ex.principal = principal
-        rid = _response_id(request.path_params["response_id"], "response_id")
-        ex.response_id = rid
-        binding = await self._owned(principal, rid, "response_id")
-        ex.model = binding.model or None
-        tenant = snap.loaded.config.tenants[principal.tenant]
-        body = None
-        if request.method == "POST":
-            body = await self._body(request, snap, ex) or None
-        await self.gw.gate.admit(ex, principal.tenant, tenant, binding.model)
-        ex.stream = request.query_param("stream") == "true"
-        attempt = Attempt(self._resource_target(snap, binding.resource), body, [])
-        return await self._forward(request, ex, snap, [attempt], _DROP_AS_SENT)
 
     # -- forwarding ---------------------------------------------------------
 
@@ -263,6 +465,8 @@ class Proxy:
         snap: Snapshot,
         attempts: list[Attempt],
         drop: frozenset[bytes],
+        keeper: Keeper,
+        named_objects: bool,
     ) -> ASGIApp:
         gw = self.gw
         scope = request.scope
@@ -273,10 +477,15 @@ class Proxy:
             a for a in attempts if not a.target.deployment or breakers.state(a.target.key) != OPEN
         ]
         best = min(a.target.priority for a in attempts)
-        for n, attempt in enumerate(candidates):
+        upstream_cfg = snap.loaded.config.upstream
+        stale_left = upstream_cfg.stale_read_retries if named_objects else 0
+        n = 0
+        while n < len(candidates):
+            attempt = candidates[n]
             target = attempt.target
             guarded = bool(target.deployment)  # requests pinned to a resource have no choice
             if guarded and not breakers.acquire(target.key):
+                n += 1
                 continue  # another request is probing it
             last = n == len(candidates) - 1
             ex.attempts += 1
@@ -292,23 +501,35 @@ class Proxy:
                 headers = request_headers(scope["headers"], ex.request_id, auth, drop | _TRACE)
                 headers.append(("traceparent", ex.traceparent_out))
             headers += attempt.headers
-            if drop is _DROP_REWRITTEN and attempt.body is not None:
-                headers.append(("content-type", "application/json"))
+            upload = attempt.body if isinstance(attempt.body, _Upload) else None
+            if upload is not None:
+                declared = request.headers.get("content-length")
+                if declared and declared.isdigit():
+                    headers.append(("content-length", declared))
             ex.upstream_started = time.perf_counter()
             try:
                 resp = await gw.http.send(
-                    request.method, target.endpoint + path, headers, attempt.body, target.resource
+                    request.method,
+                    target.endpoint + (attempt.path or path),
+                    headers,
+                    attempt.body,
+                    target.resource,
                 )
             except UpstreamError as exc:
+                if upload is not None and upload.failure is not None:
+                    if guarded:
+                        breakers.release(target.key)
+                    raise upload.failure from exc  # the client's body, not the upstream, failed
                 if guarded:
                     breakers.failure(target.key, None, None)
                 for obs in gw.observers:
                     obs.upstream_failed(ex, target, None)
-                if not last and exc.connect:
+                if not last and exc.connect and upload is None:
                     log.warning(
                         "upstream connect failed; trying next target",
                         extra={"request_id": ex.request_id, "resource": target.resource},
                     )
+                    n += 1
                     continue
                 ex.target = target
                 raise exc.error from exc
@@ -328,10 +549,25 @@ class Proxy:
                     breakers.release(target.key)
                     resp.close()
                     raise
+            if (
+                stale_left
+                and resp.status in (400, 404)
+                and target.resource == ex.pinned
+                and upload is None
+                and await _stale_read(resp)
+            ):
+                # Azure has not caught up with an object it just made on this resource.
+                stale_left -= 1
+                resp.close()
+                for obs in gw.observers:
+                    obs.stale_read(ex, target)
+                tries = upstream_cfg.stale_read_retries - stale_left
+                await asyncio.sleep(upstream_cfg.stale_read_backoff_seconds * tries)
+                continue  # the same target again
             if resp.status >= 400:
                 for obs in gw.observers:
                     obs.upstream_failed(ex, target, resp.status)
-            if not last and resp.status in RETRYABLE_STATUS:
+            if not last and resp.status in RETRYABLE_STATUS and upload is None:
                 resp.close()
                 log.warning(
                     "upstream refused; trying next target",
@@ -341,6 +577,7 @@ class Proxy:
                         "status": resp.status,
                     },
                 )
+                n += 1
                 continue
             ex.target = target
             ex.spillover = guarded and target.priority > best
@@ -348,10 +585,12 @@ class Proxy:
             ex.upstream_request_id = resp.headers.get("x-request-id") or resp.headers.get(
                 "apim-request-id"
             )
-            bind = self._binder(ex, snap) if ex.operation == "create" else None
-            if resp.headers.get("content-type", "").startswith("text/event-stream"):
-                return StreamRelay(resp, ex, gw, bind)
-            return JsonRelay(resp, ex, gw, bind)
+            ctype = resp.headers.get("content-type", "")
+            if ctype.startswith("text/event-stream"):
+                return StreamRelay(resp, ex, gw, keeper)
+            if "json" in ctype or resp.status >= 400:
+                return JsonRelay(resp, ex, gw, keeper)
+            return RawRelay(resp, ex, gw, keeper)
         raise self._all_open(attempts, ex)
 
     def _all_open(self, attempts: list[Attempt], ex: Exchange) -> GatewayError:
@@ -375,13 +614,15 @@ class Proxy:
             headers=headers,
         )
 
-    def _binder(self, ex: Exchange, snap: Snapshot) -> Callable[[str], Awaitable[None]]:
-        ttl = snap.loaded.config.state.response_retention_days * 86400.0
-        assert ex.principal is not None and ex.target is not None
-        binding = Binding(ex.principal.tenant, ex.target.resource, ex.model or "")
 
-        async def bind(response_id: str) -> None:
-            ex.response_id = response_id
-            await self.gw.state.bind_response(response_id, binding, ttl)
-
-        return bind
+async def _stale_read(resp: UpstreamResponse) -> bool:
+    """Whether an error answer says an object is not there (Azure's stale read)."""
+    body = parse_upstream(await resp.read())
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        return False
+    code = error.get("code")
+    message = error.get("message")
+    if isinstance(code, str) and code in _STALE_CODES:
+        return True
+    return isinstance(message, str) and "not found" in message.lower()

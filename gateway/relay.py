@@ -10,25 +10,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from starlette.types import Receive, Scope, Send
 
 from .errors import GatewayError
 from .exchange import Exchange
-from .lifecycle import stream_error_event
+from .lifecycle import CHAT_STREAMS, chat_error_chunk, stream_error_event
+from .objects import output_containers
 from .quotas import ratelimit_headers
 from .sse import SseTap
 from .upstream import UpstreamResponse, response_headers
 from .validate import parse_upstream
 
 if TYPE_CHECKING:
+    from .proxy import Keeper
     from .runtime import Gateway
 
 log = logging.getLogger("gateway.relay")
-
-Binder = Callable[[str], Awaitable[None]]
 
 
 def quota_headers(ex: Exchange) -> list[tuple[bytes, bytes]]:
@@ -38,29 +37,16 @@ def quota_headers(ex: Exchange) -> list[tuple[bytes, bytes]]:
     return [(k.encode(), v.encode()) for k, v in ratelimit_headers(ex.admission).items()]
 
 
-async def _remember(ex: Exchange, bind: Binder | None, response_id: str) -> None:
-    if bind is None:
-        return
-    try:
-        await bind(response_id)
-    except Exception as exc:
-        # The response exists upstream already; the client still gets it.
-        log.error(
-            "could not bind response to tenant",
-            extra={"request_id": ex.request_id, "reason": type(exc).__name__},
-        )
-
-
 class _UpstreamRelay:
-    """An upstream answer to relay; ``bind`` remembers a created response's id."""
+    """An upstream answer to relay; ``keeper`` binds the objects it creates."""
 
     def __init__(
-        self, upstream: UpstreamResponse, ex: Exchange, gw: Gateway, bind: Binder | None
+        self, upstream: UpstreamResponse, ex: Exchange, gw: Gateway, keeper: Keeper
     ) -> None:
         self.upstream = upstream
         self.ex = ex
         self.gw = gw
-        self.bind = bind
+        self.keeper = keeper
 
 
 class JsonRelay(_UpstreamRelay):
@@ -74,33 +60,54 @@ class JsonRelay(_UpstreamRelay):
             resp.close()
         ex.upstream_seconds = time.perf_counter() - (ex.upstream_started or ex.started)
         if resp.status < 300:
-            await self._inspect(raw)
+            raw = await self._inspect(raw)
         headers = response_headers(resp.raw_headers, ex.request_id) + quota_headers(ex)
         headers.append((b"content-length", str(len(raw)).encode()))
         await send({"type": "http.response.start", "status": resp.status, "headers": headers})
         await send({"type": "http.response.body", "body": raw})
         ex.ttfb_seconds = time.perf_counter() - ex.started
 
-    async def _inspect(self, raw: bytes) -> None:
-        ex, gw = self.ex, self.gw
-        if ex.operation == "delete":
-            if ex.response_id:
-                await gw.state.delete_binding(ex.response_id)
-            return
+    async def _inspect(self, raw: bytes) -> bytes:
+        """Learn from a successful answer (usage, created ids, MCP items); the bytes to send."""
+        ex, gw, keeper = self.ex, self.gw, self.keeper
+        if keeper.deleted is not None:
+            await keeper.forget()
+            return raw
         if "json" not in self.upstream.headers.get("content-type", ""):
-            return
+            return raw
         body = parse_upstream(raw)
         if not isinstance(body, dict):
-            return
+            return raw
         if isinstance(body.get("usage"), dict):
             ex.usage = body["usage"]
-        if body.get("object") == "response" and isinstance(body.get("id"), str):
-            if ex.response_id is None:
-                ex.response_id = body["id"]
-            await _remember(ex, self.bind, body["id"])
-        if gw.audit.enabled and "output" in body:
+        await keeper.created(body)
+        if keeper.lists is not None:
+            raw = await keeper.only_mine(body) or raw
+        if gw.audit.enabled and isinstance(body.get("output"), list):
             records = gw.audit.response_records(ex, body["output"])
             await gw.audit.write(ex, records, before_forward=False)
+        return raw
+
+
+class RawRelay(_UpstreamRelay):
+    """A binary answer (audio, file content) streamed through unchanged as it arrives."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ex, resp = self.ex, self.upstream
+        headers = response_headers(resp.raw_headers, ex.request_id) + quota_headers(ex)
+        length = resp.headers.get("content-length")
+        if length is not None and length.isdigit():
+            headers.append((b"content-length", length.encode()))
+        try:
+            await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+            async for chunk in resp.chunks():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if ex.ttfb_seconds is None:
+                    ex.ttfb_seconds = time.perf_counter() - ex.started
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            resp.close()
+            ex.upstream_seconds = time.perf_counter() - (ex.upstream_started or ex.started)
 
 
 class StreamRelay(_UpstreamRelay):
@@ -112,10 +119,11 @@ class StreamRelay(_UpstreamRelay):
     """
 
     def __init__(
-        self, upstream: UpstreamResponse, ex: Exchange, gw: Gateway, bind: Binder | None
+        self, upstream: UpstreamResponse, ex: Exchange, gw: Gateway, keeper: Keeper
     ) -> None:
-        super().__init__(upstream, ex, gw, bind)
-        self.tap = SseTap(self._on_event if gw.audit.enabled else None)
+        super().__init__(upstream, ex, gw, keeper)
+        self.chat = ex.operation in CHAT_STREAMS
+        self.tap = SseTap(self._on_event if gw.audit.enabled else None, chat=self.chat)
         ex.stream = True
 
     def _on_event(self, event: dict[str, Any]) -> None:
@@ -170,8 +178,8 @@ class StreamRelay(_UpstreamRelay):
                 tap.feed(chunk)
                 if not bound and tap.response_id is not None:
                     bound = True
-                    ex.response_id = ex.response_id or tap.response_id
-                    await _remember(ex, self.bind, tap.response_id)
+                    if self.keeper.creates == "response":
+                        await self.keeper.bind("response", tap.response_id)
                 if ex.pending_audit:
                     await self._flush_audit()
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -183,6 +191,9 @@ class StreamRelay(_UpstreamRelay):
             await send({"type": "http.response.body", "body": self._error(message)})
             return
         tap.close()
+        if tap.final_output is not None and self.keeper.creates == "response":
+            for kind, object_id in output_containers(tap.final_output):
+                await self.keeper.bind(kind, object_id)
         if tap.final_type is None and resp.status < 300 and not tap.disabled:
             self._broke_off("upstream_stream_incomplete", "no terminal event")
             message = "The upstream stream ended without a terminal event."
@@ -198,5 +209,8 @@ class StreamRelay(_UpstreamRelay):
         )
 
     def _error(self, message: str) -> bytes:
+        code = self.ex.error_code or "upstream_stream_interrupted"
+        if self.chat:  # the chat framing: an error object where a chunk would be
+            return chat_error_chunk(code, message)
         seq = (self.tap.last_sequence or 0) + 1
-        return stream_error_event(self.ex.error_code or "upstream_stream_interrupted", message, seq)
+        return stream_error_event(code, message, seq)

@@ -9,11 +9,13 @@ rest are the failover list before the first byte.
 from __future__ import annotations
 
 import random
+from fnmatch import fnmatchcase
 from typing import NamedTuple
 
 from .config import Config, TenantConfig
+from .config import region_ok as region_allowed
 from .errors import BadRequest, Forbidden, NotFound
-from .policy import check_model, region_allowed
+from .policy import check_model
 
 
 class Target(NamedTuple):
@@ -101,6 +103,25 @@ class Router:
                     param="model",
                 )
         return weighted_order(allowed, self._rng)
+
+    def home(self, tenant_name: str, tenant: TenantConfig) -> str:
+        """The resource where the tenant's uploads and other unrouted objects land:
+        ``tenants.NAME.files.resource``, else the first resource (in config order) serving
+        the tenant's first allowed model in its regions."""
+        if tenant.files.resource is not None:
+            return tenant.files.resource
+        for pattern in tenant.models:
+            for model, targets in self._targets.items():
+                if not fnmatchcase(model, pattern):
+                    continue
+                for t in targets:
+                    if region_allowed(tenant, t.region):
+                        return t.resource
+        raise Forbidden(
+            f"Tenant '{tenant_name}' has no resource for stored objects: it may use no model "
+            "deployed in its regions, and tenants.NAME.files.resource is not set.",
+            code="no_home_resource",
+        )
 
     def deployment_on(
         self, tenant_name: str, tenant: TenantConfig, model: str, resource: str, where: str

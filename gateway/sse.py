@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -20,12 +21,15 @@ Event = dict[str, Any]
 FINAL_TYPES = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _ID_TYPES = frozenset({"response.created", "response.queued", "response.in_progress"})
 _MAX_PENDING = 64 * 1024 * 1024
+_CHAT_USAGE = re.compile(rb'"usage"\s*:\s*\{')
 
 
 class SseTap:
     """Parses SSE events out of chunks fed to it; never alters the chunks."""
 
-    def __init__(self, on_event: Callable[[Event], None] | None = None) -> None:
+    def __init__(self, on_event: Callable[[Event], None] | None = None, chat: bool = False) -> None:
+        self._chat = chat  # chat-completions framing: chunks, usage chunk, ``[DONE]``
+        self.final_output: list[Any] | None = None
         self._pending = bytearray()
         self._data: list[bytes] = []
         self._on_event = on_event
@@ -76,6 +80,9 @@ class SseTap:
         data = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
         self._data = []
         self.events += 1
+        if self._chat:
+            self._chat_chunk(data)
+            return
         if b'.delta"' in data[:80]:
             self._delta_sequence(data)
             return
@@ -85,6 +92,20 @@ class SseTap:
             return
         if isinstance(event, dict):
             self.observe(event)
+
+    def _chat_chunk(self, data: bytes) -> None:
+        """A chat-completions chunk: only the terminal ``[DONE]`` and a usage chunk matter."""
+        if data.strip() == b"[DONE]":
+            self.final_type = "[DONE]"
+            return
+        if not _CHAT_USAGE.search(data):
+            return
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            return
+        if isinstance(chunk, dict) and isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
 
     def _delta_sequence(self, data: bytes) -> None:
         """``sequence_number`` of an event that is not decoded (a delta), found by search."""
@@ -113,5 +134,8 @@ class SseTap:
                 usage = response.get("usage")
                 if isinstance(usage, dict):
                     self.usage = usage
+                output = response.get("output")
+                if isinstance(output, list):
+                    self.final_output = output
         if self._on_event is not None:
             self._on_event(event)

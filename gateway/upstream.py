@@ -17,7 +17,7 @@ import asyncio
 import errno
 import re
 import ssl
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 
 import aiohttp
 from yarl import URL
@@ -168,9 +168,18 @@ class UpstreamClient:
         )
 
     async def send(
-        self, method: str, url: str, headers: list[tuple[str, str]], body: bytes | None, where: str
+        self,
+        method: str,
+        url: str,
+        headers: list[tuple[str, str]],
+        body: bytes | AsyncIterable[bytes] | None,
+        where: str,
     ) -> UpstreamResponse:
-        """Send a request; the body of the answer is left to read. Raises ``UpstreamError``."""
+        """Send a request; the body of the answer is left to read. Raises ``UpstreamError``.
+
+        A streamed body (an async iterable) is sent once: it cannot be replayed on a
+        fresh connection.
+        """
         if self._session is None:
             self._session = self._new_session(pooled=True)
         target = URL(url, encoded=True)
@@ -179,7 +188,7 @@ class UpstreamClient:
                 method, target, headers=headers, data=body, allow_redirects=False
             )
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            if not _stale(exc):
+            if not _stale(exc) or not isinstance(body, bytes | None):
                 raise UpstreamError(self._map(exc, where), connect=_never_sent(exc)) from exc
             if self._fresh is None:
                 self._fresh = self._new_session(pooled=False)

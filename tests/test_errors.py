@@ -44,7 +44,9 @@ def test_refusals(gw: Server, sim: Sim, tenants: Tenants, caplog: pytest.LogCapt
     _assert_error(_post(gw, {"model": "gpt-4o-nope", "input": "hi"}, key), 404, "model_not_found")
     _assert_error(_post(gw, {"model": "o3", "input": "hi"}, key), 403, "model_not_allowed", "o3")
     r = httpx.get(f"{gw.url}/openai/v1/chat/completions", headers={"api-key": key})
-    _assert_error(r, 404, "not_found", "/openai/v1/chat/completions")
+    _assert_error(r, 405, "method_not_allowed", "GET")
+    r = httpx.get(f"{gw.url}/openai/v1/assistants", headers={"api-key": key})
+    _assert_error(r, 404, "unknown_path", "/openai/v1/assistants")
     r = httpx.put(f"{gw.url}/openai/v1/responses", headers={"api-key": key})
     _assert_error(r, 405, "method_not_allowed")
     assert sim.state.api_requests() == []

@@ -1,0 +1,205 @@
+"""The surface: every endpoint the gateway serves, in one table.
+
+Each row says what the handlers need to know about an endpoint: its method and path
+(under the v1 prefix ``/openai/v1``, the ``?api-version=`` prefix ``/openai``, and the
+legacy ``/openai/deployments/{deployment}`` prefix where Azure has one), the operation
+name used in metrics and logs, how a request is routed, how its body is read, and
+which stored objects its answer creates, lists or deletes. Adding an endpoint is one
+row (and its tests).
+
+Routing:
+- ``model``: by the JSON body's ``model`` (on the deployments prefix, by the path's
+  deployment segment, which is the logical model name);
+- ``form``: by the ``model`` field of a multipart form (same rule on the deployments
+  prefix);
+- ``object``: by the stored object named first in the path (its tenant and resource);
+- ``home``: the tenant's home resource (``tenants.NAME.files.resource``), or the
+  resource of the stored objects the body names.
+
+Bodies: ``json`` (parsed, checked, ids in it checked), ``form`` (multipart, read whole,
+only its ``model`` field rewritten), ``upload`` (streamed as sent; JSON bodies are read
+as ``json``), ``none`` (nothing read, nothing sent).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+V1 = "/openai/v1"
+PREVIEW = "/openai"
+DEPLOYMENTS = "/openai/deployments/{deployment}"
+
+Route = Literal["model", "form", "object", "home"]
+Body = Literal["json", "form", "upload", "none"]
+Kind = Literal["response", "file", "conversation", "vector_store", "container"]
+
+_BOTH = (V1, PREVIEW)
+_ALL = (V1, PREVIEW, DEPLOYMENTS)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One endpoint of the surface."""
+
+    method: str
+    path: str
+    operation: str
+    route: Route
+    body: Body = "json"
+    creates: Kind | None = None  # the answer's ``id`` is a new object of this kind
+    lists: Kind | None = None  # the answer is a list, filtered to the tenant's objects
+    deletes: bool = False  # a 2xx answer deletes the object named in the path
+    model_optional: bool = False  # without ``model``, a referenced object picks the resource
+    prefixes: tuple[str, ...] = _BOTH
+    owner: Kind | None = None  # the kind of the path's first id (``object`` routes)
+
+
+def _object(method: str, path: str, operation: str, kind: Kind, **kw: object) -> Endpoint:
+    body: Body = "json" if method == "POST" else "none"
+    return Endpoint(method, path, operation, "object", body, owner=kind, **kw)  # type: ignore[arg-type]
+
+
+def _crud(base: str, name: str, kind: Kind, id_name: str, update: bool = True) -> list[Endpoint]:
+    """Create, list, retrieve, (update,) delete of one kind of stored object."""
+    one = f"{base}/{{{id_name}}}"
+    rows = [
+        Endpoint("POST", base, f"{name}.create", "home", creates=kind),
+        Endpoint("GET", base, f"{name}.list", "home", "none", lists=kind),
+        _object("GET", one, f"{name}.retrieve", kind),
+        _object("DELETE", one, f"{name}.delete", kind, deletes=True),
+    ]
+    if update:
+        rows.append(_object("POST", one, f"{name}.update", kind))
+    return rows
+
+
+def _model(path: str, operation: str, body: Body = "json") -> Endpoint:
+    route: Route = "form" if body == "form" else "model"
+    return Endpoint("POST", path, operation, route, body, prefixes=_ALL)
+
+
+VS = "/vector_stores/{vector_store_id}"
+CONV = "/conversations/{conversation_id}"
+CNTR = "/containers/{container_id}"
+
+ENDPOINTS: tuple[Endpoint, ...] = (
+    # Responses
+    Endpoint("POST", "/responses", "create", "model", creates="response"),
+    Endpoint(
+        "POST", "/responses/compact", "compact", "model", creates="response", model_optional=True
+    ),
+    Endpoint("POST", "/responses/input_tokens", "input_tokens", "model", model_optional=True),
+    _object("GET", "/responses/{response_id}", "retrieve", "response"),
+    _object("DELETE", "/responses/{response_id}", "delete", "response", deletes=True),
+    _object("POST", "/responses/{response_id}/cancel", "cancel", "response"),
+    _object("GET", "/responses/{response_id}/input_items", "input_items", "response"),
+    # Files
+    Endpoint("POST", "/files", "files.create", "home", "upload", creates="file"),
+    Endpoint("GET", "/files", "files.list", "home", "none", lists="file"),
+    _object("GET", "/files/{file_id}", "files.retrieve", "file"),
+    _object("DELETE", "/files/{file_id}", "files.delete", "file", deletes=True),
+    _object("GET", "/files/{file_id}/content", "files.content", "file"),
+    # Conversations
+    *_crud("/conversations", "conversations", "conversation", "conversation_id"),
+    _object("POST", CONV + "/items", "conversations.items.create", "conversation"),
+    _object("GET", CONV + "/items", "conversations.items.list", "conversation"),
+    _object("GET", CONV + "/items/{item_id}", "conversations.items.retrieve", "conversation"),
+    _object("DELETE", CONV + "/items/{item_id}", "conversations.items.delete", "conversation"),
+    # Vector stores
+    *_crud("/vector_stores", "vector_stores", "vector_store", "vector_store_id"),
+    _object("POST", VS + "/search", "vector_stores.search", "vector_store"),
+    _object("POST", VS + "/files", "vector_stores.files.create", "vector_store"),
+    _object("GET", VS + "/files", "vector_stores.files.list", "vector_store"),
+    _object("GET", VS + "/files/{file_id}", "vector_stores.files.retrieve", "vector_store"),
+    _object("POST", VS + "/files/{file_id}", "vector_stores.files.update", "vector_store"),
+    _object("DELETE", VS + "/files/{file_id}", "vector_stores.files.delete", "vector_store"),
+    _object("GET", VS + "/files/{file_id}/content", "vector_stores.files.content", "vector_store"),
+    _object("POST", VS + "/file_batches", "vector_stores.file_batches.create", "vector_store"),
+    _object(
+        "GET",
+        VS + "/file_batches/{batch_id}",
+        "vector_stores.file_batches.retrieve",
+        "vector_store",
+    ),
+    _object(
+        "POST",
+        VS + "/file_batches/{batch_id}/cancel",
+        "vector_stores.file_batches.cancel",
+        "vector_store",
+    ),
+    _object(
+        "GET",
+        VS + "/file_batches/{batch_id}/files",
+        "vector_stores.file_batches.files",
+        "vector_store",
+    ),
+    # Containers (code interpreter)
+    *_crud("/containers", "containers", "container", "container_id", update=False),
+    Endpoint(
+        "POST", CNTR + "/files", "containers.files.create", "object", "upload", owner="container"
+    ),
+    _object("GET", CNTR + "/files", "containers.files.list", "container"),
+    _object("GET", CNTR + "/files/{file_id}", "containers.files.retrieve", "container"),
+    _object("DELETE", CNTR + "/files/{file_id}", "containers.files.delete", "container"),
+    _object("GET", CNTR + "/files/{file_id}/content", "containers.files.content", "container"),
+    # Model endpoints beside Responses
+    _model("/chat/completions", "chat.completions"),
+    _model("/completions", "completions"),
+    _model("/embeddings", "embeddings"),
+    _model("/images/generations", "images.generate"),
+    _model("/images/edits", "images.edit", "form"),
+    _model("/audio/transcriptions", "audio.transcriptions", "form"),
+    _model("/audio/translations", "audio.translations", "form"),
+    _model("/audio/speech", "audio.speech"),
+)
+
+_PARAM = re.compile(r"\{([a-z_]+)\}")
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """A request path matched to an endpoint."""
+
+    endpoint: Endpoint
+    prefix: str
+    params: dict[str, str]
+
+
+class RouteTable:
+    """Finds the endpoint of a (method, path): a dict for fixed paths, then patterns."""
+
+    def __init__(self, endpoints: tuple[Endpoint, ...] = ENDPOINTS) -> None:
+        self.exact: dict[tuple[str, str], Match] = {}
+        self.patterns: list[tuple[re.Pattern[str], str, Endpoint]] = []
+        self.paths: set[str] = set()
+        for ep in endpoints:
+            for prefix in ep.prefixes:
+                if prefix == DEPLOYMENTS and ep.route not in ("model", "form"):
+                    continue
+                full = prefix + ep.path
+                if "{" not in full:
+                    self.exact[ep.method, full] = Match(ep, prefix, {})
+                    self.paths.add(full)
+                    continue
+                # Paths are plain letters, '_' and '/': nothing to escape.
+                regex = "^" + _PARAM.sub(r"(?P<\1>[^/]+)", full) + "$"
+                self.patterns.append((re.compile(regex), prefix, ep))
+
+    def match(self, method: str, path: str) -> Match | None:
+        """The endpoint serving ``method`` on ``path``, or None."""
+        found = self.exact.get((method, path))
+        if found is not None:
+            return found
+        for regex, prefix, ep in self.patterns:
+            if ep.method != method:
+                continue
+            m = regex.match(path)
+            if m is not None:
+                return Match(ep, prefix, m.groupdict())
+        return None
+
+    def known_path(self, path: str) -> bool:
+        """Whether some method is served on ``path`` (a wrong method is then a 405)."""
+        return path in self.paths or any(r.match(path) for r, _, _ in self.patterns)
