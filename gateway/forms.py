@@ -8,6 +8,8 @@ Files in the same form pass through as the exact bytes the client sent.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from typing import NamedTuple
 
 from .errors import BadRequest
 
@@ -34,30 +36,47 @@ def boundary(content_type: str | None) -> bytes:
     return (m.group(1) or m.group(2)).encode("latin-1")
 
 
-def field_span(body: bytes, sep: bytes, name: str) -> tuple[int, int] | None:
-    """Where the value of the (non-file) form field ``name`` is in ``body``, or None."""
+class Part(NamedTuple):
+    """One part of a form: its field name, whether it is a file, where its value is."""
+
+    name: bytes | None
+    is_file: bool
+    head: tuple[int, int]
+    value: tuple[int, int]
+
+
+def parts(body: bytes, sep: bytes) -> Iterator[Part]:
+    """The parts of a multipart body, in order (stops at the closing delimiter)."""
     delim = b"--" + sep
-    want = name.encode()
     pos = body.find(delim)
     while pos >= 0:
         start = pos + len(delim)
         if body[start : start + 2] == b"--":
-            return None  # the closing delimiter
+            return  # the closing delimiter
         head_end = body.find(b"\r\n\r\n", start)
         if head_end < 0:
-            return None
+            return
         value_start = head_end + 4
         end = body.find(b"\r\n" + delim, value_start)
         if end < 0:
-            return None
+            return
+        name, is_file = None, False
         disposition = _DISPOSITION.search(body, start, head_end)
         if disposition is not None:
             params = disposition.group(1)
             m = _NAME.search(params)
-            named = m is not None and (m.group(1) or m.group(2)) == want
-            if named and not _FILENAME.search(params):
-                return value_start, end
+            name = (m.group(1) or m.group(2)) if m is not None else None
+            is_file = _FILENAME.search(params) is not None
+        yield Part(name, is_file, (start, head_end), (value_start, end))
         pos = end + 2
+
+
+def field_span(body: bytes, sep: bytes, name: str) -> tuple[int, int] | None:
+    """Where the value of the (non-file) form field ``name`` is in ``body``, or None."""
+    want = name.encode()
+    for part in parts(body, sep):
+        if part.name == want and not part.is_file:
+            return part.value
     return None
 
 

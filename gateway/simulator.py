@@ -22,6 +22,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from . import sim_surface
+
 Json = dict[str, Any]
 IDENTITY_HEADER = "sim-identity-header"
 
@@ -58,6 +60,12 @@ class SimState:
     sent_streams: list[bytes] = field(default_factory=list)
     tokens_issued: list[str] = field(default_factory=list)
     on_request: Callable[[Recorded], None] | None = None
+    files: dict[str, tuple[Json, bytes]] = field(default_factory=dict)
+    conversations: dict[str, tuple[Json, list[Json]]] = field(default_factory=dict)
+    vector_stores: dict[str, tuple[Json, dict[str, Json]]] = field(default_factory=dict)
+    containers: dict[str, tuple[Json, dict[str, tuple[Json, bytes]]]] = field(default_factory=dict)
+    stale_reads: int = 0  # the next N lookups of stored objects answer "not found"
+    started: list[str] = field(default_factory=list)  # paths, as each request's head arrives
 
     max_stored: int = 2_000
 
@@ -73,7 +81,32 @@ class SimState:
             del self.sent_streams[: self.max_stored // 2]
 
     def api_requests(self) -> list[Recorded]:
-        return [r for r in self.requests if "/responses" in r.path]
+        """Every API request (not the token endpoint's)."""
+        return [r for r in self.requests if r.path.startswith("/openai/")]
+
+    def new_container(self, name: str) -> Json:
+        """A container with one generated file in it (a plot, as code interpreter makes)."""
+        from .sim_surface import PNG
+
+        cid = _id("cntr")
+        fid = _id("cfile")
+        meta = {
+            "id": fid,
+            "object": "container.file",
+            "container_id": cid,
+            "path": f"/mnt/data/{fid}.png",
+            "bytes": len(PNG),
+            "source": "assistant",
+        }
+        obj = {
+            "id": cid,
+            "object": "container",
+            "name": name,
+            "created_at": int(time.time()),
+            "status": "running",
+        }
+        self.containers[cid] = (obj, {fid: (meta, PNG)})
+        return obj
 
 
 def _id(prefix: str) -> str:
@@ -307,6 +340,9 @@ def create_simulator(state: SimState | None = None) -> Starlette:
     sim = state or SimState()
 
     async def record(request: Request) -> tuple[Recorded, Response | None]:
+        sim.started.append(request.url.path)
+        if len(sim.started) > 2 * sim.max_stored:
+            del sim.started[: sim.max_stored]
         rec = Recorded(
             request.method,
             request.url.path,
@@ -318,7 +354,8 @@ def create_simulator(state: SimState | None = None) -> Starlette:
         if sim.on_request is not None:
             sim.on_request(rec)
         if (
-            request.url.path.startswith("/openai/responses")
+            request.url.path.startswith("/openai/")
+            and not request.url.path.startswith("/openai/v1/")
             and "api-version" not in request.query_params
         ):
             return rec, _error(404, "Resource not found", "404")
@@ -374,9 +411,39 @@ def create_simulator(state: SimState | None = None) -> Starlette:
 
     def missing_previous(body: Json) -> Response | None:
         prev = body.get("previous_response_id")
+        if prev and sim.stale_reads > 0:
+            sim.stale_reads -= 1
+            message = f"Previous response with id '{prev}' not found."
+            return _error(400, message, "previous_response_not_found", "previous_response_id")
         if prev and prev not in sim.responses:
             message = f"Previous response with id '{prev}' not found."
             return _error(400, message, "previous_response_not_found", "previous_response_id")
+        return None
+
+    def missing_objects(body: Json) -> Response | None:
+        """A named file, vector store, container or conversation this resource lacks."""
+        conv = body.get("conversation")
+        conv_id = conv.get("id") if isinstance(conv, dict) else conv
+        if conv_id and conv_id not in sim.conversations:
+            return _error(404, f"Conversation '{conv_id}' not found.", "not_found", "conversation")
+        inputs = body.get("input")
+        for item in inputs if isinstance(inputs, list) else []:
+            for part in item.get("content") if isinstance(item.get("content"), list) else []:
+                fid = part.get("file_id") if isinstance(part, dict) else None
+                if fid and fid not in sim.files:
+                    return _error(404, f"File '{fid}' not found.", "not_found", "file_id")
+        for tool in body.get("tools") or []:
+            for vid in tool.get("vector_store_ids") or []:
+                if vid not in sim.vector_stores:
+                    return _error(404, f"Vector store '{vid}' not found.", "not_found")
+            container = tool.get("container")
+            if isinstance(container, str) and container not in sim.containers:
+                return _error(404, f"Container '{container}' not found.", "not_found")
+            for fid in (
+                (container or {}).get("file_ids") or [] if isinstance(container, dict) else []
+            ):
+                if fid not in sim.files:
+                    return _error(404, f"File '{fid}' not found.", "not_found")
         return None
 
     def invalid(fn: Callable[[Request], Any]) -> Callable[[Request], Any]:
@@ -398,11 +465,30 @@ def create_simulator(state: SimState | None = None) -> Starlette:
         if err:
             return err
         body = json.loads(rec.body)
-        missing = missing_previous(body)
+        missing = missing_previous(body) or missing_objects(body)
         if missing:
             return missing
         items = _input_items(body)
         resp = build_response(body, items)
+        for tool in body.get("tools") or []:
+            if tool.get("type") == "code_interpreter":
+                container = tool.get("container")
+                cid = container if isinstance(container, str) else None
+                cid = cid or sim.new_container("auto")["id"]
+                call: Json = {
+                    "type": "code_interpreter_call",
+                    "id": _id("ci"),
+                    "status": "completed",
+                    "container_id": cid,
+                    "code": "plot()",
+                    "outputs": [],
+                }
+                resp["output"].insert(0, call)
+        conv = body.get("conversation")
+        conv_id = conv.get("id") if isinstance(conv, dict) else conv
+        if conv_id:
+            sim.conversations[conv_id][1].extend([*items, *resp["output"]])
+            resp["conversation"] = {"id": conv_id}
         _token_details(resp["usage"], rec.headers)
         events = stream_events(resp)
         delay = float(rec.headers.get("x-sim-delay", sim.delay))
@@ -504,8 +590,9 @@ def create_simulator(state: SimState | None = None) -> Starlette:
             return missing
         prev = body.get("previous_response_id")
         items = sim.inputs.get(prev, []) if prev else _input_items(body)
-        out = {
-            "id": _id("cmp"),
+        cmp_id = _id("resp")
+        out: Json = {
+            "id": cmp_id,
             "object": "response.compaction",
             "created_at": int(time.time()),
             "output": [
@@ -514,6 +601,10 @@ def create_simulator(state: SimState | None = None) -> Starlette:
             ],
             "usage": _usage(len(items) * 4 + 1, 8),
         }
+        # The compaction result is a stored object: retrievable, and a previous response.
+        sim.responses[cmp_id] = {**out, "status": "completed"}
+        sim.inputs[cmp_id] = list(out["output"])
+        sim.forget_oldest()
         return JSONResponse(out, headers=headers())
 
     @invalid
@@ -559,6 +650,7 @@ def create_simulator(state: SimState | None = None) -> Starlette:
             Route(prefix + "/{rid}/cancel", cancel, methods=["POST"]),
             Route(prefix + "/{rid}/input_items", input_items, methods=["GET"]),
         ]
+    routes += sim_surface.routes(sim, record, headers, _error, _id)
     app = Starlette(routes=routes)
     app.state.sim = sim
     return app
