@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .errors import GatewayError
 from .forms import boundary, parts
 
 if TYPE_CHECKING:
@@ -77,6 +78,8 @@ def routes(
                     return found
             try:
                 return await fn(request, rec)
+            except GatewayError as exc:  # a form without a boundary, as the gateway says it
+                return error(exc.status, exc.message, exc.code)
             except (TypeError, AttributeError, KeyError, ValueError, IndexError) as exc:
                 return error(400, f"Invalid request body ({type(exc).__name__}).", "invalid")
 

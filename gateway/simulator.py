@@ -515,6 +515,9 @@ def create_simulator(state: SimState | None = None) -> Starlette:
             return err
         rid = request.path_params["rid"]
         resp = current(rid)
+        if sim.stale_reads > 0:
+            sim.stale_reads -= 1
+            resp = None
         if resp is None:
             return not_found(rid)
         if request.query_params.get("stream") == "true":

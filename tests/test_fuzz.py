@@ -200,3 +200,124 @@ def test_fuzz_by_id(fuzzed: tuple[Server, LogLines], tenants: Tenants, identity:
     assert any(s < 300 for s in statuses) and any(s == 400 for s in statuses), statuses
     assert_still_served(gw, key)
     _secrets_absent(identity, key, lines, seen)
+
+
+ID_FIELDS = ("file_id", "file_ids", "vector_store_ids", "container_id", "conversation")
+id_values = st.sampled_from(["file-x", "vs_x", "cntr_x", "conv_x", "../x", ""]) | json_values
+surface_bodies = st.fixed_dictionaries(
+    {},
+    optional={
+        "model": st.sampled_from(["gpt-4.1", "o3", "nope"]) | json_values,
+        "messages": st.lists(
+            st.fixed_dictionaries({}, optional={"role": text, "content": json_values}), max_size=2
+        )
+        | json_values,
+        "input": json_values,
+        "items": st.lists(st.dictionaries(st.sampled_from(ID_FIELDS), id_values), max_size=2),
+        "stream": json_values,
+        "tools": st.lists(
+            st.fixed_dictionaries(
+                {"type": st.sampled_from(["code_interpreter", "file_search", "function"])},
+                optional={"container": id_values, "vector_store_ids": id_values},
+            ),
+            max_size=2,
+        )
+        | json_values,
+        **{f: id_values for f in ID_FIELDS},
+    },
+)
+SURFACE = [
+    "/openai/v1/chat/completions",
+    "/openai/deployments/gpt-4.1/chat/completions?api-version=2025-04-01-preview",
+    "/openai/deployments/o3/embeddings?api-version=2025-04-01-preview",
+    "/openai/v1/embeddings",
+    "/openai/v1/completions",
+    "/openai/v1/conversations",
+    "/openai/v1/vector_stores",
+    "/openai/v1/containers",
+    "/openai/v1/conversations/conv_x/items",
+    "/openai/v1/vector_stores/vs_x/files",
+    "/openai/v1/files",
+    "/openai/v1/audio/speech",
+]
+
+
+def test_fuzz_surface(fuzzed: tuple[Server, LogLines], tenants: Tenants, identity: Sim) -> None:
+    """Every other endpoint's JSON body, with ids of every type everywhere they can be."""
+    gw, lines = fuzzed
+    key = tenants.key("team-a")
+    seen: list[bytes] = []
+    statuses: list[int] = []
+    with httpx.Client(base_url=gw.url, timeout=10) as client:
+
+        @FUZZ
+        @given(body=surface_bodies, path=st.sampled_from(SURFACE), hdrs=headers)
+        def run(body: dict[str, Any], path: str, hdrs: dict[str, bytes]) -> None:
+            r = client.post(
+                path,
+                content=_encode(body),
+                headers={**hdrs, "api-key": key, "content-type": "application/json"},
+            )
+            _check(r, seen, statuses)
+
+        run()
+    assert any(s < 300 for s in statuses) and any(s == 404 for s in statuses), statuses
+    assert_still_served(gw, key)
+    _secrets_absent(identity, key, lines, seen)
+
+
+def test_fuzz_forms(fuzzed: tuple[Server, LogLines], tenants: Tenants, identity: Sim) -> None:
+    """Multipart bodies: random bytes, random boundaries, random model fields."""
+    gw, lines = fuzzed
+    key = tenants.key("team-a")
+    seen: list[bytes] = []
+    statuses: list[int] = []
+    part = st.tuples(
+        st.sampled_from([b"model", b"file", b"purpose", b"x"]),
+        st.binary(max_size=40),
+        st.booleans(),
+    )
+
+    def encode(sep: bytes, parts: list[tuple[bytes, bytes, bool]], tail: bytes) -> bytes:
+        out = b""
+        for name, value, is_file in parts:
+            disp = b'form-data; name="' + name + b'"' + (b'; filename="f"' if is_file else b"")
+            out += b"--" + sep + b"\r\nContent-Disposition: " + disp + b"\r\n\r\n" + value + b"\r\n"
+        return out + b"--" + sep + b"--\r\n" + tail
+
+    with httpx.Client(base_url=gw.url, timeout=10) as client:
+
+        @FUZZ
+        @given(
+            sep=st.sampled_from([b"b", b"--x", b"a b", b""]),
+            parts=st.lists(part, max_size=4),
+            tail=st.binary(max_size=8),
+            raw=st.none() | st.binary(max_size=80),
+            path=st.sampled_from(
+                ["/openai/v1/audio/transcriptions", "/openai/v1/files", "/openai/v1/images/edits"]
+            ),
+        )
+        def run(
+            sep: bytes,
+            parts: list[tuple[bytes, bytes, bool]],
+            tail: bytes,
+            raw: bytes | None,
+            path: str,
+        ) -> None:
+            body = raw if raw is not None else encode(sep, parts, tail)
+            ctype = b"multipart/form-data; boundary=" + sep
+            r = client.post(path, content=body, headers={"api-key": key, "content-type": ctype})
+            _check(r, seen, statuses)
+
+        run()
+    assert any(s == 400 for s in statuses), statuses
+    # A well-formed form is still served afterwards.
+    r = httpx.post(
+        gw.url + "/openai/v1/audio/transcriptions",
+        headers={"api-key": key},
+        data={"model": "gpt-4o-mini"},
+        files={"file": ("a.wav", b"RIFF")},
+    )
+    assert r.status_code == 200, r.text
+    assert_still_served(gw, key)
+    _secrets_absent(identity, key, lines, seen)

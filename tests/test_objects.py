@@ -1,0 +1,187 @@
+"""Conversations, compaction results, containers and stale reads: bound to their tenant
+on create, usable by it, 404 for everyone else with nothing sent upstream."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+from harness import Server, Sim, Tenants, base_config, gateway
+
+
+def _v1(gw: Server, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gw.url + "/openai/v1/", api_key=key, max_retries=0)
+
+
+def test_conversations(gw: Server, sim: Sim, tenants: Tenants) -> None:
+    a = _v1(gw, tenants.key("team-a"))
+    b = _v1(gw, tenants.key("team-b"))
+    conv = a.conversations.create(
+        items=[{"type": "message", "role": "user", "content": "remember: blue"}],
+        metadata={"topic": "colours"},
+    )
+    a.conversations.items.create(
+        conv.id, items=[{"type": "message", "role": "user", "content": "and green"}]
+    )
+    resp = a.responses.create(model="gpt-4.1", input="which colours?", conversation=conv.id)
+    assert resp.status == "completed"
+    items = list(a.conversations.items.list(conv.id, order="asc"))
+    assert len(items) == 4  # two added, the input, the answer
+    assert a.conversations.retrieve(conv.id).metadata == {"topic": "colours"}
+    assert a.conversations.update(conv.id, metadata={"topic": "x"}).metadata == {"topic": "x"}
+    item_id = items[0].id
+    assert a.conversations.items.retrieve(item_id, conversation_id=conv.id).id == item_id
+
+    before = len(sim.state.api_requests())
+    for param, attempt in [
+        ("conversation_id", lambda: b.conversations.retrieve(conv.id)),
+        ("conversation_id", lambda: b.conversations.update(conv.id, metadata={})),
+        ("conversation_id", lambda: b.conversations.delete(conv.id)),
+        ("conversation_id", lambda: b.conversations.items.list(conv.id)),
+        (
+            "conversation_id",
+            lambda: b.conversations.items.retrieve(item_id, conversation_id=conv.id),
+        ),
+        (
+            "conversation_id",
+            lambda: b.conversations.items.create(
+                conv.id, items=[{"type": "message", "role": "user", "content": "x"}]
+            ),
+        ),
+        (
+            "conversation",
+            lambda: b.responses.create(model="gpt-4.1", input="x", conversation=conv.id),
+        ),
+        (
+            "conversation.id",
+            lambda: b.responses.create(model="gpt-4.1", input="x", conversation={"id": conv.id}),
+        ),
+    ]:
+        with pytest.raises(openai.NotFoundError) as info:
+            attempt()
+        assert isinstance(info.value.body, dict) and info.value.body["param"] == param
+    assert len(sim.state.api_requests()) == before
+    assert a.conversations.delete(conv.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        a.conversations.retrieve(conv.id)
+
+
+def test_compaction_result_is_owned(gw: Server, sim: Sim, tenants: Tenants) -> None:
+    a = _v1(gw, tenants.key("team-a"))
+    b = _v1(gw, tenants.key("team-b"))
+    first = a.responses.create(model="gpt-4.1", input="a long story")
+    compacted = a.responses.compact(model="gpt-4.1", previous_response_id=first.id)
+    assert compacted.id and compacted.id != first.id
+    assert a.responses.retrieve(compacted.id).id == compacted.id
+    follow = a.responses.create(model="gpt-4.1", input="go on", previous_response_id=compacted.id)
+    assert follow.status == "completed"
+    before = len(sim.state.api_requests())
+    with pytest.raises(openai.NotFoundError):
+        b.responses.retrieve(compacted.id)
+    with pytest.raises(openai.NotFoundError) as info:
+        b.responses.create(model="gpt-4.1", input="x", previous_response_id=compacted.id)
+    assert isinstance(info.value.body, dict)
+    assert info.value.body["param"] == "previous_response_id"
+    assert len(sim.state.api_requests()) == before
+
+
+def test_code_interpreter_container_is_owned(gw: Server, sim: Sim, tenants: Tenants) -> None:
+    a = _v1(gw, tenants.key("team-a"))
+    b = _v1(gw, tenants.key("team-b"))
+    resp = a.responses.create(
+        model="gpt-4.1",
+        input="plot it",
+        tools=[{"type": "code_interpreter", "container": {"type": "auto"}}],
+    )
+    call = next(o for o in resp.output if o.type == "code_interpreter_call")
+    cid = call.container_id
+    files = list(a.containers.files.list(cid))
+    assert len(files) == 1
+    png = a.containers.files.content.retrieve(files[0].id, container_id=cid).read()
+    assert png.startswith(b"\x89PNG")
+    # Streamed responses bind their containers too.
+    with a.responses.stream(
+        model="gpt-4.1",
+        input="again",
+        tools=[{"type": "code_interpreter", "container": {"type": "auto"}}],
+    ) as stream:
+        final = stream.get_final_response()
+    streamed = next(o for o in final.output if o.type == "code_interpreter_call").container_id
+    assert a.containers.retrieve(streamed).id == streamed
+    # Reusing the container by id is the owner's right only.
+    again = a.responses.create(
+        model="gpt-4.1", input="x", tools=[{"type": "code_interpreter", "container": cid}]
+    )
+    assert again.status == "completed"
+    before = len(sim.state.api_requests())
+    for param, attempt in [
+        ("container_id", lambda: b.containers.retrieve(cid)),
+        ("container_id", lambda: b.containers.files.list(cid)),
+        (
+            "container_id",
+            lambda: b.containers.files.content.retrieve(files[0].id, container_id=cid),
+        ),
+        (
+            "tools[0].container",
+            lambda: b.responses.create(
+                model="gpt-4.1", input="x", tools=[{"type": "code_interpreter", "container": cid}]
+            ),
+        ),
+    ]:
+        with pytest.raises(openai.NotFoundError) as info:
+            attempt()
+        assert isinstance(info.value.body, dict) and info.value.body["param"] == param
+    assert len(sim.state.api_requests()) == before
+    # Lists show only the tenant's containers.
+    mine = b.containers.create(name="b's")
+    assert [c.id for c in b.containers.list()] == [mine.id]
+
+
+def test_stale_read_is_retried_on_the_same_resource(
+    identity: Sim, sim2: Sim, tenants: Tenants
+) -> None:
+    cfg = base_config(
+        {"swc": identity, "frc": sim2},
+        tenants,
+        upstream={"read_timeout": 5.0, "stale_read_backoff_seconds": 0.01},
+    )
+    with gateway(cfg) as gw:
+        a = _v1(gw, tenants.key("team-a"))
+        first = a.responses.create(model="gpt-4.1", input="x")
+        identity.state.stale_reads = 2
+        follow = a.responses.create(model="gpt-4.1", input="y", previous_response_id=first.id)
+        assert follow.status == "completed"
+        assert identity.state.stale_reads == 0
+        assert sim2.state.api_requests() == []  # never tried elsewhere
+        metrics = httpx.get(gw.url + "/metrics").text
+        assert 'gateway_stale_read_retries_total{operation="create",resource="swc"} 2.0' in metrics
+        # By id too; and a real absence still ends as 404 after the bounded retries.
+        identity.state.stale_reads = 1
+        assert a.responses.retrieve(first.id).id == first.id
+        assert identity.state.stale_reads == 0
+        identity.state.stale_reads = 10
+        with pytest.raises(openai.NotFoundError):
+            a.responses.retrieve(first.id)
+        assert identity.state.stale_reads == 10 - 4  # the first try and 3 retries
+        # Nothing named: no retry (the 400 is the client's to fix).
+        identity.state.stale_reads = 0
+        calls = len(identity.state.api_requests())
+        r = httpx.get(
+            gw.url + "/openai/v1/files/file-nope", headers={"api-key": tenants.key("team-a")}
+        )
+        assert r.status_code == 404
+        assert len(identity.state.api_requests()) == calls  # not bound: never asked
+
+
+def test_unknown_path_is_logged_and_counted(gw: Server, sim: Sim, tenants: Tenants) -> None:
+    key = tenants.key("team-a")
+    r = httpx.post(gw.url + "/openai/v1/assistants", headers={"api-key": key}, json={})
+    assert r.status_code == 404
+    err = r.json()["error"]
+    assert err["code"] == "unknown_path" and "/openai/v1/assistants" in err["message"]
+    assert r.headers["x-request-id"]
+    r = httpx.get(gw.url + "/nothing-here")
+    assert r.status_code == 404
+    metrics = httpx.get(gw.url + "/metrics").text
+    assert 'operation="unknown",status="404",tenant="team-a"' in metrics
+    assert sim.state.api_requests() == []

@@ -1,0 +1,157 @@
+"""Unit properties of the route table, the multipart rewrite and the body-id walk."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.errors import GatewayError
+from gateway.forms import field, parts, replace
+from gateway.objects import body_refs
+from gateway.routes import DEPLOYMENTS, ENDPOINTS, PREVIEW, V1, RouteTable
+
+TABLE = RouteTable()
+
+
+def test_every_row_is_reachable_on_each_prefix() -> None:
+    for ep in ENDPOINTS:
+        for prefix in ep.prefixes:
+            if prefix == DEPLOYMENTS and ep.route not in ("model", "form"):
+                continue
+            path = (prefix + ep.path).replace("{deployment}", "gpt-4.1")
+            for name in ("response_id", "file_id", "conversation_id", "vector_store_id"):
+                path = path.replace("{" + name + "}", "x_1")
+            for name in ("container_id", "item_id", "batch_id"):
+                path = path.replace("{" + name + "}", "y_2")
+            m = TABLE.match(ep.method, path)
+            assert m is not None and m.endpoint == ep, (ep.method, path)
+    assert len({(ep.method, ep.path) for ep in ENDPOINTS}) == len(ENDPOINTS)  # no duplicate rows
+
+
+def test_fixed_paths_win_over_ids() -> None:
+    for prefix in (V1, PREVIEW):
+        assert TABLE.match("POST", prefix + "/responses/compact").endpoint.operation == "compact"  # type: ignore[union-attr]
+        assert TABLE.match("GET", prefix + "/responses/compact").endpoint.operation == "retrieve"  # type: ignore[union-attr]
+    assert TABLE.match("GET", "/openai/v1/responses/a/b") is None
+    assert TABLE.match("PUT", "/openai/v1/files") is None and TABLE.known_path("/openai/v1/files")
+
+
+segment = st.text(st.sampled_from("abc_-/.%{}"), min_size=0, max_size=12)
+
+
+@given(st.lists(segment, max_size=5), st.sampled_from(["GET", "POST", "DELETE", "PUT"]))
+def test_match_never_crashes_and_ids_hold_no_slash(segs: list[str], method: str) -> None:
+    m = TABLE.match(method, "/openai/v1/" + "/".join(segs))
+    if m is not None:
+        assert all("/" not in v and v for v in m.params.values())
+
+
+field_value = st.text(st.characters(blacklist_categories=["Cs"]), max_size=20)
+
+
+@given(
+    model=field_value,
+    new=field_value,
+    files=st.lists(st.binary(max_size=64), max_size=3),
+    before=st.booleans(),
+)
+def test_form_rewrite_changes_only_the_model(
+    model: str, new: str, files: list[bytes], before: bool
+) -> None:
+    sep = b"sep-123"
+    file_parts = [
+        b"--" + sep + b'\r\nContent-Disposition: form-data; name="file"; filename="model"\r\n'
+        b"Content-Type: application/octet-stream\r\n\r\n" + data.replace(b"\r\n--", b"") + b"\r\n"
+        for data in files
+    ]
+    model_part = (
+        b"--"
+        + sep
+        + b'\r\nContent-Disposition: form-data; name="model"\r\n\r\n'
+        + model.encode()
+        + b"\r\n"
+    )
+    body = b"".join([model_part, *file_parts] if before else [*file_parts, model_part])
+    body += b"--" + sep + b"--\r\n"
+    if "\r\n--" in model:
+        return  # a value cannot hold its own delimiter in a valid form
+    assert field(body, sep, "model") == model
+    out = replace(body, sep, "model", new)
+    if "\r\n--" not in new:
+        assert field(out, sep, "model") == new
+    old_files = [body[p.value[0] : p.value[1]] for p in parts(body, sep) if p.is_file]
+    new_files = [out[p.value[0] : p.value[1]] for p in parts(out, sep) if p.is_file]
+    assert old_files == new_files
+    assert len(out) - len(body) == len(new.encode()) - len(model.encode())
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "file_id",
+                    "file_ids",
+                    "vector_store_ids",
+                    "container_id",
+                    "type",
+                    "x",
+                    "content",
+                    "tools",
+                    "container",
+                    "metadata",
+                    "conversation",
+                ]
+            ),
+            inner,
+            max_size=4,
+        )
+    ),
+    max_leaves=15,
+)
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "input",
+                "tools",
+                "previous_response_id",
+                "conversation",
+                "file_id",
+                "metadata",
+                "messages",
+            ]
+        ),
+        json_values,
+    )
+)
+def test_body_refs_only_raise_gateway_errors(body: dict[str, Any]) -> None:
+    try:
+        refs = body_refs(body)
+    except GatewayError as exc:
+        assert exc.status in (400, 404) and exc.param
+        return
+    for ref in refs:
+        assert ref.kind in ("response", "file", "conversation", "vector_store", "container")
+        assert ref.param and ref.id
+
+
+def test_body_refs_skip_free_form_parts() -> None:
+    body = {
+        "model": "m",
+        "metadata": {"file_id": 5},
+        "text": {"format": {"schema": {"properties": {"file_id": {"type": "string"}}}}},
+        "tools": [{"type": "function", "parameters": {"properties": {"file_ids": {}}}}],
+        "input": [{"type": "message", "content": [{"type": "input_file", "file_id": "file-1"}]}],
+    }
+    assert [(r.id, r.param) for r in body_refs(body)] == [("file-1", "input[0].content[0].file_id")]
+    with pytest.raises(GatewayError) as info:
+        body_refs({"input": [{"content": [{"type": "input_file", "file_id": 7}]}]})
+    assert info.value.status == 400 and info.value.param == "input[0].content[0].file_id"
