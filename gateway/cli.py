@@ -190,11 +190,15 @@ def demo_config(sim_port: int, key: str) -> LoadedConfig:
             "resources": {
                 "sim-swc": {"endpoint": f"http://127.0.0.1:{sim_port}", "region": "swedencentral"}
             },
-            "models": {"gpt-4.1": [{"resource": "sim-swc", "deployment": "gpt-41-sim"}]},
+            "models": {
+                "gpt-4.1": [{"resource": "sim-swc", "deployment": "gpt-41-sim"}],
+                "text-embedding-3-small": [{"resource": "sim-swc", "deployment": "emb-sim"}],
+                "gpt-4o-transcribe": [{"resource": "sim-swc", "deployment": "stt-sim"}],
+            },
             "tenants": {
                 "demo": {
                     "keys": [{"id": "demo-key", "sha256": hash_key(key)}],
-                    "models": ["gpt-4.1"],
+                    "models": ["gpt-4.1", "text-embedding-3-small", "gpt-4o-transcribe"],
                 }
             },
         },
@@ -230,7 +234,17 @@ Demo key (tenant 'demo', model 'gpt-4.1'): {key}
   pip install openai && python3 -c '
 from openai import OpenAI
 client = OpenAI(base_url="{base}/openai/v1/", api_key="{key}")
-print(client.responses.create(model="gpt-4.1", input="Hello").output_text)'
+print(client.responses.create(model="gpt-4.1", input="Hello").output_text)
+f = client.files.create(file=("notes.pdf", b"%PDF-1.4 demo"), purpose="assistants")
+parts = [{{"type": "input_file", "file_id": f.id}}, {{"type": "input_text", "text": "Summarise"}}]
+print(client.responses.create(model="gpt-4.1",
+    input=[{{"role": "user", "content": parts}}]).output_text)
+print(client.chat.completions.create(model="gpt-4.1",
+    messages=[{{"role": "user", "content": "Hi"}}]).choices[0].message.content)
+print(len(client.embeddings.create(model="text-embedding-3-small", input="hi").data[0].embedding))'
+
+The simulator serves Responses, Files, conversations, vector stores, containers, chat
+completions, embeddings, images and audio, on the /openai/v1 and api-version paths.
 
 Ctrl-C stops both.
 """,

@@ -203,3 +203,39 @@ class RouteTable:
     def known_path(self, path: str) -> bool:
         """Whether some method is served on ``path`` (a wrong method is then a 405)."""
         return path in self.paths or any(r.match(path) for r, _, _ in self.patterns)
+
+
+_HOW = {
+    "model": "`model` in the body",
+    "form": "`model` form field",
+    "object": "the object in the path",
+    "home": "home resource, or the objects the body names",
+}
+
+
+def markdown() -> str:
+    """The endpoint table for the README, made from ``ENDPOINTS``."""
+    rows = [
+        "| method | path under `/openai/v1` | operation | routed by | also on | objects |",
+        "|---|---|---|---|---|---|",
+    ]
+    for ep in ENDPOINTS:
+        forms = []
+        if PREVIEW in ep.prefixes:
+            forms.append("`/openai…?api-version=`")
+        if DEPLOYMENTS in ep.prefixes:
+            forms.append("`/openai/deployments/{model}…`")
+        objects = []
+        if ep.creates:
+            objects.append(f"creates {ep.creates}")
+        if ep.lists:
+            objects.append(f"lists own {ep.lists}s")
+        if ep.deletes:
+            objects.append("deletes")
+        if ep.owner and not ep.deletes:
+            objects.append(f"owned {ep.owner}")
+        rows.append(
+            f"| {ep.method} | `{ep.path}` | `{ep.operation}` | {_HOW[ep.route]} | "
+            f"{', '.join(forms)} | {', '.join(objects)} |"
+        )
+    return "\n".join(rows) + "\n"

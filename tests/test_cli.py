@@ -28,11 +28,13 @@ def test_demo_end_to_end() -> None:
     try:
         assert proc.stdout is not None
         key = None
+        printed = ""
         deadline = time.monotonic() + 30
-        while key is None and time.monotonic() < deadline:
+        while "Ctrl-C stops both" not in printed and time.monotonic() < deadline:
             line = proc.stdout.readline()
+            printed += line
             match = re.search(r"Demo key .*: (gk-\S+)", line)
-            key = match.group(1) if match else None
+            key = key or (match.group(1) if match else None)
         assert key, "demo printed no key"
         base = f"http://127.0.0.1:{port}"
         while time.monotonic() < deadline:
@@ -43,6 +45,11 @@ def test_demo_end_to_end() -> None:
                 time.sleep(0.1)
         client = openai.OpenAI(base_url=base + "/openai/v1/", api_key=key)
         assert client.responses.create(model="gpt-4.1", input="Hello").output_text == "Echo: Hello"
+        # The Python snippet the demo prints runs as printed: responses, files, chat, embeddings.
+        snippet = printed.split("python3 -c '", 1)[1].split("'\n", 1)[0]
+        ran = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True)
+        assert ran.returncode == 0, ran.stderr
+        assert ran.stdout.splitlines() == ["Echo: Hello", "Echo: Summarise", "Echo: Hi", "3"]
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(15)

@@ -66,7 +66,7 @@ def test_all_features() -> None:
     assert ing["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
     assert ing["nginx.ingress.kubernetes.io/proxy-request-buffering"] == "off"
     assert int(ing["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 600
-    assert ing["nginx.ingress.kubernetes.io/proxy-body-size"] == "50m"
+    assert ing["nginx.ingress.kubernetes.io/proxy-body-size"] == "512m"
     sa = docs["ServiceAccount"]["metadata"]["annotations"]
     assert (
         sa["azure.workload.identity/client-id"]

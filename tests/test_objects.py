@@ -185,3 +185,34 @@ def test_unknown_path_is_logged_and_counted(gw: Server, sim: Sim, tenants: Tenan
     metrics = httpx.get(gw.url + "/metrics").text
     assert 'operation="unknown",status="404",tenant="team-a"' in metrics
     assert sim.state.api_requests() == []
+
+
+def test_ownership_on_every_backend(
+    identity: Sim, tenants: Tenants, backend: tuple[dict[str, object], dict[str, str]]
+) -> None:
+    """Bindings of every kind live in the state backend; with Redis a second replica
+    enforces them (with memory, the one replica does)."""
+    state, environ = backend
+    cfg = base_config({"swc": identity}, tenants, state=state)
+    with gateway(cfg, environ) as one, gateway(cfg, environ) as other:
+        two = one if state["backend"] == "memory" else other
+        a1 = _v1(one, tenants.key("team-a"))
+        f = a1.files.create(file=("a.txt", b"a"), purpose="assistants")
+        conv = a1.conversations.create()
+        store = a1.vector_stores.create(name="s", file_ids=[f.id])
+        a2 = _v1(two, tenants.key("team-a"))
+        b2 = _v1(two, tenants.key("team-b"))
+        assert a2.files.content(f.id).read() == b"a"
+        assert a2.conversations.retrieve(conv.id).id == conv.id
+        assert [s.id for s in a2.vector_stores.list()] == [store.id]
+        assert list(b2.vector_stores.list()) == []
+        assert list(b2.files.list()) == []
+        before = len(identity.state.api_requests())
+        with pytest.raises(openai.NotFoundError):
+            b2.files.retrieve(f.id)
+        with pytest.raises(openai.NotFoundError):
+            b2.conversations.retrieve(conv.id)
+        assert len(identity.state.api_requests()) == before
+        assert a2.files.delete(f.id).deleted
+        with pytest.raises(openai.NotFoundError):
+            a1.files.retrieve(f.id)  # forgotten on the other replica too

@@ -155,3 +155,13 @@ def test_body_refs_skip_free_form_parts() -> None:
     with pytest.raises(GatewayError) as info:
         body_refs({"input": [{"content": [{"type": "input_file", "file_id": 7}]}]})
     assert info.value.status == 400 and info.value.param == "input[0].content[0].file_id"
+
+
+def test_readme_endpoint_table_is_the_route_table() -> None:
+    import pathlib
+
+    from gateway.routes import markdown
+
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    table = readme.split("<!-- routes:begin -->\n", 1)[1].split("<!-- routes:end -->", 1)[0]
+    assert table == markdown(), "README's endpoint table is stale: paste gateway.routes.markdown()"
