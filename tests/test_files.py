@@ -4,6 +4,7 @@ place another tenant could name a file id refused before anything goes upstream.
 from __future__ import annotations
 
 import io
+import socket
 import time
 
 import httpx
@@ -24,11 +25,14 @@ def _azure(gw: Server, key: str) -> openai.AzureOpenAI:
     )
 
 
-def test_upload_use_list_download_delete(gw: Server, sim: Sim, tenants: Tenants) -> None:
-    a = _v1(gw, tenants.key("team-a"))
+@pytest.mark.parametrize("form", ["v1", "azure"])
+def test_upload_use_list_download_delete(gw: Server, sim: Sim, tenants: Tenants, form: str) -> None:
+    key = tenants.key("team-a")
+    a = _v1(gw, key) if form == "v1" else _azure(gw, key)
     f = a.files.create(file=("plan.pdf", io.BytesIO(PDF)), purpose="assistants")
     assert f.id.startswith("file-") and f.bytes == len(PDF) and f.filename == "plan.pdf"
-    upload = [r for r in sim.state.api_requests() if r.path == "/openai/v1/files"][-1]
+    path = "/openai/v1/files" if form == "v1" else "/openai/files"
+    upload = [r for r in sim.state.api_requests() if r.path == path][-1]
     assert PDF in upload.body and b'name="purpose"' in upload.body
     assert upload.headers["authorization"].startswith("Bearer sim-token-")
 
@@ -47,6 +51,7 @@ def test_upload_use_list_download_delete(gw: Server, sim: Sim, tenants: Tenants)
     )
     assert resp.status == "completed"
     assert f.id.encode() in sim.state.api_requests()[-1].body
+    assert b'"model":"dep-41-swc"' in sim.state.api_requests()[-1].body
     with a.responses.stream(
         model="gpt-4.1",
         input=[{"role": "user", "content": [{"type": "input_file", "file_id": f.id}]}],
@@ -241,3 +246,32 @@ def test_upload_is_streamed_not_buffered(gw: Server, sim: Sim, tenants: Tenants)
     assert seen_before_end == [True]
     assert r.json()["bytes"] == 600_000
     assert r.json()["purpose"] == "assistants"
+
+
+def test_client_gone_mid_upload_frees_its_slot(identity: Sim, tenants: Tenants) -> None:
+    cfg = base_config({"swc": identity}, tenants)
+    cfg["tenants"]["team-a"]["quotas"] = {"max_concurrent_requests": 1}
+    with gateway(cfg) as gw:
+        host, port = gw.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(
+                b"POST /openai/v1/files HTTP/1.1\r\nhost: x\r\n"
+                + b"api-key: "
+                + tenants.key("team-a").encode()
+                + b"\r\n"
+                + b"content-type: multipart/form-data; boundary=b\r\n"
+                + b"content-length: 100000\r\n\r\n"
+                + b'--b\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n'
+                + b"x" * 5000
+            )
+            deadline = time.monotonic() + 5
+            while "/openai/v1/files" not in identity.state.started:
+                assert time.monotonic() < deadline, "the upload never reached the upstream"
+                time.sleep(0.01)
+        deadline = time.monotonic() + 5
+        while "gateway_inflight_requests 0.0" not in httpx.get(gw.url + "/metrics").text:
+            assert time.monotonic() < deadline, "the slot was never freed"
+            time.sleep(0.02)
+        a = _v1(gw, tenants.key("team-a"))
+        assert a.files.create(file=("b.txt", b"b"), purpose="assistants").bytes == 1
+        assert [f["filename"] for f, _ in identity.state.files.values()] == ["b.txt"]

@@ -3,10 +3,15 @@ on create, usable by it, 404 for everyone else with nothing sent upstream."""
 
 from __future__ import annotations
 
+import json
+import logging
+
 import httpx
 import openai
 import pytest
 from harness import Server, Sim, Tenants, base_config, gateway
+
+from gateway.logs import JsonFormatter
 
 
 def _v1(gw: Server, key: str) -> openai.OpenAI:
@@ -173,7 +178,10 @@ def test_stale_read_is_retried_on_the_same_resource(
         assert len(identity.state.api_requests()) == calls  # not bound: never asked
 
 
-def test_unknown_path_is_logged_and_counted(gw: Server, sim: Sim, tenants: Tenants) -> None:
+def test_unknown_path_is_logged_and_counted(
+    gw: Server, sim: Sim, tenants: Tenants, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
     key = tenants.key("team-a")
     r = httpx.post(gw.url + "/openai/v1/assistants", headers={"api-key": key}, json={})
     assert r.status_code == 404
@@ -185,6 +193,13 @@ def test_unknown_path_is_logged_and_counted(gw: Server, sim: Sim, tenants: Tenan
     metrics = httpx.get(gw.url + "/metrics").text
     assert 'operation="unknown",status="404",tenant="team-a"' in metrics
     assert sim.state.api_requests() == []
+    lines = [json.loads(JsonFormatter().format(r)) for r in caplog.records]
+    access = [x for x in lines if x["logger"] == "gateway.access"]
+    assert [(x["operation"], x["status"], x["path"], x["tenant"]) for x in access[:2]] == [
+        ("unknown", 404, "/openai/v1/assistants", "team-a"),
+        ("unknown", 404, "/nothing-here", None),
+    ]
+    assert key not in caplog.text
 
 
 def test_ownership_on_every_backend(
