@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.relay")
 
+# Operations whose streams are Responses events (created, resumed).
+RESPONSES_STREAMS = frozenset({"create", "retrieve"})
+
 
 def quota_headers(ex: Exchange) -> list[tuple[bytes, bytes]]:
     """The tenant's own ``x-ratelimit-*`` headers, when a quota applies."""
@@ -123,7 +126,12 @@ class StreamRelay(_UpstreamRelay):
     ) -> None:
         super().__init__(upstream, ex, gw, keeper)
         self.chat = ex.operation in CHAT_STREAMS
-        self.tap = SseTap(self._on_event if gw.audit.enabled else None, chat=self.chat)
+        # Only Responses and chat streams have a terminal event to miss.
+        kind = (
+            "chat" if self.chat else "responses" if ex.operation in RESPONSES_STREAMS else "other"
+        )
+        self.checks_end = kind != "other"
+        self.tap = SseTap(self._on_event if gw.audit.enabled else None, kind)
         ex.stream = True
 
     def _on_event(self, event: dict[str, Any]) -> None:
@@ -194,7 +202,7 @@ class StreamRelay(_UpstreamRelay):
         if tap.final_output is not None and self.keeper.creates == "response":
             for kind, object_id in output_containers(tap.final_output):
                 await self.keeper.bind(kind, object_id)
-        if tap.final_type is None and resp.status < 300 and not tap.disabled:
+        if tap.final_type is None and resp.status < 300 and not tap.disabled and self.checks_end:
             self._broke_off("upstream_stream_incomplete", "no terminal event")
             message = "The upstream stream ended without a terminal event."
             await send({"type": "http.response.body", "body": self._error(message)})

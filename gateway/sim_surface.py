@@ -459,7 +459,25 @@ def routes(
     async def transcribe(request: Request, rec: Recorded) -> Response:
         fields = form(request, rec)
         audio = fields["file"]
-        return ok({"text": f"{len(audio)} bytes of {fields.get('model')} audio"})
+        text = f"{len(audio)} bytes of {fields.get('model')} audio"
+        if fields.get("stream") != "true":
+            return ok({"text": text})
+        usage = {"type": "tokens", "input_tokens": 12, "output_tokens": 6, "total_tokens": 18}
+        events: list[Json] = [
+            {"type": "transcript.text.delta", "delta": w + " "} for w in text.split(" ")
+        ]
+        events.append({"type": "transcript.text.done", "text": text, "usage": usage})
+        frames = [f"data: {json.dumps(e, separators=(',', ':'))}\n\n".encode() for e in events]
+
+        async def gen() -> AsyncIterator[bytes]:
+            sent = b"".join(frames)
+            try:
+                for frame in frames:
+                    yield frame
+            finally:
+                sim.sent_streams.append(sent)
+
+        return StreamingResponse(gen(), media_type="text/event-stream", headers=headers())
 
     async def speech(request: Request, rec: Recorded) -> Response:
         body = json.loads(rec.body)

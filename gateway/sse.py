@@ -27,8 +27,12 @@ _CHAT_USAGE = re.compile(rb'"usage"\s*:\s*\{')
 class SseTap:
     """Parses SSE events out of chunks fed to it; never alters the chunks."""
 
-    def __init__(self, on_event: Callable[[Event], None] | None = None, chat: bool = False) -> None:
-        self._chat = chat  # chat-completions framing: chunks, usage chunk, ``[DONE]``
+    def __init__(
+        self, on_event: Callable[[Event], None] | None = None, kind: str = "responses"
+    ) -> None:
+        # "responses": Responses events; "chat": chat-completions chunks ending in
+        # ``[DONE]``; "other" (audio, image streams): only a top-level ``usage`` is read.
+        self._kind = kind
         self.final_output: list[Any] | None = None
         self._pending = bytearray()
         self._data: list[bytes] = []
@@ -80,7 +84,7 @@ class SseTap:
         data = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
         self._data = []
         self.events += 1
-        if self._chat:
+        if self._kind != "responses":
             self._chat_chunk(data)
             return
         if b'.delta"' in data[:80]:
@@ -94,7 +98,7 @@ class SseTap:
             self.observe(event)
 
     def _chat_chunk(self, data: bytes) -> None:
-        """A chat-completions chunk: only the terminal ``[DONE]`` and a usage chunk matter."""
+        """A chat chunk (or another API's event): only ``[DONE]`` and ``usage`` matter."""
         if data.strip() == b"[DONE]":
             self.final_type = "[DONE]"
             return

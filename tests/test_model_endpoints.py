@@ -188,3 +188,20 @@ def test_form_without_model_or_boundary(gw: Server, sim: Sim, tenants: Tenants) 
     )
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_content_type"
     assert sim.state.api_requests() == []
+
+
+def test_transcription_stream_relayed_as_is(gw: Server, sim: Sim, tenants: Tenants) -> None:
+    """An audio stream has no Responses terminal event: nothing is appended, usage read."""
+    before = _tokens(gw, "team-a", "output")
+    with httpx.stream(
+        "POST",
+        gw.url + "/openai/v1/audio/transcriptions",
+        headers={"api-key": tenants.key("team-a")},
+        data={"model": "gpt-4o-mini", "stream": "true"},
+        files={"file": ("a.wav", b"RIFF" * 10)},
+    ) as r:
+        got = b"".join(r.iter_raw())
+    assert r.status_code == 200
+    assert got == sim.state.sent_streams[-1]
+    assert b"error" not in got
+    assert _tokens(gw, "team-a", "output") == before + 6
