@@ -175,7 +175,10 @@ class Operation:
                 _price(ex, gw.snap, kinds)  # budgets are charged in money, so before settling
                 ledger = _ledger(ex, gw.snap, kinds)
                 if ex.quota_scopes or ledger:  # only then is there anything to settle
-                    await shielded(self._settle(ex, ledger))
+                    if gw.state_is_local:
+                        await self._settle(ex, ledger)  # never suspends: nothing to shield
+                    else:
+                        await shielded(self._settle(ex, ledger))
             finally:
                 ex.duration_seconds = time.perf_counter() - ex.started
                 for obs in gw.observers:

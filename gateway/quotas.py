@@ -82,20 +82,24 @@ class Admission(NamedTuple):
 UNLIMITED = Admission(True)
 
 
+# The UTC day last computed: (day start, day end, YYYYMMDD, YYYYMM, month end).
+_day: tuple[float, float, str, str, float] = (0.0, 0.0, "", "", 0.0)
+
+
 def windows(now: float | None = None) -> Windows:
-    """The UTC day and month containing ``now``."""
+    """The UTC day and month containing ``now`` (the calendar work is done once a day)."""
+    global _day
     t = time.time() if now is None else now
-    d = datetime.fromtimestamp(t, UTC)
-    day_start = datetime(d.year, d.month, d.day, tzinfo=UTC).timestamp()
-    days = calendar.monthrange(d.year, d.month)[1]
-    month_start = datetime(d.year, d.month, 1, tzinfo=UTC).timestamp()
-    return Windows(
-        t,
-        d.strftime("%Y%m%d"),
-        day_start + 86400 - t,
-        d.strftime("%Y%m"),
-        month_start + days * 86400 - t,
-    )
+    start, end, day, month, month_end = _day
+    if not start <= t < end:
+        d = datetime.fromtimestamp(t, UTC)
+        start = datetime(d.year, d.month, d.day, tzinfo=UTC).timestamp()
+        days = calendar.monthrange(d.year, d.month)[1]
+        month_start = datetime(d.year, d.month, 1, tzinfo=UTC).timestamp()
+        end, month_end = start + 86400, month_start + days * 86400
+        day, month = d.strftime("%Y%m%d"), d.strftime("%Y%m")
+        _day = (start, end, day, month, month_end)
+    return Windows(t, day, end - t, month, month_end - t)
 
 
 def _scope(

@@ -75,6 +75,7 @@ class Gateway:
         self.snap = snapshot(loaded)
         self.http = http
         self.state = state
+        self.state_is_local = bool(getattr(state, "local", False))
         self.tokens = tokens
         self.observers = observers
         self.gate = gate

@@ -26,6 +26,59 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 
+class CoalescingTransport:
+    """A transport whose writes within one event-loop turn leave as one ``send``.
+
+    uvicorn writes a response's head and its body separately; for a JSON answer that is
+    two system calls and usually two TCP segments. Writes are gathered and flushed at
+    the end of the current loop turn (``call_soon``), and before ``close``/``write_eof``,
+    so nothing is reordered or lost, and a stream's chunks still leave as they come.
+    """
+
+    __slots__ = ("_buf", "_loop", "_t")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._t = transport
+        self._loop = loop
+        self._buf: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        if not self._buf:
+            self._loop.call_soon(self._flush)
+        self._buf.append(data)
+
+    def _flush(self) -> None:
+        if self._buf:
+            data = self._buf[0] if len(self._buf) == 1 else b"".join(self._buf)
+            self._buf = []
+            if not self._t.is_closing():
+                self._t.write(data)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def close(self) -> None:
+        self._flush()
+        self._t.close()
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._t.write_eof()
+
+    def abort(self) -> None:
+        self._buf = []
+        self._t.abort()
+
+    def get_write_buffer_size(self) -> int:
+        return self._t.get_write_buffer_size() + sum(len(b) for b in self._buf)
+
+    def __getattr__(self, name: str) -> Any:  # is_closing, get_extra_info, pause_reading…
+        return getattr(self._t, name)
+
+
 def protocol_with_header_timeout(seconds: float) -> type[HttpToolsProtocol]:
     """An httptools protocol class whose request heads must complete in ``seconds``."""
 
@@ -47,7 +100,8 @@ def protocol_with_header_timeout(seconds: float) -> type[HttpToolsProtocol]:
                 self.transport.close()
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
+            coalescing = CoalescingTransport(transport, asyncio.get_running_loop())
+            super().connection_made(coalescing)  # type: ignore[arg-type]
             self._arm()
 
         def on_message_begin(self) -> None:

@@ -30,6 +30,10 @@ class _Bucket:
 class MemoryState:
     """Response bindings and quota counters in dicts; bindings evicted oldest first."""
 
+    # No method ever suspends, so a settle cannot be cut by a cancellation half-way:
+    # the lifecycle awaits it directly instead of shielding it in a task.
+    local = True
+
     def __init__(self, max_bindings: int = 250_000) -> None:
         self._bindings: OrderedDict[str, tuple[Binding, float]] = OrderedDict()
         self._max = max_bindings
