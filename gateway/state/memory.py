@@ -37,6 +37,7 @@ class MemoryState:
     def __init__(self, max_bindings: int = 250_000) -> None:
         self._bindings: OrderedDict[str, tuple[Binding, float]] = OrderedDict()
         self._max = max_bindings
+        self._pruned_on: tuple[str, float] = ("", 0.0)
         self._buckets: dict[tuple[str, str, str], _Bucket] = {}
         self._counters: dict[tuple[str, str, str], int] = {}
         self._leases: dict[tuple[str, str], dict[str, float]] = {}
@@ -195,6 +196,10 @@ class MemoryState:
         return Settled(True, tuple(spent))
 
     def _prune_ledger(self, w: Windows, ttl: float) -> None:
+        """Drop ledger days older than ``ttl``: a walk over every row, so once per UTC day."""
+        if self._pruned_on == (w.day, ttl):
+            return
+        self._pruned_on = (w.day, ttl)
         oldest = time.strftime("%Y%m%d", time.gmtime(w.now - ttl))
         for key in [k for k in self._ledger if k[1] < oldest]:
             del self._ledger[key]
