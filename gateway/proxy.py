@@ -184,8 +184,10 @@ class Keeper:
         if len(kept) == len(data):
             return None
         out = dict(body, data=kept)
-        if "first_id" in body:
-            out["first_id"] = kept[0]["id"] if kept else None
+        # The cursors name the tenant's own items only (never another tenant's id).
+        for name, index in (("first_id", 0), ("last_id", -1)):
+            if name in body:
+                out[name] = kept[index]["id"] if kept else None
         return dump_json(out)
 
 

@@ -4,6 +4,7 @@ place another tenant could name a file id refused before anything goes upstream.
 from __future__ import annotations
 
 import io
+import json
 import socket
 import time
 
@@ -275,3 +276,17 @@ def test_client_gone_mid_upload_frees_its_slot(identity: Sim, tenants: Tenants) 
         a = _v1(gw, tenants.key("team-a"))
         assert a.files.create(file=("b.txt", b"b"), purpose="assistants").bytes == 1
         assert [f["filename"] for f, _ in identity.state.files.values()] == ["b.txt"]
+
+
+def test_list_cursors_never_name_another_tenants_object(
+    gw: Server, sim: Sim, tenants: Tenants
+) -> None:
+    a = _v1(gw, tenants.key("team-a"))
+    b = _v1(gw, tenants.key("team-b"))
+    mine = a.files.create(file=("a.txt", b"a"), purpose="assistants")
+    theirs = [b.files.create(file=(f"b{i}.txt", b"b"), purpose="assistants") for i in range(2)]
+    page = httpx.get(gw.url + "/openai/v1/files", headers={"api-key": tenants.key("team-a")}).json()
+    assert [d["id"] for d in page["data"]] == [mine.id]
+    assert page["first_id"] == page["last_id"] == mine.id
+    text = json.dumps(page)
+    assert all(t.id not in text and t.filename not in text for t in theirs)
