@@ -27,34 +27,37 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 
 class CoalescingTransport:
-    """A transport whose writes within one event-loop turn leave as one ``send``.
+    """A transport that sends a response head together with what follows it.
 
     uvicorn writes a response's head and its body separately; for a JSON answer that is
-    two system calls and usually two TCP segments. Writes are gathered and flushed at
-    the end of the current loop turn (``call_soon``), and before ``close``/``write_eof``,
-    so nothing is reordered or lost, and a stream's chunks still leave as they come.
+    two system calls and usually two TCP segments. A head (a write starting with
+    ``HTTP/1.1 ``) is held until the next write, which takes it along, or until the end
+    of the current loop turn (``call_soon``), or ``close``/``write_eof``: nothing is
+    reordered or lost, and every other write (a stream's chunks) leaves at once.
     """
 
-    __slots__ = ("_buf", "_loop", "_t")
+    __slots__ = ("_head", "_loop", "_t")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._t = transport
         self._loop = loop
-        self._buf: list[bytes] = []
+        self._head: bytes | None = None
 
     def write(self, data: bytes) -> None:
-        if not data:
-            return
-        if not self._buf:
+        if self._head is not None:
+            data, self._head = self._head + data, None
+        elif data.startswith(b"HTTP/1.1 "):
+            self._head = data
             self._loop.call_soon(self._flush)
-        self._buf.append(data)
+            return
+        if data and not self._t.is_closing():
+            self._t.write(data)
 
     def _flush(self) -> None:
-        if self._buf:
-            data = self._buf[0] if len(self._buf) == 1 else b"".join(self._buf)
-            self._buf = []
+        if self._head is not None:
+            head, self._head = self._head, None
             if not self._t.is_closing():
-                self._t.write(data)
+                self._t.write(head)
 
     def writelines(self, lines: Any) -> None:
         for line in lines:
@@ -69,11 +72,11 @@ class CoalescingTransport:
         self._t.write_eof()
 
     def abort(self) -> None:
-        self._buf = []
+        self._head = None
         self._t.abort()
 
     def get_write_buffer_size(self) -> int:
-        return self._t.get_write_buffer_size() + sum(len(b) for b in self._buf)
+        return self._t.get_write_buffer_size() + len(self._head or b"")
 
     def __getattr__(self, name: str) -> Any:  # is_closing, get_extra_info, pause_reading…
         return getattr(self._t, name)

@@ -1,0 +1,70 @@
+"""The transport under uvicorn's protocol: a response head leaves with what follows it."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from harness import Server
+
+from gateway.server import CoalescingTransport
+
+
+class Recording:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def get_extra_info(self, name: str) -> str:
+        return f"info:{name}"
+
+
+def test_head_joins_the_body_and_streams_are_not_held() -> None:
+    async def run() -> list[list[bytes]]:
+        loop = asyncio.get_running_loop()
+        rec = Recording()
+        t = CoalescingTransport(rec, loop)  # type: ignore[arg-type]
+        seen = []
+        t.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        assert t.get_write_buffer_size() == 19 and rec.writes == []
+        t.write(b"{}")
+        seen.append(list(rec.writes))
+        t.write(b"HTTP/1.1 200 OK\r\n\r\n")  # a head alone leaves at the end of the turn
+        await asyncio.sleep(0)
+        seen.append(list(rec.writes))
+        t.write(b"chunk-1")  # stream chunks go at once
+        t.write(b"chunk-2")
+        seen.append(list(rec.writes))
+        t.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        t.close()  # close flushes first
+        seen.append(list(rec.writes))
+        assert rec.closed and t.get_extra_info("peername") == "info:peername"
+        return seen
+
+    seen = asyncio.run(run())
+    assert seen[0] == [b"HTTP/1.1 200 OK\r\n\r\n{}"]
+    assert seen[1][1:] == [b"HTTP/1.1 200 OK\r\n\r\n"]
+    assert seen[2][2:] == [b"chunk-1", b"chunk-2"]
+    assert seen[3][-1] == b"HTTP/1.1 204 No Content\r\n\r\n"
+
+
+def test_a_json_answer_arrives_in_one_segment(gw: Server, tenants: object) -> None:
+    """Head and body in one send: the first recv holds the whole answer."""
+    host, port = gw.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        data = s.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and body == b'{"status":"ok"}'
