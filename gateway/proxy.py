@@ -8,8 +8,9 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
 from starlette.types import ASGIApp, Receive
 
@@ -146,6 +147,8 @@ class Keeper:
         self.lists = ep.lists
         self.deleted = deleted
         self.ttl = ttl
+        # Reads the next upstream page of a list after a cursor (set when forwarded).
+        self.next_page: Callable[[str], Awaitable[Any]] | None = None
 
     async def bind(self, kind: str, object_id: str) -> None:
         ex = self.ex
@@ -173,15 +176,40 @@ class Keeper:
             await self.gw.state.delete_binding(self.deleted)
 
     async def only_mine(self, body: dict[str, Any]) -> bytes | None:
-        """A list answer without the items of other tenants (None: leave it as it is)."""
-        data = body.get("data")
-        if self.lists is None or not isinstance(data, list):
+        """A list answer without the items of other tenants (None: leave it as it is).
+
+        A page holding none of the tenant's items while more follow would end a client's
+        paging (it has no cursor of its own to go on with), so the gateway reads on, up to
+        ``MAX_LIST_PAGES`` pages; the cursors it returns name the tenant's items only.
+        """
+        if self.lists is None or not isinstance(body.get("data"), list):
             return None
         assert self.ex.principal is not None
-        ids = [d["id"] for d in data if isinstance(d, dict) and isinstance(d.get("id"), str)]
-        mine = await owned_ids(self.gw.state, self.ex.principal.tenant, ids)
-        kept = [d for d in data if isinstance(d, dict) and d.get("id") in mine]
-        if len(kept) == len(data):
+        tenant = self.ex.principal.tenant
+        changed = False
+        pages = 1
+        while True:
+            data = [d for d in body["data"] if isinstance(d, dict)]
+            ids = [d["id"] for d in data if isinstance(d.get("id"), str)]
+            mine = await owned_ids(self.gw.state, tenant, ids)
+            kept = [d for d in data if d.get("id") in mine]
+            changed = changed or len(kept) != len(body["data"])
+            cursor = body.get("last_id") or (ids[-1] if ids else None)
+            more = body.get("has_more") is True
+            if kept or not more or not isinstance(cursor, str) or self.next_page is None:
+                break
+            if pages >= MAX_LIST_PAGES:
+                log.warning(
+                    "list walk stopped: no item of the tenant's in the pages read",
+                    extra={"request_id": self.ex.request_id, "pages": pages},
+                )
+                body = dict(body, has_more=False)
+                break
+            page = await self.next_page(cursor)
+            if not isinstance(page, dict) or not isinstance(page.get("data"), list):
+                break
+            body, pages, changed = page, pages + 1, True
+        if not changed:
             return None
         out = dict(body, data=kept)
         # The cursors name the tenant's own items only (never another tenant's id).
@@ -191,6 +219,8 @@ class Keeper:
         return dump_json(out)
 
 
+# How many upstream list pages a filtered list may read to find one of the tenant's items.
+MAX_LIST_PAGES = 20
 # Operations whose body is a Responses create/compact/input_tokens request.
 _RESPONSES_BODY = frozenset({"create", "compact", "input_tokens"})
 # Where Azure says an object it holds is not there (yet): a stale read to retry.
@@ -581,6 +611,8 @@ class Proxy:
                 )
                 n += 1
                 continue
+            if keeper.lists is not None and request.method == "GET":
+                keeper.next_page = self._pager(request, ex, target, headers, path)
             ex.target = target
             ex.spillover = guarded and target.priority > best
             ex.upstream_status = resp.status
@@ -594,6 +626,39 @@ class Proxy:
                 return JsonRelay(resp, ex, gw, keeper)
             return RawRelay(resp, ex, gw, keeper)
         raise self._all_open(attempts, ex)
+
+    def _pager(
+        self,
+        request: Incoming,
+        ex: Exchange,
+        target: Target,
+        headers: list[tuple[str, str]],
+        path: str,
+    ) -> Callable[[str], Awaitable[Any]]:
+        """Reads the next page of a list from the same target, with ``after`` = a cursor."""
+        base = request.scope["path"]
+        query = [
+            (k, v)
+            for k, v in parse_qsl(request.query.decode("latin-1"), keep_blank_values=True)
+            if k != "after"
+        ]
+
+        async def next_page(cursor: str) -> Any:
+            url = target.endpoint + base + "?" + urlencode([*query, ("after", cursor)])
+            resp = await self.gw.http.send("GET", url, headers, None, target.resource)
+            try:
+                raw = await resp.read()
+            finally:
+                resp.close()
+            if resp.status >= 300:
+                log.warning(
+                    "list walk stopped: upstream refused a page",
+                    extra={"request_id": ex.request_id, "status": resp.status},
+                )
+                return None
+            return parse_upstream(raw)
+
+        return next_page
 
     def _all_open(self, attempts: list[Attempt], ex: Exchange) -> GatewayError:
         """Every target is skipped by its breaker: 429 if all were throttled, else 503."""

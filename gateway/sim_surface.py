@@ -47,14 +47,22 @@ def routes(
     def ok(body: Json, status: int = 200) -> Response:
         return JSONResponse(body, status, headers=headers())
 
-    def listing(data: list[Json]) -> Response:
+    def listing(data: list[Json], request: Request | None = None, limit: int = 10_000) -> Response:
+        """A list page: ``after`` (an id) and ``limit`` from the request's query, as Azure."""
+        if request is not None:
+            after = request.query_params.get("after")
+            if after:
+                ids = [d["id"] for d in data]
+                data = data[ids.index(after) + 1 :] if after in ids else []
+            limit = int(request.query_params.get("limit", limit))
+        page = data[:limit]
         return ok(
             {
                 "object": "list",
-                "data": data,
-                "first_id": data[0]["id"] if data else None,
-                "last_id": data[-1]["id"] if data else None,
-                "has_more": False,
+                "data": page,
+                "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None,
+                "has_more": len(data) > limit,
             }
         )
 
@@ -116,7 +124,7 @@ def routes(
         return ok(obj)
 
     async def file_list(request: Request, rec: Recorded) -> Response:
-        return listing([obj for obj, _ in sim.files.values()])
+        return listing([obj for obj, _ in sim.files.values()], request)
 
     async def file_get(request: Request, rec: Recorded) -> Response:
         fid = request.path_params["file_id"]
@@ -240,7 +248,7 @@ def routes(
         return ok(vs_obj(vid))
 
     async def vs_list(request: Request, rec: Recorded) -> Response:
-        return listing([vs_obj(v) for v in sim.vector_stores])
+        return listing([vs_obj(v) for v in sim.vector_stores], request, 20)
 
     async def vs_one(request: Request, rec: Recorded) -> Response:
         vid = request.path_params["vector_store_id"]
@@ -298,7 +306,7 @@ def routes(
         return ok(sim.new_container(body.get("name") or "container"))
 
     async def cntr_list(request: Request, rec: Recorded) -> Response:
-        return listing([c for c, _ in sim.containers.values()])
+        return listing([c for c, _ in sim.containers.values()], request, 20)
 
     async def cntr_one(request: Request, rec: Recorded) -> Response:
         cid = request.path_params["container_id"]

@@ -290,3 +290,26 @@ def test_list_cursors_never_name_another_tenants_object(
     assert page["first_id"] == page["last_id"] == mine.id
     text = json.dumps(page)
     assert all(t.id not in text and t.filename not in text for t in theirs)
+
+
+def test_list_reads_on_past_pages_of_other_tenants(gw: Server, sim: Sim, tenants: Tenants) -> None:
+    """A page of only other tenants' items would end the SDK's paging: the gateway reads on."""
+    a = _v1(gw, tenants.key("team-a"))
+    b = _v1(gw, tenants.key("team-b"))
+    first = a.vector_stores.create(name="a-1")
+    theirs = [b.vector_stores.create(name=f"b-{i}") for i in range(7)]
+    last = a.vector_stores.create(name="a-2")
+    calls = len(sim.state.api_requests())
+    # Pages of 2: [a-1, b0] [b1, b2] [b3, b4] [b5, b6] [a-2]; the SDK pages with after=last_id.
+    listed = [s.id for s in a.vector_stores.list(limit=2)]
+    assert listed == [first.id, last.id]
+    walked = sim.state.api_requests()[calls:]
+    assert len(walked) == 5 and all(r.path == "/openai/v1/vector_stores" for r in walked)
+    page = httpx.get(
+        gw.url + "/openai/v1/vector_stores?limit=2&after=" + first.id,
+        headers={"api-key": tenants.key("team-a")},
+    ).json()
+    assert [d["id"] for d in page["data"]] == [last.id] and page["last_id"] == last.id
+    assert all(t.id not in json.dumps(page) for t in theirs)
+    # B sees its own seven, A's never.
+    assert [s.id for s in b.vector_stores.list(limit=3)] == [t.id for t in theirs]
