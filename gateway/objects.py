@@ -178,7 +178,7 @@ async def owned(
         binding = seen.get(ref.id)
         if binding is None:
             found = await state.get_binding(ref.id)
-            if found is None or found.tenant != tenant:
+            if found is None or found.tenant != tenant or found.kind not in ("", ref.kind):
                 raise not_found(ref.kind, ref.id, ref.param)
             seen[ref.id] = binding = found
     resources = {b.resource for b in seen.values()}
@@ -215,11 +215,15 @@ def output_containers(output: list[Any]) -> list[tuple[str, str]]:
     return found
 
 
-async def owned_ids(state: StateBackend, tenant: str, ids: list[str]) -> set[str]:
-    """Which of ``ids`` the tenant owns (looked up 100 at a time, concurrently)."""
+async def owned_ids(state: StateBackend, tenant: str, ids: list[str], kind: str) -> set[str]:
+    """Which of ``ids`` the tenant owns as ``kind`` (looked up 100 at a time, concurrently)."""
     mine: set[str] = set()
     for start in range(0, len(ids), 100):
         batch = [i for i in ids[start : start + 100] if _ID.match(i)]
         found = await asyncio.gather(*(state.get_binding(i) for i in batch))
-        mine.update(i for i, b in zip(batch, found, strict=True) if b and b.tenant == tenant)
+        mine.update(
+            i
+            for i, b in zip(batch, found, strict=True)
+            if b and b.tenant == tenant and b.kind in ("", kind)
+        )
     return mine

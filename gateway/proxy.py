@@ -155,7 +155,7 @@ class Keeper:
         assert ex.principal is not None and ex.target is not None
         if kind == "response" and ex.response_id is None:
             ex.response_id = object_id
-        binding = Binding(ex.principal.tenant, ex.target.resource, ex.model or "")
+        binding = Binding(ex.principal.tenant, ex.target.resource, ex.model or "", kind)
         try:
             await self.gw.state.bind_response(object_id, binding, self.ttl)
         except Exception as exc:
@@ -191,7 +191,7 @@ class Keeper:
         while True:
             data = [d for d in body["data"] if isinstance(d, dict)]
             ids = [d["id"] for d in data if isinstance(d.get("id"), str)]
-            mine = await owned_ids(self.gw.state, tenant, ids)
+            mine = await owned_ids(self.gw.state, tenant, ids, self.lists)
             kept = [d for d in data if d.get("id") in mine]
             changed = changed or len(kept) != len(body["data"])
             cursor = body.get("last_id") or (ids[-1] if ids else None)

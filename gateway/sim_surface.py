@@ -274,6 +274,19 @@ def routes(
             return ok(files[fid])
         return listing(list(files.values()))
 
+    async def vs_file_one(request: Request, rec: Recorded) -> Response:
+        vid = request.path_params["vector_store_id"]
+        if vid not in sim.vector_stores:
+            return missing("vector store", vid)
+        files = sim.vector_stores[vid][1]
+        fid = request.path_params["file_id"]
+        if fid not in files:
+            return missing("vector store file", fid)
+        if request.method == "DELETE":
+            del files[fid]
+            return ok({"id": fid, "object": "vector_store.file.deleted", "deleted": True})
+        return ok(files[fid])
+
     async def vs_search(request: Request, rec: Recorded) -> Response:
         vid = request.path_params["vector_store_id"]
         if vid not in sim.vector_stores:
@@ -517,6 +530,7 @@ def routes(
     add("/vector_stores", vs_list, ["GET"])
     add("/vector_stores/{vector_store_id}", vs_one, ["GET", "POST", "DELETE"])
     add("/vector_stores/{vector_store_id}/files", vs_files, ["GET", "POST"])
+    add("/vector_stores/{vector_store_id}/files/{file_id}", vs_file_one, ["GET", "DELETE"])
     add("/vector_stores/{vector_store_id}/search", vs_search, ["POST"])
     add("/containers", cntr_create, ["POST"])
     add("/containers", cntr_list, ["GET"])

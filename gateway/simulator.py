@@ -654,6 +654,11 @@ def create_simulator(state: SimState | None = None) -> Starlette:
             Route(prefix + "/{rid}/input_items", input_items, methods=["GET"]),
         ]
     routes += sim_surface.routes(sim, record, headers, _error, _id)
-    app = Starlette(routes=routes)
+
+    async def unknown(request: Request, exc: Exception) -> Response:
+        """Paths and methods Azure does not have: its JSON 404 (not Starlette's text)."""
+        return _error(404, "Resource not found", "404")
+
+    app = Starlette(routes=routes, exception_handlers={404: unknown, 405: unknown})
     app.state.sim = sim
     return app

@@ -95,6 +95,8 @@ def fuzzed(identity: Sim, tenants: Tenants) -> Iterator[tuple[Server, LogLines]]
     cfg = base_config({"swc": identity}, tenants)
     cfg["tenants"]["team-a"]["quotas"] = {"max_concurrent_requests": 1}
     cfg["audit"] = {"sinks": [{"type": "stdout"}]}
+    # An owned id on a path the simulator lacks is a "not found" worth retrying.
+    cfg["upstream"]["stale_read_backoff_seconds"] = 0
     lines = LogLines()
     root = logging.getLogger()
     root.addHandler(lines)
@@ -325,5 +327,47 @@ def test_fuzz_forms(fuzzed: tuple[Server, LogLines], tenants: Tenants, identity:
         files={"file": ("a.wav", b"RIFF")},
     )
     assert r.status_code == 200, r.text
+    assert_still_served(gw, key)
+    _secrets_absent(identity, key, lines, seen)
+
+
+OBJECT_PATHS = [
+    "/openai/v1/files/{}",
+    "/openai/v1/files/{}/content",
+    "/openai/v1/conversations/{}",
+    "/openai/v1/conversations/{}/items/x",
+    "/openai/v1/vector_stores/{}/files/file-x",
+    "/openai/v1/containers/{}/files/cfile_x/content",
+    "/openai/files/{}?api-version=2025-04-01-preview",
+]
+
+
+def test_fuzz_object_ids(fuzzed: tuple[Server, LogLines], tenants: Tenants, identity: Sim) -> None:
+    """Random ids (any unicode, slashes, dots, encodings) in every kind of object path."""
+    gw, lines = fuzzed
+    key = tenants.key("team-a")
+    seen: list[bytes] = []
+    statuses: list[int] = []
+    with httpx.Client(base_url=gw.url, timeout=10) as client:
+        conv = client.post("/openai/v1/conversations", json={}, headers={"api-key": key}).json()[
+            "id"
+        ]
+
+        @FUZZ
+        @given(
+            oid=st.just(conv) | text | st.sampled_from(["..", ".", "%2F", "a/b", "file-1"]),
+            path=st.sampled_from(OBJECT_PATHS),
+            method=st.sampled_from(["GET", "POST", "DELETE"]),
+            body=st.none() | json_values.map(_encode),
+        )
+        def run(oid: str, path: str, method: str, body: bytes | None) -> None:
+            if method == "DELETE" and oid == conv:
+                method = "GET"
+            quoted = quote(oid.encode("utf-8", "surrogatepass"), safe="")
+            r = client.request(method, path.format(quoted), content=body, headers={"api-key": key})
+            _check(r, seen, statuses)
+
+        run()
+    assert any(s < 300 for s in statuses) and any(s == 404 for s in statuses), statuses
     assert_still_served(gw, key)
     _secrets_absent(identity, key, lines, seen)

@@ -231,3 +231,18 @@ def test_ownership_on_every_backend(
         assert a2.files.delete(f.id).deleted
         with pytest.raises(openai.NotFoundError):
             a1.files.retrieve(f.id)  # forgotten on the other replica too
+
+
+def test_an_id_of_another_kind_is_not_found(gw: Server, sim: Sim, tenants: Tenants) -> None:
+    """A tenant's own conversation id used as a file or vector store is refused at once."""
+    a = _v1(gw, tenants.key("team-a"))
+    conv = a.conversations.create()
+    before = len(sim.state.api_requests())
+    with pytest.raises(openai.NotFoundError) as info:
+        a.files.retrieve(conv.id)
+    assert isinstance(info.value.body, dict) and "No file found" in info.value.body["message"]
+    with pytest.raises(openai.NotFoundError):
+        a.responses.create(model="gpt-4.1", input="x", previous_response_id=conv.id)
+    with pytest.raises(openai.NotFoundError):
+        a.vector_stores.create(name="s", file_ids=[conv.id])
+    assert len(sim.state.api_requests()) == before

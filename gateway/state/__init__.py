@@ -9,11 +9,13 @@ if TYPE_CHECKING:
 
 
 class Binding(NamedTuple):
-    """Which tenant created a response, on which resource it lives, for which model."""
+    """Which tenant created a stored object, on which resource it lives, for which model,
+    and what it is (``response``, ``file``…; empty in bindings written before kinds)."""
 
     tenant: str
     resource: str
     model: str = ""
+    kind: str = ""
 
 
 class Settled(NamedTuple):
