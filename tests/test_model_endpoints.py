@@ -4,7 +4,9 @@ v1 paths (model in the body or form) and the deployments paths (model in the pat
 from __future__ import annotations
 
 import io
+import json
 import re
+import time
 from typing import Any
 
 import httpx
@@ -205,3 +207,68 @@ def test_transcription_stream_relayed_as_is(gw: Server, sim: Sim, tenants: Tenan
     assert got == sim.state.sent_streams[-1]
     assert b"error" not in got
     assert _tokens(gw, "team-a", "output") == before + 6
+
+
+def test_chat_stream_cut_by_the_client_is_estimated_and_closed(
+    gw: Server, sim: Sim, tenants: Tenants
+) -> None:
+    before = len(sim.state.sent_streams)
+    with httpx.stream(
+        "POST",
+        gw.url + "/openai/v1/chat/completions",
+        json={
+            "model": "gpt-4.1",
+            "messages": [{"role": "user", "content": " ".join(["w"] * 60)}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+        headers={"api-key": tenants.key("team-a"), "x-sim-delay": "0.05"},
+    ) as r:
+        next(r.iter_raw())
+    deadline = time.monotonic() + 3
+    while len(sim.state.sent_streams) == before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(sim.state.sent_streams) > before, "the upstream stream was not closed"
+    assert b"[DONE]" not in sim.state.sent_streams[-1]
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        metrics = httpx.get(gw.url + "/metrics").text
+        if "gateway_inflight_requests 0.0" in metrics:
+            break
+        time.sleep(0.02)
+    assert re.search(
+        r'gateway_streams_interrupted_total{model="gpt-4.1",tenant="team-a"} [1-9]', metrics
+    )
+    assert re.search(
+        r'gateway_estimated_tokens_total{model="gpt-4.1",tenant="team-a"} [1-9]', metrics
+    )
+
+
+def test_chat_stream_without_done_gets_a_chat_error_chunk(tenants: Tenants) -> None:
+    from harness import serving
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+    from test_hardening import _api_key_cfg
+
+    async def broken(request: Request) -> Response:
+        chunk = {
+            "id": "c1",
+            "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": {"content": "hal"}, "finish_reason": None}],
+        }
+        return Response(
+            b"data: " + json.dumps(chunk).encode() + b"\n\n", media_type="text/event-stream"
+        )
+
+    app = Starlette(routes=[Route("/openai/v1/chat/completions", broken, methods=["POST"])])
+    with serving(app) as up, gateway(_api_key_cfg(up.url, tenants), {"K": "k"}) as gw:
+        client = _v1(gw, tenants.key("team-a"))
+        stream = client.chat.completions.create(
+            model="gpt-4.1", messages=[{"role": "user", "content": "x"}], stream=True
+        )
+        with pytest.raises(openai.APIError) as info:
+            for _ in stream:
+                pass
+        assert "without a terminal event" in str(info.value)
