@@ -8,7 +8,6 @@ from collections.abc import Callable
 from .config import TenantConfig
 from .errors import StateError
 from .exchange import Exchange
-from .metrics import token_kinds
 from .quotas import MICRO, QuotaScope, refusal, scopes_for, windows
 from .state import LedgerEntry, StateBackend
 from .state.guard import StateSkipped
@@ -80,8 +79,8 @@ class QuotaGate:
             return
         ex.quota_scopes = []
         tokens = ex.estimated_tokens
-        if ex.usage:
-            kinds = token_kinds(ex.usage)
+        kinds = ex.usage_kinds()
+        if ex.usage and kinds is not None:
             total = ex.usage.get("total_tokens")
             tokens = total if isinstance(total, int) else kinds["input"] + kinds["output"]
         cost = 0

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .keys import Principal
-from .quotas import Admission, QuotaScope
+from .quotas import Admission, QuotaScope, token_kinds
 from .routing import Target
 
 
@@ -60,8 +60,19 @@ class Exchange:
     span: Any = None
     audited_items: set[str] = field(default_factory=set)
     pending_audit: list[dict[str, Any]] = field(default_factory=list)
+    _kinds: dict[str, int] | None = field(default=None, repr=False)
+    _kinds_of: dict[str, Any] | None = field(default=None, repr=False)
     pinned: str | None = None  # the resource of the stored objects the request names
     path: str | None = None  # only for unknown paths, for the access log
+
+    def usage_kinds(self) -> dict[str, int] | None:
+        """Input, cached, output and reasoning counts of ``usage``, worked out once for
+        the quota, the price, the ledger, the metrics, the span and the access line."""
+        if not self.usage:
+            return None
+        if self._kinds_of is not self.usage:
+            self._kinds, self._kinds_of = token_kinds(self.usage), self.usage
+        return self._kinds
 
     @property
     def tenant(self) -> str | None:

@@ -23,7 +23,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ClientClosed, GatewayError, InternalError
 from .exchange import Exchange
-from .metrics import token_kinds
 from .pricing import cost_of
 from .quotas import MICRO, estimate_tokens, ratelimit_headers
 from .state import LedgerEntry
@@ -256,8 +255,9 @@ def chat_error_chunk(code: str, message: str) -> bytes:
 def _billed_kinds(ex: Exchange) -> dict[str, int] | None:
     """The token counts an exchange is billed for: Azure's usage, or for a stream cut
     before it, the estimate (request bytes / 4 as input, the rest as output)."""
-    if ex.usage:
-        return token_kinds(ex.usage)
+    kinds = ex.usage_kinds()
+    if kinds is not None:
+        return kinds
     if not ex.estimated_tokens:
         return None
     tokens_in = min(ex.request_bytes // 4, ex.estimated_tokens)

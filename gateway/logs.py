@@ -11,7 +11,6 @@ from typing import Any
 import orjson
 
 from .exchange import BaseObserver, Exchange
-from .metrics import token_kinds
 
 _STD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {
     "message",
@@ -123,7 +122,7 @@ class AccessLog(BaseObserver):
     def fields(ex: Exchange) -> dict[str, Any]:
         """The fields of one access line."""
         usage = ex.usage or {}
-        kinds = token_kinds(usage) if usage else {}
+        kinds = ex.usage_kinds() or {}
         return {
             **ex.who_and_where(),
             "operation": ex.operation,

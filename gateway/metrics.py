@@ -363,39 +363,14 @@ class Metrics(BaseObserver):
             c(self.cost, tenant, model, ex.currency or OTHER).inc(ex.cost)
         if ex.error_code in ("all_targets_throttled", "no_healthy_target"):
             c(self.targets_unavailable, model, ex.error_code).inc()
-        if ex.usage:
-            self._count_usage(tenant, model, op, ex.usage)
+        kinds = ex.usage_kinds()
+        if kinds is not None:
+            self._count_usage(tenant, model, op, kinds)
 
-    def _count_usage(self, tenant: str, model: str, operation: str, usage: dict[str, Any]) -> None:
+    def _count_usage(self, tenant: str, model: str, operation: str, kinds: dict[str, int]) -> None:
         c = self.child
-        kinds = token_kinds(usage)
         for kind, n in kinds.items():
             if n:
                 c(self.tokens, tenant, model, kind).inc(n)
         c(self.gen_ai_tokens, operation, model, "input").observe(kinds["input"])
         c(self.gen_ai_tokens, operation, model, "output").observe(kinds["output"])
-
-
-def token_kinds(usage: dict[str, Any]) -> dict[str, int]:
-    """Input, cached, output and reasoning token counts of a ``usage`` object (Responses
-    names, or the chat/embeddings ``prompt_tokens``/``completion_tokens`` names)."""
-
-    def num(value: Any) -> int:
-        return value if isinstance(value, int) and value >= 0 else 0
-
-    if "input_tokens" not in usage and "prompt_tokens" in usage:  # chat, embeddings, completions
-        in_details = usage.get("prompt_tokens_details") or {}
-        out_details = usage.get("completion_tokens_details") or {}
-        tokens_in, tokens_out = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    else:
-        in_details = usage.get("input_tokens_details") or {}
-        out_details = usage.get("output_tokens_details") or {}
-        tokens_in, tokens_out = usage.get("input_tokens"), usage.get("output_tokens")
-    return {
-        "input": num(tokens_in),
-        "cached": num(in_details.get("cached_tokens") if isinstance(in_details, dict) else 0),
-        "output": num(tokens_out),
-        "reasoning": num(
-            out_details.get("reasoning_tokens") if isinstance(out_details, dict) else 0
-        ),
-    }

@@ -22,7 +22,7 @@ from __future__ import annotations
 import calendar
 import time
 from datetime import UTC, datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .config import BudgetLimits, QuotaConfig, TenantConfig
 from .errors import RateLimited
@@ -195,3 +195,28 @@ def refusal(
 def estimate_tokens(request_bytes: int, output_events: int) -> int:
     """Tokens to charge for a stream cut before its usage arrived."""
     return request_bytes // 4 + output_events
+
+
+def token_kinds(usage: dict[str, Any]) -> dict[str, int]:
+    """Input, cached, output and reasoning token counts of a ``usage`` object (Responses
+    names, or the chat/embeddings ``prompt_tokens``/``completion_tokens`` names)."""
+
+    def num(value: Any) -> int:
+        return value if isinstance(value, int) and value >= 0 else 0
+
+    if "input_tokens" not in usage and "prompt_tokens" in usage:  # chat, embeddings, completions
+        in_details = usage.get("prompt_tokens_details") or {}
+        out_details = usage.get("completion_tokens_details") or {}
+        tokens_in, tokens_out = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    else:
+        in_details = usage.get("input_tokens_details") or {}
+        out_details = usage.get("output_tokens_details") or {}
+        tokens_in, tokens_out = usage.get("input_tokens"), usage.get("output_tokens")
+    return {
+        "input": num(tokens_in),
+        "cached": num(in_details.get("cached_tokens") if isinstance(in_details, dict) else 0),
+        "output": num(tokens_out),
+        "reasoning": num(
+            out_details.get("reasoning_tokens") if isinstance(out_details, dict) else 0
+        ),
+    }

@@ -16,7 +16,6 @@ from typing import Any
 
 from .config import TracingConfig
 from .exchange import BaseObserver, Exchange
-from .metrics import token_kinds
 
 
 class Tracing(BaseObserver):
@@ -76,8 +75,8 @@ class Tracing(BaseObserver):
                 attrs["gateway.deployment"] = t.deployment
         if ex.response_id:
             attrs["gen_ai.response.id"] = ex.response_id
-        if ex.usage:
-            kinds = token_kinds(ex.usage)
+        kinds = ex.usage_kinds()
+        if kinds is not None:
             attrs["gen_ai.usage.input_tokens"] = kinds["input"]
             attrs["gen_ai.usage.output_tokens"] = kinds["output"]
         elif ex.estimated_tokens:

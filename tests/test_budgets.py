@@ -12,8 +12,8 @@ import pytest
 from harness import GatewayProcess, RedisServer, Sim, Tenants, base_config, gateway
 
 from gateway.config import PriceConfig
-from gateway.metrics import token_kinds
 from gateway.pricing import cost_of
+from gateway.quotas import token_kinds
 from gateway.simulator import IDENTITY_HEADER
 
 PRICES = {"currency": "EUR", "input": 2000.0, "output": 8000.0}  # per 1M: ~0.1 EUR a request
