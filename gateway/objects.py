@@ -52,7 +52,9 @@ def not_found(kind: str, object_id: str, param: str) -> NotFound:
     return NotFound(f"No {NOUN.get(kind, kind)} found with id '{shown}'.", param=param)
 
 
-def _id(value: Any, kind: str, param: str) -> str:
+def object_id(value: Any, kind: str, param: str) -> str:
+    """``value`` as an object id of ``kind`` (named by ``param``): 400 if not a string,
+    404 if it cannot be an id (so it never reaches an upstream path)."""
     if not isinstance(value, str):
         raise invalid_type(param, "a string", value)
     if not _ID.match(value):
@@ -64,7 +66,7 @@ def _ids(value: Any, kind: str, param: str) -> Iterator[Ref]:
     if not isinstance(value, list):
         raise invalid_type(param, "an array", value)
     for i, item in enumerate(value):
-        yield Ref(kind, _id(item, kind, f"{param}[{i}]"), f"{param}[{i}]")
+        yield Ref(kind, object_id(item, kind, f"{param}[{i}]"), f"{param}[{i}]")
 
 
 def body_refs(body: dict[str, Any]) -> list[Ref]:
@@ -82,7 +84,11 @@ def body_refs(body: dict[str, Any]) -> list[Ref]:
     prev = body.get("previous_response_id")
     if prev is not None:
         refs.append(
-            Ref("response", _id(prev, "response", "previous_response_id"), "previous_response_id")
+            Ref(
+                "response",
+                object_id(prev, "response", "previous_response_id"),
+                "previous_response_id",
+            )
         )
     conv = body.get("conversation")
     if isinstance(conv, dict):
@@ -90,18 +96,22 @@ def body_refs(body: dict[str, Any]) -> list[Ref]:
             refs.append(
                 Ref(
                     "conversation",
-                    _id(conv["id"], "conversation", "conversation.id"),
+                    object_id(conv["id"], "conversation", "conversation.id"),
                     "conversation.id",
                 )
             )
     elif conv is not None:
-        refs.append(Ref("conversation", _id(conv, "conversation", "conversation"), "conversation"))
+        refs.append(
+            Ref("conversation", object_id(conv, "conversation", "conversation"), "conversation")
+        )
     tools = body.get("tools")
     if isinstance(tools, list):
         for i, tool in enumerate(tools):
             if isinstance(tool, dict) and isinstance(tool.get("container"), str):
                 param = f"tools[{i}].container"
-                refs.append(Ref("container", _id(tool["container"], "container", param), param))
+                refs.append(
+                    Ref("container", object_id(tool["container"], "container", param), param)
+                )
     for key, value in body.items():
         if key not in ("previous_response_id", "conversation") and key not in _FREE_FORM:
             _walk(value, key, refs)
@@ -117,14 +127,16 @@ def _fields(node: dict[str, Any], path: str, refs: list[Ref]) -> None:
             cid = node.get("container_id")
             refs.append(
                 Ref(
-                    "container", _id(cid, "container", f"{path}container_id"), f"{path}container_id"
+                    "container",
+                    object_id(cid, "container", f"{path}container_id"),
+                    f"{path}container_id",
                 )
             )
         else:
-            refs.append(Ref("file", _id(node["file_id"], "file", param), param))
+            refs.append(Ref("file", object_id(node["file_id"], "file", param), param))
     elif node.get("container_id") is not None:
         param = f"{path}container_id"
-        refs.append(Ref("container", _id(node["container_id"], "container", param), param))
+        refs.append(Ref("container", object_id(node["container_id"], "container", param), param))
     if node.get("file_ids") is not None:
         refs.extend(_ids(node["file_ids"], "file", f"{path}file_ids"))
     if node.get("vector_store_ids") is not None:

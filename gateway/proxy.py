@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -33,7 +32,7 @@ from .forms import field as form_field
 from .forms import replace as form_replace
 from .keys import Principal
 from .lifecycle import Incoming, Operation
-from .objects import Ref, body_refs, created_ids, not_found, owned, owned_ids
+from .objects import Ref, body_refs, created_ids, object_id, owned, owned_ids
 from .policy import check_tools
 from .relay import JsonRelay, RawRelay, StreamRelay
 from .routes import DEPLOYMENTS, Endpoint, Match, RouteTable
@@ -41,11 +40,17 @@ from .routing import Target
 from .runtime import Gateway, Snapshot
 from .state import Binding
 from .upstream import RETRYABLE_STATUS, UpstreamError, UpstreamResponse, request_headers
-from .validate import check_body, check_headers, dump_json, invalid_type, parse_json, parse_upstream
+from .validate import (
+    check_body,
+    check_fields,
+    check_headers,
+    dump_json,
+    parse_json,
+    parse_upstream,
+)
 
 log = logging.getLogger("gateway.proxy")
 
-_OBJECT_ID = re.compile(r"^[A-Za-z0-9_\-]{1,256}$")
 IMAGE_DEPLOYMENT_HEADER = "x-ms-oai-image-generation-deployment"
 # A rewritten JSON body is re-serialised, so the client's content-type goes and the
 # gateway sets its own; other bodies are forwarded as sent.
@@ -150,14 +155,14 @@ class Keeper:
         # Reads the next upstream page of a list after a cursor (set when forwarded).
         self.next_page: Callable[[str], Awaitable[Any]] | None = None
 
-    async def bind(self, kind: str, object_id: str) -> None:
+    async def bind(self, kind: str, oid: str) -> None:
         ex = self.ex
         assert ex.principal is not None and ex.target is not None
         if kind == "response" and ex.response_id is None:
-            ex.response_id = object_id
+            ex.response_id = oid
         binding = Binding(ex.principal.tenant, ex.target.resource, ex.model or "", kind)
         try:
-            await self.gw.state.bind_response(object_id, binding, self.ttl)
+            await self.gw.state.bind_response(oid, binding, self.ttl)
         except Exception as exc:
             # The object exists upstream already; the client still gets its answer.
             log.error(
@@ -167,8 +172,8 @@ class Keeper:
 
     async def created(self, body: dict[str, Any]) -> None:
         """Bind what a JSON answer created."""
-        for kind, object_id in created_ids(self.creates, body):
-            await self.bind(kind, object_id)
+        for kind, oid in created_ids(self.creates, body):
+            await self.bind(kind, oid)
 
     async def forget(self) -> None:
         """A delete succeeded: the id is gone for everyone."""
@@ -234,26 +239,6 @@ OWNER_PARAM = {
 }
 
 
-def check_fields(body: Any) -> dict[str, Any]:
-    """Type-check the fields of a non-Responses JSON body that the gateway reads."""
-    if not isinstance(body, dict):
-        raise BadRequest("Request body must be a JSON object.", code="invalid_json")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise invalid_type("model", "a string", model)
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise invalid_type("stream", "a boolean", stream)
-    tools = body.get("tools")
-    if tools is not None:
-        if not isinstance(tools, list):
-            raise invalid_type("tools", "an array", tools)
-        for i, tool in enumerate(tools):
-            if not isinstance(tool, dict):
-                raise invalid_type(f"tools[{i}]", "an object", tool)
-    return body
-
-
 class Proxy:
     """The one generic handler of every endpoint in the route table."""
 
@@ -300,9 +285,7 @@ class Proxy:
         refs: list[Ref] = []
         if ep.owner is not None:
             param = OWNER_PARAM[ep.owner]
-            oid = match.params[param]
-            if not _OBJECT_ID.match(oid):
-                raise not_found(ep.owner, oid, param)
+            oid = object_id(match.params[param], ep.owner, param)
             refs.append(Ref(ep.owner, oid, param))
             if ep.owner == "response":
                 ex.response_id = oid

@@ -213,6 +213,19 @@ def _item(item: Any, param: str) -> None:
                 _str(_object(t, f"{param}.tools[{i}]").get("name"), f"{param}.tools[{i}].name")
 
 
+def check_fields(body: Any) -> dict[str, Any]:
+    """Type-check the fields of another endpoint's JSON body that the gateway reads."""
+    if not isinstance(body, dict):
+        raise BadRequest("Request body must be a JSON object.", code="invalid_json")
+    _str(body.get("model"), "model")
+    _bool(body.get("stream"), "stream")
+    tools = body.get("tools")
+    if tools is not None:
+        for i, tool in enumerate(_list(tools, "tools")):
+            _object(tool, f"tools[{i}]")
+    return body
+
+
 def check_body(body: Any) -> dict[str, Any]:
     """Type-check the fields of a create/compact body that the gateway reads."""
     if not isinstance(body, dict):
