@@ -69,21 +69,14 @@ def routes(
     def missing(kind: str, oid: str) -> Response:
         return error(404, f"No {kind} found with id '{oid}'.", "not_found")
 
-    def stale(rec: Recorded) -> Response | None:
-        if sim.stale_reads > 0:
-            sim.stale_reads -= 1
-            return error(404, "Item with id 'x' not found.", "not_found")
-        return None
-
     def handler(fn: Callable[[Request, Recorded], Awaitable[Response]]) -> Callable[..., Any]:
         async def run(request: Request) -> Response:
             rec, err = await record(request)
             if err is not None:
                 return err
-            if request.method != "POST" or "/files" not in request.url.path:
-                found = stale(rec)
-                if found is not None:
-                    return found
+            uploading = request.method == "POST" and "/files" in request.url.path
+            if not uploading and sim.stale():
+                return error(404, "Item with id 'x' not found.", "not_found")
             try:
                 return await fn(request, rec)
             except GatewayError as exc:  # a form without a boundary, as the gateway says it

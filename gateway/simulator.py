@@ -80,6 +80,13 @@ class SimState:
         if len(self.sent_streams) > self.max_stored:
             del self.sent_streams[: self.max_stored // 2]
 
+    def stale(self) -> bool:
+        """Whether this lookup is one of the next ``stale_reads`` that miss (and count it)."""
+        if self.stale_reads > 0:
+            self.stale_reads -= 1
+            return True
+        return False
+
     def api_requests(self) -> list[Recorded]:
         """Every API request (not the token endpoint's)."""
         return [r for r in self.requests if r.path.startswith("/openai/")]
@@ -411,11 +418,7 @@ def create_simulator(state: SimState | None = None) -> Starlette:
 
     def missing_previous(body: Json) -> Response | None:
         prev = body.get("previous_response_id")
-        if prev and sim.stale_reads > 0:
-            sim.stale_reads -= 1
-            message = f"Previous response with id '{prev}' not found."
-            return _error(400, message, "previous_response_not_found", "previous_response_id")
-        if prev and prev not in sim.responses:
+        if prev and (sim.stale() or prev not in sim.responses):
             message = f"Previous response with id '{prev}' not found."
             return _error(400, message, "previous_response_not_found", "previous_response_id")
         return None
@@ -515,10 +518,7 @@ def create_simulator(state: SimState | None = None) -> Starlette:
             return err
         rid = request.path_params["rid"]
         resp = current(rid)
-        if sim.stale_reads > 0:
-            sim.stale_reads -= 1
-            resp = None
-        if resp is None:
+        if resp is None or sim.stale():
             return not_found(rid)
         if request.query_params.get("stream") == "true":
             after = int(request.query_params.get("starting_after", "-1"))
