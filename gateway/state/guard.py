@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 from ..errors import StateError
 from ..quotas import Admission, QuotaScope, Windows
 from . import Binding, LedgerEntry, Settled, StateBackend
-from .redis import binding_key, tenant_key
+from .redis import binding_key, settle_tenant, tenant_key
 
 log = logging.getLogger("gateway.state")
 T = TypeVar("T")
@@ -207,8 +207,7 @@ class GuardedState:
         async def op() -> Settled:
             return await self.inner.settle(scopes, lease, tokens, w, once, ttl, cost, ledger)
 
-        tenant = scopes[0].tenant if scopes else ledger.tenant if ledger else ""
-        shard = self._shard_of(tenant_key(tenant))
+        shard = self._shard_of(tenant_key(settle_tenant(scopes, ledger)))
         try:
             return await self._call("settle", op, shard)
         except StateError:

@@ -63,6 +63,11 @@ def admit_call(
     return keys, args
 
 
+def settle_tenant(scopes: list[QuotaScope], ledger: LedgerEntry | None) -> str:
+    """The tenant a settle belongs to (its keys, and so its shard, are that tenant's)."""
+    return scopes[0].tenant if scopes else ledger.tenant if ledger else ""
+
+
 def settle_call(
     scopes: list[QuotaScope],
     lease: str | None,
@@ -74,7 +79,7 @@ def settle_call(
     ledger: LedgerEntry | None = None,
 ) -> tuple[list[str], list[Any]]:
     """KEYS and ARGV of one ``settle.lua`` call."""
-    tenant = scopes[0].tenant if scopes else ledger.tenant if ledger else ""
+    tenant = settle_tenant(scopes, ledger)
     keys = [f"{tenant_key(tenant)}charged:{once or '-'}", ledger_key(tenant, w.day)]
     args: list[Any] = [
         w.now,
