@@ -26,7 +26,7 @@ from .audit_sinks import FileSink, RedisStreamSink, Sink, StdoutSink
 from .breaker import Breakers, BreakerStore
 from .config import LoadedConfig
 from .credentials import TokenProvider, build_credential
-from .errors import BadRequest, GatewayError, NotFound, Unauthenticated
+from .errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, Unauthenticated
 from .exchange import Observer
 from .keys import presented_key
 from .logs import AccessLog
@@ -306,11 +306,13 @@ def create_app(
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def http_error(request: Request, exc: Exception) -> Response:
+        """Starlette's own refusals on the gateway's endpoints (a wrong method, mostly)."""
         assert isinstance(exc, HTTPException)
-        err = GatewayError(f"{exc.detail} ({request.method} {request.url.path}).")
-        err.code = "method_not_allowed" if exc.status_code == 405 else "http_error"
-        err.status = exc.status_code
-        err.type = "invalid_request_error"
+        message = f"{exc.detail} ({request.method} {request.url.path})."
+        if exc.status_code == 405:
+            return _error(MethodNotAllowed(message), request)
+        err = GatewayError(message)
+        err.code, err.status, err.type = "http_error", exc.status_code, "invalid_request_error"
         return _error(err, request)
 
     table = RouteTable()

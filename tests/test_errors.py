@@ -144,3 +144,9 @@ def test_credential_failure_is_503(
         r = _post(gw, {"model": "gpt-4.1", "input": "x"}, tenants.key("team-a"), timeout=20)
     _assert_error(r, 503, "credential_unavailable", "Entra")
     assert sim.state.api_requests() == []
+
+
+def test_wrong_method_on_a_gateway_endpoint(gw: Server) -> None:
+    r = httpx.post(gw.url + "/healthz")
+    assert r.status_code == 405
+    assert r.json()["error"]["code"] == "method_not_allowed" and r.headers["x-request-id"]
