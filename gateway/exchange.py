@@ -62,6 +62,7 @@ class Exchange:
     pending_audit: list[dict[str, Any]] = field(default_factory=list)
     _kinds: dict[str, int] | None = field(default=None, repr=False)
     _kinds_of: dict[str, Any] | None = field(default=None, repr=False)
+    api: str = "other"  # the endpoint's api (routes.Api): body checks, stream framing
     pinned: str | None = None  # the resource of the stored objects the request names
     path: str | None = None  # only for unknown paths, for the access log
 

@@ -164,7 +164,7 @@ class Operation:
         finally:
             if not ex.usage and (
                 (ex.interrupted and ex.stream and ex.operation == "create")
-                or (ex.stream_relayed and ex.operation in CHAT_STREAMS)
+                or (ex.stream_relayed and ex.api == "chat")
             ):
                 # Cut before Azure reported usage, or a chat stream without a usage chunk:
                 # charged and priced by estimate.
@@ -212,7 +212,7 @@ class Operation:
             elif cycle.stream:
                 ex.interrupted = True
                 code = exc.code or "internal_error"
-                if ex.operation in CHAT_STREAMS:
+                if ex.api == "chat":
                     event = chat_error_chunk(code, exc.message)
                 else:
                     event = stream_error_event(code, exc.message, None)
@@ -239,11 +239,6 @@ def stream_error_event(code: str, message: str, sequence: int | None) -> bytes:
         "sequence_number": sequence,
     }
     return b"\nevent: error\ndata: " + dump_json(event) + b"\n\n"
-
-
-# Streams in the chat-completions framing: ``data: {chunk}`` lines ending in ``[DONE]``;
-# usage only when the client asked for it, so a stream without it is estimated.
-CHAT_STREAMS = frozenset({"chat.completions", "completions"})
 
 
 def chat_error_chunk(code: str, message: str) -> bytes:

@@ -226,8 +226,6 @@ class Keeper:
 
 # How many upstream list pages a filtered list may read to find one of the tenant's items.
 MAX_LIST_PAGES = 20
-# Operations whose body is a Responses create/compact/input_tokens request.
-_RESPONSES_BODY = frozenset({"create", "compact", "input_tokens"})
 # Where Azure says an object it holds is not there (yet): a stale read to retry.
 _STALE_CODES = frozenset({"previous_response_not_found", "not_found", "404"})
 OWNER_PARAM = {
@@ -276,6 +274,7 @@ class Proxy:
     async def _serve(self, request: Incoming, ex: Exchange) -> ASGIApp:
         match: Match = request.scope["route"]
         ep = match.endpoint
+        ex.api = ep.api
         snap = self.gw.snap
         cfg = snap.loaded.config
         check_headers(request.scope["headers"])
@@ -304,7 +303,9 @@ class Proxy:
             if data.strip():
                 parsed = parse_json(data, cfg.server.max_json_depth)
                 body = (
-                    check_body(parsed) if ep.operation in _RESPONSES_BODY else check_fields(parsed)
+                    check_body(parsed)
+                    if ep.api == "responses" and ep.route == "model"
+                    else check_fields(parsed)
                 )
                 raw = data
                 check_tools(principal.tenant, tenant, body.get("tools"))

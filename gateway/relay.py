@@ -16,7 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from .errors import GatewayError
 from .exchange import Exchange
-from .lifecycle import CHAT_STREAMS, chat_error_chunk, stream_error_event
+from .lifecycle import chat_error_chunk, stream_error_event
 from .objects import output_containers
 from .quotas import ratelimit_headers
 from .sse import SseTap
@@ -28,9 +28,6 @@ if TYPE_CHECKING:
     from .runtime import Gateway
 
 log = logging.getLogger("gateway.relay")
-
-# Operations whose streams are Responses events (created, resumed).
-RESPONSES_STREAMS = frozenset({"create", "retrieve"})
 
 
 def quota_headers(ex: Exchange) -> list[tuple[bytes, bytes]]:
@@ -125,13 +122,10 @@ class StreamRelay(_UpstreamRelay):
         self, upstream: UpstreamResponse, ex: Exchange, gw: Gateway, keeper: Keeper
     ) -> None:
         super().__init__(upstream, ex, gw, keeper)
-        self.chat = ex.operation in CHAT_STREAMS
+        self.chat = ex.api == "chat"
         # Only Responses and chat streams have a terminal event to miss.
-        kind = (
-            "chat" if self.chat else "responses" if ex.operation in RESPONSES_STREAMS else "other"
-        )
-        self.checks_end = kind != "other"
-        self.tap = SseTap(self._on_event if gw.audit.enabled else None, kind)
+        self.checks_end = ex.api != "other"
+        self.tap = SseTap(self._on_event if gw.audit.enabled else None, ex.api)
         ex.stream = True
 
     def _on_event(self, event: dict[str, Any]) -> None:

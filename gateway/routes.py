@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 V1 = "/openai/v1"
 PREVIEW = "/openai"
@@ -34,6 +34,10 @@ DEPLOYMENTS = "/openai/deployments/{deployment}"
 Route = Literal["model", "form", "object", "home"]
 Body = Literal["json", "form", "upload", "none"]
 Kind = Literal["response", "file", "conversation", "vector_store", "container"]
+# Whose shapes an endpoint speaks: its body checks and its stream framing (Responses
+# events ending in response.completed; chat chunks ending in [DONE]; anything else,
+# relayed without a terminal check).
+Api = Literal["responses", "chat", "other"]
 
 _BOTH = (V1, PREVIEW)
 _ALL = (V1, PREVIEW, DEPLOYMENTS)
@@ -54,11 +58,13 @@ class Endpoint:
     model_optional: bool = False  # without ``model``, a referenced object picks the resource
     prefixes: tuple[str, ...] = _BOTH
     owner: Kind | None = None  # the kind of the path's first id (``object`` routes)
+    api: Api = "other"
 
 
-def _object(method: str, path: str, operation: str, kind: Kind, **kw: object) -> Endpoint:
+def _object(method: str, path: str, operation: str, kind: Kind, **kw: Any) -> Endpoint:
     body: Body = "json" if method == "POST" else "none"
-    return Endpoint(method, path, operation, "object", body, owner=kind, **kw)  # type: ignore[arg-type]
+    api: Api = "responses" if kind == "response" else "other"
+    return Endpoint(method, path, operation, "object", body, owner=kind, api=api, **kw)
 
 
 def _crud(base: str, name: str, kind: Kind, id_name: str, update: bool = True) -> list[Endpoint]:
@@ -75,9 +81,9 @@ def _crud(base: str, name: str, kind: Kind, id_name: str, update: bool = True) -
     return rows
 
 
-def _model(path: str, operation: str, body: Body = "json") -> Endpoint:
+def _model(path: str, operation: str, body: Body = "json", api: Api = "other") -> Endpoint:
     route: Route = "form" if body == "form" else "model"
-    return Endpoint("POST", path, operation, route, body, prefixes=_ALL)
+    return Endpoint("POST", path, operation, route, body, prefixes=_ALL, api=api)
 
 
 VS = "/vector_stores/{vector_store_id}"
@@ -86,11 +92,24 @@ CNTR = "/containers/{container_id}"
 
 ENDPOINTS: tuple[Endpoint, ...] = (
     # Responses
-    Endpoint("POST", "/responses", "create", "model", creates="response"),
+    Endpoint("POST", "/responses", "create", "model", creates="response", api="responses"),
     Endpoint(
-        "POST", "/responses/compact", "compact", "model", creates="response", model_optional=True
+        "POST",
+        "/responses/compact",
+        "compact",
+        "model",
+        creates="response",
+        model_optional=True,
+        api="responses",
     ),
-    Endpoint("POST", "/responses/input_tokens", "input_tokens", "model", model_optional=True),
+    Endpoint(
+        "POST",
+        "/responses/input_tokens",
+        "input_tokens",
+        "model",
+        model_optional=True,
+        api="responses",
+    ),
     _object("GET", "/responses/{response_id}", "retrieve", "response"),
     _object("DELETE", "/responses/{response_id}", "delete", "response", deletes=True),
     _object("POST", "/responses/{response_id}/cancel", "cancel", "response"),
@@ -145,8 +164,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     _object("DELETE", CNTR + "/files/{file_id}", "containers.files.delete", "container"),
     _object("GET", CNTR + "/files/{file_id}/content", "containers.files.content", "container"),
     # Model endpoints beside Responses
-    _model("/chat/completions", "chat.completions"),
-    _model("/completions", "completions"),
+    _model("/chat/completions", "chat.completions", api="chat"),
+    _model("/completions", "completions", api="chat"),
     _model("/embeddings", "embeddings"),
     _model("/images/generations", "images.generate"),
     _model("/images/edits", "images.edit", "form"),
