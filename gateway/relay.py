@@ -48,6 +48,12 @@ class _UpstreamRelay:
         self.gw = gw
         self.keeper = keeper
 
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """The answer's headers: the upstream's (cleaned), ours, the tenant's quota."""
+        return response_headers(self.upstream.raw_headers, self.ex.request_id) + quota_headers(
+            self.ex
+        )
+
 
 class JsonRelay(_UpstreamRelay):
     """A non-streamed upstream answer, read whole and passed on unchanged."""
@@ -61,7 +67,7 @@ class JsonRelay(_UpstreamRelay):
         ex.upstream_seconds = time.perf_counter() - (ex.upstream_started or ex.started)
         if resp.status < 300:
             raw = await self._inspect(raw)
-        headers = response_headers(resp.raw_headers, ex.request_id) + quota_headers(ex)
+        headers = self.headers()
         headers.append((b"content-length", str(len(raw)).encode()))
         await send({"type": "http.response.start", "status": resp.status, "headers": headers})
         await send({"type": "http.response.body", "body": raw})
@@ -94,7 +100,7 @@ class RawRelay(_UpstreamRelay):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ex, resp = self.ex, self.upstream
-        headers = response_headers(resp.raw_headers, ex.request_id) + quota_headers(ex)
+        headers = self.headers()
         length = resp.headers.get("content-length")
         if length is not None and length.isdigit():
             headers.append((b"content-length", length.encode()))
@@ -139,7 +145,7 @@ class StreamRelay(_UpstreamRelay):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ex, gw, resp, tap = self.ex, self.gw, self.upstream, self.tap
-        headers = response_headers(resp.raw_headers, ex.request_id) + quota_headers(ex)
+        headers = self.headers()
         relay = asyncio.current_task()
         assert relay is not None
 

@@ -122,6 +122,16 @@ def gateway(cfg: dict[str, Any], environ: dict[str, str] | None = None) -> Itera
         yield server
 
 
+def redis_server(port: int, directory: str, *extra: str) -> subprocess.Popen[bytes]:
+    """A redis-server on loopback ``port``, without persistence, quiet."""
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    return subprocess.Popen(
+        ["redis-server", *args, "--dir", directory, *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 class RedisServer:
     """A real redis-server on loopback, for the tests (no persistence)."""
 
@@ -134,23 +144,7 @@ class RedisServer:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> RedisServer:
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self.tmpdir,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        self.proc = redis_server(self.port, self.tmpdir)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -288,30 +282,17 @@ class RedisClusterServer:
         import os
 
         os.makedirs(node_dir, exist_ok=True)
-        self.procs[port] = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                node_dir,
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                f"nodes-{port}.conf",
-                "--cluster-node-timeout",
-                "2000",
-                "--cluster-require-full-coverage",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        self.procs[port] = redis_server(
+            port,
+            node_dir,
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            f"nodes-{port}.conf",
+            "--cluster-node-timeout",
+            "2000",
+            "--cluster-require-full-coverage",
+            "no",
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

@@ -81,6 +81,14 @@ def _check(rows: list[dict[str, Any]], usages: dict[str, list[dict[str, Any]]], 
         assert int(row["estimated_requests"]) == 0
 
 
+def _usage_cli(tmp_path: Path, cfg: dict[str, Any], day: str) -> list[str]:
+    """`gateway usage` for one day, with ``cfg`` written to a file."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = ["usage", "--config", str(path), "--from", day, "--to", day]
+    return [sys.executable, "-m", "gateway.cli", *cmd]
+
+
 def test_usage_ledger_on_redis(
     identity: Sim, tenants: Tenants, redis_server: RedisServer, tmp_path: Path
 ) -> None:
@@ -111,20 +119,7 @@ def test_usage_ledger_on_redis(
             headers={"api-key": admin},
         )
         assert bad.status_code == 400 and "YYYY-MM-DD" in bad.json()["error"]["message"]
-    path = tmp_path / "gateway.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    cli = [
-        sys.executable,
-        "-m",
-        "gateway.cli",
-        "usage",
-        "--config",
-        str(path),
-        "--from",
-        day,
-        "--to",
-        day,
-    ]
+    cli = _usage_cli(tmp_path, cfg, day)
     env_all = {**__import__("os").environ, **env}
     out = subprocess.run(cli, capture_output=True, text=True, env=env_all, check=True).stdout
     _check(list(csv.DictReader(io.StringIO(out))), usages, day)
@@ -158,21 +153,7 @@ def test_usage_on_memory_is_served_by_the_admin_api_only(
         )
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
         _check(list(csv.DictReader(io.StringIO(r.text))), usages, day)
-    path = tmp_path / "gateway.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    cli = [
-        sys.executable,
-        "-m",
-        "gateway.cli",
-        "usage",
-        "--config",
-        str(path),
-        "--from",
-        day,
-        "--to",
-        day,
-    ]
-    done = subprocess.run(cli, capture_output=True, text=True)
+    done = subprocess.run(_usage_cli(tmp_path, cfg, day), capture_output=True, text=True)
     assert done.returncode == 2 and "/admin/usage" in done.stderr
 
 
