@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import socket
@@ -266,3 +267,119 @@ def test_proxy_from_the_environment(
 
     asyncio.run(scenario())
     assert proxy.heads[0].startswith(b"POST " + target.encode() + b" HTTP/1.1")
+
+
+def test_a_body_read_twice_and_interim_answers(raw: Callable[..., RawServer]) -> None:
+    """The breaker reads an error body before the relay does; a 100 is skipped; 204 is empty."""
+    err = b'{"error": {"code": "429"}}'
+    answers = iter(
+        [
+            b"HTTP/1.1 429 Too Many\r\ncontent-length: %d\r\n\r\n%s" % (len(err), err),
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}",
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n[]",
+        ]
+    )
+    server = raw(lambda h: (next(answers), False))
+
+    async def scenario() -> None:
+        client = _client()
+        url = f"http://127.0.0.1:{server.port}/x"
+        resp = await client.send("POST", url, [], b"{}", "up")
+        assert (resp.status, await resp.read(), await resp.read()) == (429, err, err)
+        resp.close()
+        assert (await _fetch(client, url))[:2] == (200, b"{}")
+        assert (await _fetch(client, url))[:2] == (204, b"")
+        assert (await _fetch(client, url))[:2] == (200, b"[]")
+        assert client.in_use == 0
+        await client.aclose()
+
+    asyncio.run(scenario())
+    assert server.connections == 1  # every answer ended cleanly: one connection throughout
+
+
+def test_a_header_with_a_line_break_is_never_sent(raw: Callable[..., RawServer]) -> None:
+    server = raw(lambda h: (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}", False))
+
+    async def scenario() -> None:
+        client = _client()
+        url = f"http://127.0.0.1:{server.port}/x"
+        for bad in (("x-a", "1\r\nx-injected: 1"), ("x-a\nx-b", "1")):
+            with pytest.raises(UpstreamError) as info:
+                await client.send("POST", url, [bad], b"{}", "up")
+            assert info.value.error.status == 502
+        await client.aclose()
+
+    asyncio.run(scenario())
+    assert server.heads == []
+
+
+class ConnectProxy:
+    """An HTTP proxy that only tunnels (CONNECT), as egress proxies in front of Azure do."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.requests: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._tunnel, args=(conn,), daemon=True).start()
+
+    def _tunnel(self, conn: socket.socket) -> None:
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            line = head.split(b"\r\n")[0]
+            self.requests.append(line)
+            host, port = line.split()[1].decode().rsplit(":", 1)
+            with socket.create_connection((host, int(port))) as up:
+                conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                threading.Thread(target=self._pipe, args=(up, conn), daemon=True).start()
+                self._pipe(conn, up)
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+
+def test_https_through_a_tunnelling_proxy_from_the_environment(
+    raw: Callable[..., RawServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Azure behind an egress proxy: CONNECT once, TLS to Azure inside, the tunnel reused."""
+    ca_file, server_ctx = _self_signed(tmp_path)
+    server = raw(lambda h: (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}", False), server_ctx)
+    proxy = ConnectProxy()
+    for var in ("NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.port}")
+    url = f"https://127.0.0.1:{server.port}/openai/v1/responses"
+
+    async def scenario() -> None:
+        client = _client(trust_env=True, ca_file=str(ca_file))
+        for _ in range(3):
+            assert (await _fetch(client, url))[:2] == (200, b"{}")
+        await client.aclose()
+
+    asyncio.run(scenario())
+    assert proxy.requests == [b"CONNECT 127.0.0.1:%d HTTP/1.1" % server.port]
+    assert server.connections == 1
+    assert [h.split(b"\r\n")[0] for h in server.heads] == [b"POST /openai/v1/responses HTTP/1.1"] * 3
