@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
-from common import BODY, free_port, servers, wait_ready
+from common import BODY, cpu_seconds, free_port, servers, wait_ready
 
 PATH = "/openai/v1/responses"
 
@@ -108,11 +108,6 @@ def median_result(results: list[WrkResult]) -> WrkResult:
     fields = zip(*results, strict=True)
     med = [statistics.median(values) for values in fields]
     return WrkResult(med[0], med[1], med[2], int(med[3]), sum(r.errors for r in results), med[5])
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextmanager

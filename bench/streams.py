@@ -25,7 +25,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import aiohttp
-from common import free_port, servers
+from common import cpu_seconds, free_port, servers
 from soak import rss_mb
 
 PATH = "/openai/v1/responses"
@@ -176,7 +176,9 @@ def main() -> None:
             run(wave(gw, key, 20, None, 0.0))  # warm up
             direct_stats, _ = run(wave(direct, "-", args.streams, None, args.ramp))
             idle = rss_mb(pid)
+            cpu0 = cpu_seconds(pid)
             via, busy = run(wave(gw, key, args.streams, pid, args.ramp))
+            cpu = cpu_seconds(pid) - cpu0
     finally:
         up.terminate()
     n = args.streams
@@ -195,6 +197,7 @@ def main() -> None:
         f"gateway RSS idle {idle:.1f} MB, with {n} open streams {busy:.1f} MB: "
         f"{(busy - idle) * 1024 / n:.1f} KiB per open stream"
     )
+    print(f"gateway CPU per stream (open, {args.events + 2} events, close): {cpu / n * 1e6:.0f} us")
 
 
 if __name__ == "__main__":

@@ -11,15 +11,20 @@ import ssl
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
+import aiohttp.abc
 import pytest
+from aiohttp.client_reqrep import ClientRequest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from yarl import URL
 
 from gateway.config import UpstreamConfig
-from gateway.upstream import UpstreamClient, UpstreamError
+from gateway.upstream import UpstreamClient, UpstreamError, _Connector
 
 Reply = Callable[[bytes], tuple[bytes, bool]]  # request head -> (response bytes, close after)
 
@@ -382,4 +387,47 @@ def test_https_through_a_tunnelling_proxy_from_the_environment(
     asyncio.run(scenario())
     assert proxy.requests == [b"CONNECT 127.0.0.1:%d HTTP/1.1" % server.port]
     assert server.connections == 1
-    assert [h.split(b"\r\n")[0] for h in server.heads] == [b"POST /openai/v1/responses HTTP/1.1"] * 3
+    assert [h.split(b"\r\n")[0] for h in server.heads] == [
+        b"POST /openai/v1/responses HTTP/1.1"
+    ] * 3
+
+
+class _TwoAddresses(aiohttp.abc.AbstractResolver):
+    """Resolves every name to 127.0.0.2 (nothing listens there) and then 127.0.0.1."""
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[Any]:
+        return [
+            {"hostname": host, "host": ip, "port": port, "family": socket.AF_INET, "proto": 6,
+             "flags": socket.AI_NUMERICHOST}
+            for ip in ("127.0.0.2", "127.0.0.1")
+        ]  # fmt: skip
+
+    async def close(self) -> None:
+        return None
+
+
+def test_the_connector_tries_each_address_in_order(raw: Callable[..., RawServer]) -> None:
+    """The gateway's connector (one create_connection per address): a refused address is
+    skipped, and when every address refuses, the error is aiohttp's connect error."""
+    ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
+    server = raw(lambda h: (ok, False))
+    refused = socket.socket()
+    refused.bind(("127.0.0.1", 0))
+    closed_port = refused.getsockname()[1]
+    refused.close()
+
+    async def scenario() -> None:
+        connector = _Connector(resolver=_TwoAddresses(), happy_eyeballs_delay=None)
+        timeout = aiohttp.ClientTimeout(sock_connect=2)
+        loop = asyncio.get_running_loop()
+        req = ClientRequest("GET", URL(f"http://upstream.test:{server.port}"), loop=loop)
+        conn = await connector.connect(req, traces=[], timeout=timeout)
+        assert conn.transport is not None
+        assert conn.transport.get_extra_info("peername") == ("127.0.0.1", server.port)
+        conn.close()
+        dead = ClientRequest("GET", URL(f"http://upstream.test:{closed_port}"), loop=loop)
+        with pytest.raises(aiohttp.ClientConnectorError):
+            await connector.connect(dead, traces=[], timeout=timeout)
+        await connector.close()
+
+    asyncio.run(scenario())
