@@ -80,7 +80,7 @@ def upstream_main(port: int, events: int, interval: float) -> None:
         async with server:
             await server.serve_forever()
 
-    asyncio.run(serve())
+    run(serve())  # uvloop, like the client: the load generator must not be the bottleneck
 
 
 class Stats:

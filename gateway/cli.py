@@ -19,7 +19,7 @@ from .config import ConfigError, LoadedConfig, load_config, parse_config
 from .errors import GatewayError
 from .keys import hash_key, new_key
 from .logs import setup_logging
-from .server import uvicorn_config
+from .server import tune_gc, uvicorn_config
 
 
 class DrainingServer(uvicorn.Server):
@@ -69,6 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     app = create_app(loaded, config_path=str(path))
     cfg = loaded.config
+    tune_gc(cfg.server.gc_freeze, cfg.server.gc_thresholds)
     if cfg.metrics.port:
         from prometheus_client import start_http_server
 

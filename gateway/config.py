@@ -222,6 +222,7 @@ class UpstreamConfig(_Frozen):
     stale_read_retries: Annotated[int, Field(ge=0, le=10)] = 3
     stale_read_backoff_seconds: Annotated[float, Field(ge=0, le=5)] = 0.2
     max_connections: Positive = 10_000
+    preconnect: Annotated[int, Field(ge=0, le=256)] = 8
     trust_env: bool = False
     ca_file: str | None = None
 
@@ -237,6 +238,9 @@ class ServerConfig(_Frozen):
     shutdown_grace_seconds: PositiveFloat = 30.0
     drain_delay_seconds: Annotated[float, Field(ge=0)] = 0.0
     reload_interval_seconds: Annotated[float, Field(ge=0)] = 5.0
+    # Python's collector: see server.tune_gc.
+    gc_freeze: bool = True
+    gc_thresholds: tuple[Positive, Positive, Positive] = (2000, 4, 1000)
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -127,6 +127,13 @@ class _Cycle:
         await self.send(message)
 
 
+def chunk_sender(send: Send) -> Send:
+    """Where a relay sends the middle chunks of a body (``more_body`` true, after the
+    start): past the owner's ``_Cycle``, which only watches the start and the end, to the
+    server itself. One coroutine call less per SSE event."""
+    return send.send if isinstance(send, _Cycle) else send
+
+
 class Operation:
     """An ASGI app for one operation; the only place that answers, settles and finishes."""
 

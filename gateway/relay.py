@@ -16,7 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from .errors import GatewayError
 from .exchange import Exchange
-from .lifecycle import chat_error_chunk, stream_error_event
+from .lifecycle import chat_error_chunk, chunk_sender, stream_error_event
 from .objects import output_containers
 from .quotas import ratelimit_headers
 from .sse import SseTap
@@ -180,6 +180,7 @@ class StreamRelay(_UpstreamRelay):
 
     async def _relay(self, send: Send) -> None:
         ex, resp, tap = self.ex, self.upstream, self.tap
+        middle = chunk_sender(send)
         bound = False
         try:
             async for chunk in resp.chunks():
@@ -190,7 +191,7 @@ class StreamRelay(_UpstreamRelay):
                         await self.keeper.bind("response", tap.response_id)
                 if ex.pending_audit:
                     await self._flush_audit()
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await middle({"type": "http.response.body", "body": chunk, "more_body": True})
                 if ex.ttfb_seconds is None:
                     ex.ttfb_seconds = time.perf_counter() - ex.started
         except GatewayError as exc:

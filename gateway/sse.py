@@ -22,6 +22,7 @@ FINAL_TYPES = frozenset({"response.completed", "response.incomplete", "response.
 _ID_TYPES = frozenset({"response.created", "response.queued", "response.in_progress"})
 _MAX_PENDING = 64 * 1024 * 1024
 _CHAT_USAGE = re.compile(rb'"usage"\s*:\s*\{')
+_SEQUENCE = re.compile(rb'"sequence_number"[ :]*(\d{1,19})(?!\d)')
 
 
 class SseTap:
@@ -48,14 +49,17 @@ class SseTap:
         """Read one chunk of the stream."""
         if self.disabled:
             return
-        self._pending += chunk
-        end = self._pending.rfind(b"\n")
-        if end < 0:
-            if len(self._pending) > _MAX_PENDING:
-                self._give_up("an SSE line exceeded 64 MiB")
-            return
-        lines = bytes(self._pending[:end]).split(b"\n")
-        del self._pending[: end + 1]
+        if not self._pending and chunk.endswith(b"\n"):
+            lines = chunk[:-1].split(b"\n")  # the usual chunk: whole lines, nothing held
+        else:
+            self._pending += chunk
+            end = self._pending.rfind(b"\n")
+            if end < 0:
+                if len(self._pending) > _MAX_PENDING:
+                    self._give_up("an SSE line exceeded 64 MiB")
+                return
+            lines = bytes(self._pending[:end]).split(b"\n")
+            del self._pending[: end + 1]
         for line in lines:
             if line.endswith(b"\r"):
                 line = line[:-1]
@@ -114,14 +118,8 @@ class SseTap:
     def _delta_sequence(self, data: bytes) -> None:
         """``sequence_number`` of an event that is not decoded (a delta), found by search."""
         at = data.rfind(b'"sequence_number"')
-        if at < 0:
-            return
-        digits = data[at + 17 :].lstrip(b" :")
-        end = 0
-        while end < len(digits) and 48 <= digits[end] <= 57:
-            end += 1
-        if 0 < end < 20:
-            self.last_sequence = int(digits[:end])
+        if at >= 0 and (found := _SEQUENCE.match(data, at)) is not None:
+            self.last_sequence = int(found.group(1))
 
     def observe(self, event: Event) -> None:
         """Take note of one decoded event."""

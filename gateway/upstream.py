@@ -11,7 +11,10 @@ left out there: its per-request work (header merging, URL and cookie handling, t
 a writer task per body on Python < 3.12) cost about 60 µs of the gateway's ~400 µs. A
 streamed body (a file upload) goes through ``ClientSession.request``, which frames it.
 Each origin (scheme, host, port) is parsed once, and with ``trust_env`` its proxy is
-looked up once, not per request.
+looked up once, not per request. Connections are opened with one
+``loop.create_connection`` (``_Connector``), and when traffic to an origin grows, a few
+more are opened in the background (``upstream.preconnect``) so that a burst of new
+streams does not wait for connects and TLS handshakes.
 
 A request that fails on a keep-alive connection before any response byte (the upstream
 closed it while idle) is sent once more on a fresh, unpooled connection: nothing reached
@@ -27,8 +30,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import re
 import ssl
+import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from typing import Any
 
@@ -89,6 +94,8 @@ _RATELIMIT = b"x-ratelimit-"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _STALE_ERRNOS = frozenset({errno.ECONNRESET, errno.EPIPE, errno.ECONNABORTED})
 
+log = logging.getLogger("gateway.upstream")
+
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # What a request or a body read can fail with: aiohttp's errors, a read timeout, the
@@ -116,6 +123,7 @@ class UpstreamResponse:
         "_drop",
         "_payload",
         "_release",
+        "_site",
         "headers",
         "raw_headers",
         "status",
@@ -132,6 +140,7 @@ class UpstreamResponse:
         drop: Callable[[], None],
         client: UpstreamClient,
         where: str,
+        site: _Origin,
     ) -> None:
         self.status = status
         self.raw_headers = raw_headers
@@ -143,14 +152,13 @@ class UpstreamResponse:
         self._closed = False
         self._body: bytes | None = None
         self.where = where
+        self._site = site
+        site.busy += 1
+        client.in_use += 1
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    def chunks(self) -> AsyncIterator[bytes]:
         """The body's bytes as they arrive, never re-chunked."""
-        try:
-            async for chunk in self._payload.iter_any():
-                yield chunk
-        except _TRANSPORT_ERRORS as exc:
-            raise _mapped(exc, self.where) from exc
+        return _Chunks(self._payload, self.where)
 
     async def read(self) -> bytes:
         """The whole body (read once, kept for later calls)."""
@@ -167,10 +175,34 @@ class UpstreamResponse:
             return
         self._closed = True
         self._client.in_use -= 1
+        self._site.busy -= 1
         if self._payload.at_eof():
             self._release()
         else:
             self._drop()
+
+
+class _Chunks:
+    """An async iterator over a body's chunks as they arrive (one layer over aiohttp's
+    ``readany``: a relay step per SSE event is the stream's hot path)."""
+
+    __slots__ = ("_payload", "_where")
+
+    def __init__(self, payload: aiohttp.StreamReader, where: str) -> None:
+        self._payload = payload
+        self._where = where
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk = await self._payload.readany()
+        except _TRANSPORT_ERRORS as exc:
+            raise _mapped(exc, self._where) from exc
+        if not chunk:
+            raise StopAsyncIteration
+        return chunk
 
 
 def ssl_context(cfg: UpstreamConfig) -> ssl.SSLContext | bool:
@@ -189,7 +221,7 @@ class _Origin:
     credentials: those go through ``ClientSession.request``.
     """
 
-    __slots__ = ("host", "key", "lean")
+    __slots__ = ("busy", "host", "key", "lean", "warming")
 
     def __init__(
         self, origin: str, session: aiohttp.ClientSession, tls: ssl.SSLContext | bool, env: bool
@@ -211,6 +243,8 @@ class _Origin:
         )
         self.host = self.key.headers["Host"]
         self.lean = proxy is None or url.scheme == "https"
+        self.busy = 0  # requests in flight to this origin
+        self.warming = False
 
 
 class _Connector(aiohttp.TCPConnector):
@@ -280,6 +314,9 @@ class UpstreamClient:
         self._session: aiohttp.ClientSession | None = None
         self._fresh: aiohttp.ClientSession | None = None
         self._origins: dict[tuple[str, bool], _Origin] = {}
+        self._preconnect = cfg.preconnect
+        self._seen: weakref.WeakSet[ResponseHandler] = weakref.WeakSet()
+        self._warmers: set[asyncio.Task[None]] = set()
 
     def _new_session(self, *, pooled: bool) -> aiohttp.ClientSession:
         connector = _Connector(
@@ -365,7 +402,6 @@ class UpstreamClient:
                 data=body,
                 allow_redirects=False,
             )
-            self.in_use += 1
             return UpstreamResponse(
                 resp.status,
                 resp.raw_headers,
@@ -375,6 +411,7 @@ class UpstreamClient:
                 resp.close,
                 self,
                 where,
+                site,
             )
         lines = [f"{method} {target} HTTP/1.1\r\n", f"Host: {site.host}\r\n"]
         lines += [f"{k}: {v}\r\n" for k, v in headers]
@@ -397,6 +434,10 @@ class UpstreamClient:
             protocol = conn.protocol
             if protocol is None or protocol.transport is None:
                 raise aiohttp.ServerDisconnectedError()
+            if protocol not in self._seen:  # opened for this request: no idle one was left
+                self._seen.add(protocol)
+                if pooled and site.busy and self._preconnect and not site.warming:
+                    self._warm(site, connector, min(self._preconnect, site.busy))
             protocol.set_response_params(
                 skip_payload=method == "HEAD",
                 read_until_eof=True,
@@ -412,7 +453,6 @@ class UpstreamClient:
         except BaseException:
             conn.close()
             raise
-        self.in_use += 1
         return UpstreamResponse(
             message.code,
             message.raw_headers,
@@ -422,7 +462,40 @@ class UpstreamClient:
             conn.close,
             self,
             where,
+            site,
         )
+
+    def _warm(self, site: _Origin, connector: aiohttp.BaseConnector, n: int) -> None:
+        """Open up to ``n`` idle connections to ``site`` in the background (preconnect).
+
+        Called when a request had to open a connection while others to the same origin
+        were in flight: traffic is growing, so the next requests of the burst find a
+        connection (TCP and TLS handshake done) instead of opening one on their path.
+        Never takes the last free slots of the pool.
+        """
+        n = min(n, self.limit - self.in_use - 1)
+        if n <= 0:
+            return
+
+        async def one() -> None:
+            conn = await connector.connect(site.key, traces=[], timeout=self._timeout)
+            if conn.protocol is not None:
+                self._seen.add(conn.protocol)
+            conn.release()  # idle in the pool, ready
+
+        async def warm() -> None:
+            try:
+                results = await asyncio.gather(*(one() for _ in range(n)), return_exceptions=True)
+                failed = [r for r in results if isinstance(r, BaseException)]
+                if failed:
+                    log.debug("preconnect: %d of %d failed (%r)", len(failed), n, failed[0])
+            finally:
+                site.warming = False
+
+        site.warming = True
+        task = asyncio.get_running_loop().create_task(warm())
+        self._warmers.add(task)
+        task.add_done_callback(self._warmers.discard)
 
     def _map(self, exc: BaseException, where: str) -> GatewayError:
         if isinstance(exc, aiohttp.ConnectionTimeoutError) and self.in_use >= self.limit:
@@ -433,6 +506,10 @@ class UpstreamClient:
         return _mapped(exc, where)
 
     async def aclose(self) -> None:
+        for task in list(self._warmers):
+            task.cancel()
+        if self._warmers:
+            await asyncio.gather(*self._warmers, return_exceptions=True)
         for session in (self._session, self._fresh):
             if session is not None:
                 await session.close()

@@ -1,13 +1,14 @@
-"""The transport under uvicorn's protocol: a response head leaves with what follows it."""
+"""The server set-up: a response head leaves with what follows it; the collector tuned."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 
 from harness import Server
 
-from gateway.server import CoalescingTransport
+from gateway.server import CoalescingTransport, tune_gc
 
 
 class Recording:
@@ -68,3 +69,20 @@ def test_a_json_answer_arrives_in_one_segment(gw: Server, tenants: object) -> No
         data = s.recv(65536)
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and body == b'{"status":"ok"}'
+
+
+def test_tune_gc_freezes_what_exists_and_sets_the_thresholds() -> None:
+    before = gc.get_threshold()
+    try:
+        tune_gc(True, (2000, 4, 1000))
+        assert gc.get_threshold() == (2000, 4, 1000)
+        frozen = gc.get_freeze_count()
+        assert frozen > 10_000  # modules, config, test objects: never walked again
+        kept = [[n] for n in range(1000)]  # made after the freeze: still collected normally
+        assert all(gc.is_tracked(x) for x in kept) and gc.get_freeze_count() == frozen
+        gc.unfreeze()
+        tune_gc(False, (700, 10, 10))
+        assert gc.get_threshold() == (700, 10, 10) and gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

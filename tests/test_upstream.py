@@ -431,3 +431,34 @@ def test_the_connector_tries_each_address_in_order(raw: Callable[..., RawServer]
         await connector.close()
 
     asyncio.run(scenario())
+
+
+def test_preconnect_opens_idle_connections_when_traffic_grows(
+    raw: Callable[..., RawServer],
+) -> None:
+    """A request that must open a connection while another is in flight (a burst) makes
+    the client open one more in the background; the next request finds it ready. A lone
+    request after a quiet spell opens only its own; ``preconnect: 0`` opens none."""
+    slow = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n"  # never ends
+
+    async def scenario(preconnect: int) -> tuple[int, int, int]:
+        server = raw(lambda h: (slow, False))
+        url = f"http://127.0.0.1:{server.port}/x"
+        client = _client(preconnect=preconnect)
+        first = await client.send("POST", url, [], b"{}", "up")  # alone: nothing warmed
+        await asyncio.sleep(0.2)
+        alone = server.connections
+        second = await client.send("POST", url, [], b"{}", "up")  # grows: one warmed
+        await asyncio.sleep(0.2)
+        grown = server.connections
+        third = await client.send("POST", url, [], b"{}", "up")  # takes the warmed one
+        await asyncio.sleep(0.2)
+        after = server.connections
+        assert len(server.heads) == 3  # a warmed connection carries nothing until used
+        for resp in (first, second, third):
+            resp.close()
+        await client.aclose()
+        return alone, grown, after
+
+    assert asyncio.run(scenario(4)) == (1, 3, 3)  # the third rode the warmed connection
+    assert asyncio.run(scenario(0)) == (1, 2, 3)
