@@ -9,20 +9,24 @@ opens N streams at once, directly and then through the gateway, and prints:
 - the gateway's RSS per open stream (RSS with all streams open minus idle RSS, / N);
 - how many streams completed with ``response.completed``.
 
-    python bench/streams.py [--streams 1000] [--events 20] [--interval 0.25]
+    python bench/streams.py [--streams 1000] [--events 20] [--interval 0.25] [--repeat 3]
+
+Rounds alternate direct and gateway waves; each round's figures are printed, then the
+medians (this is a shared 2-core VM: one round can land in a noisy minute).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import multiprocessing
 import re
 import statistics
 import time
 from collections.abc import Coroutine
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import aiohttp
 from common import cpu_seconds, free_port, servers
@@ -39,6 +43,7 @@ def _event(kind: str, seq: int, **extra: object) -> bytes:
 
 def upstream_main(port: int, events: int, interval: float) -> None:
     """Serve SSE streams on ``port``: ``events`` deltas ``interval`` apart, then completed."""
+    gc.disable()  # see main()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -155,13 +160,30 @@ def pct(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] * 1000
 
 
+class Round(NamedTuple):
+    direct: Stats
+    gateway: Stats
+    rss_kib: float  # per open stream (meaningful in the first round, which grows the process)
+    cpu_us: float  # gateway CPU per stream
+
+    def figures(self) -> tuple[float, float, float]:
+        """Added TTFB p50, gateway chunk delay p99 (ms), gateway chunk delay p50 (ms)."""
+        added = pct(self.gateway.ttfb, 50) - pct(self.direct.ttfb, 50)
+        return added, pct(self.gateway.delays, 99), pct(self.gateway.delays, 50)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--streams", type=int, default=1000)
     ap.add_argument("--events", type=int, default=20)
     ap.add_argument("--interval", type=float, default=0.25)
     ap.add_argument("--ramp", type=float, default=2.0, help="seconds over which streams open")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds (direct, then gateway); medians")
     args = ap.parse_args()
+    # The client's (and the upstream's) own collector pauses would be counted as delays
+    # (a full collection of the client's ~150,000 objects stalls all 1,000 streams for
+    # 40-75 ms): the load generator must not be what is measured.
+    gc.disable()
     if args.ramp >= args.events * args.interval:
         raise SystemExit("--ramp must be shorter than a stream, so that all are open at once")
     port = free_port()
@@ -170,34 +192,47 @@ def main() -> None:
     )
     up.start()
     pids: list[int] = []
+    n = args.streams
+    rounds: list[Round] = []
     try:
         with servers(pids=pids, upstream=f"http://127.0.0.1:{port}") as (direct, gw, key):
             pid = pids[-1]
             run(wave(gw, key, 20, None, 0.0))  # warm up
-            direct_stats, _ = run(wave(direct, "-", args.streams, None, args.ramp))
-            idle = rss_mb(pid)
-            cpu0 = cpu_seconds(pid)
-            via, busy = run(wave(gw, key, args.streams, pid, args.ramp))
-            cpu = cpu_seconds(pid) - cpu0
+            for _ in range(args.repeat):
+                direct_stats, _ = run(wave(direct, "-", n, None, args.ramp))
+                idle = rss_mb(pid)
+                cpu0 = cpu_seconds(pid)
+                via, busy = run(wave(gw, key, n, pid, args.ramp))
+                cpu = cpu_seconds(pid) - cpu0
+                rounds.append(Round(direct_stats, via, (busy - idle) * 1024 / n, cpu / n * 1e6))
     finally:
         up.terminate()
-    n = args.streams
     print(
         f"{n} concurrent streams (opened over {args.ramp:g} s), {args.events} events "
-        f"{args.interval:g} s apart, one worker"
+        f"{args.interval:g} s apart, one worker, {args.repeat} rounds"
     )
-    for name, s in (("direct", direct_stats), ("gateway", via)):
+    for i, r in enumerate(rounds, 1):
+        for name, s in (("direct", r.direct), ("gateway", r.gateway)):
+            print(
+                f"#{i} {name:<8} TTFB p50 {pct(s.ttfb, 50):7.2f} ms p99 {pct(s.ttfb, 99):7.2f} ms"
+                f" | chunk delay p50 {pct(s.delays, 50):6.2f} ms p99 {pct(s.delays, 99):6.2f} ms"
+                f" | completed {s.completed}/{n}, failed {s.failed}"
+            )
+        added, p99, _ = r.figures()
         print(
-            f"{name:<8} TTFB p50 {pct(s.ttfb, 50):7.2f} ms p99 {pct(s.ttfb, 99):7.2f} ms | "
-            f"chunk delay p50 {pct(s.delays, 50):6.2f} ms p99 {pct(s.delays, 99):6.2f} ms | "
-            f"completed {s.completed}/{n}, failed {s.failed}"
+            f"#{i} added TTFB p50 {added:+.2f} ms, gateway chunk delay p99 {p99:.2f} ms, "
+            f"{r.cpu_us:.0f} us CPU per stream"
         )
-    print(f"added TTFB p50 {pct(via.ttfb, 50) - pct(direct_stats.ttfb, 50):+.2f} ms")
+    med = [statistics.median(values) for values in zip(*(r.figures() for r in rounds), strict=True)]
+    completed = min(min(r.direct.completed, r.gateway.completed) for r in rounds)
     print(
-        f"gateway RSS idle {idle:.1f} MB, with {n} open streams {busy:.1f} MB: "
-        f"{(busy - idle) * 1024 / n:.1f} KiB per open stream"
+        f"median of {len(rounds)}: added TTFB p50 {med[0]:+.2f} ms | gateway chunk delay "
+        f"p50 {med[2]:.2f} ms p99 {med[1]:.2f} ms | "
+        f"RSS per open stream {rounds[0].rss_kib:.1f} KiB (first round: later ones reuse it) | "
+        f"gateway CPU per stream (open, {args.events + 2} events, close) "
+        f"{statistics.median(r.cpu_us for r in rounds):.0f} us | "
+        f"fewest completed {completed}/{n}"
     )
-    print(f"gateway CPU per stream (open, {args.events + 2} events, close): {cpu / n * 1e6:.0f} us")
 
 
 if __name__ == "__main__":

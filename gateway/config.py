@@ -240,7 +240,7 @@ class ServerConfig(_Frozen):
     reload_interval_seconds: Annotated[float, Field(ge=0)] = 5.0
     # Python's collector: see server.tune_gc.
     gc_freeze: bool = True
-    gc_thresholds: tuple[Positive, Positive, Positive] = (2000, 4, 1000)
+    gc_thresholds: tuple[Positive, Positive, Positive] = (5000, 1, 1000)
 
     @field_validator("trusted_proxies")
     @classmethod
