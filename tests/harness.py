@@ -57,6 +57,35 @@ def serving(app: Any, header_timeout: float = 10.0) -> Iterator[Server]:
         server.stop()
 
 
+class SocketServer:
+    """A loopback TCP listener serving each connection in its own thread (``handle``),
+    for upstreams and proxies whose bytes a test writes by hand."""
+
+    def __init__(self, backlog: int = 64) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(backlog)
+        self.port: int = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
+
+    def handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 @dataclass
 class Sim:
     server: Server

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from harness import Server, Sim, Tenants, base_config, gateway, serving
+from harness import Server, Sim, SocketServer, Tenants, base_config, gateway, serving
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -363,7 +362,7 @@ def test_stream_with_no_terminal_event_gets_an_error_event(tenants: Tenants) -> 
         assert_still_served(gw, key)
 
 
-class StaleKeepAliveUpstream:
+class StaleKeepAliveUpstream(SocketServer):
     """Answers one request per connection with keep-alive, then closes on the next one.
 
     That is what an upstream whose idle timeout closed a pooled connection looks like
@@ -371,22 +370,9 @@ class StaleKeepAliveUpstream:
     """
 
     def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.answered = 0
         self.dropped = 0
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._conn, args=(conn,), daemon=True).start()
+        super().__init__()
 
     def _read_request(self, conn: socket.socket) -> bool:
         data = b""
@@ -405,7 +391,7 @@ class StaleKeepAliveUpstream:
             rest += conn.recv(65536)
         return True
 
-    def _conn(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket) -> None:
         with conn:
             if not self._read_request(conn):
                 return
@@ -420,9 +406,6 @@ class StaleKeepAliveUpstream:
             self.answered += 1
             if self._read_request(conn):
                 self.dropped += 1  # close without answering
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def test_stale_keepalive_connection_is_retried_once_on_a_fresh_one(tenants: Tenants) -> None:

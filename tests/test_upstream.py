@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from harness import SocketServer
 from yarl import URL
 
 from gateway.config import UpstreamConfig
@@ -29,30 +30,16 @@ from gateway.upstream import UpstreamClient, UpstreamError, _Connector
 Reply = Callable[[bytes], tuple[bytes, bool]]  # request head -> (response bytes, close after)
 
 
-class RawServer:
+class RawServer(SocketServer):
     """A socket server whose answers are written by hand, one thread per connection."""
 
     def __init__(self, reply: Reply, tls: ssl.SSLContext | None = None) -> None:
         self.reply = reply
         self.tls = tls
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
         self.heads: list[bytes] = []
-        self.connections = 0
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._conn, args=(conn,), daemon=True).start()
-
-    def _conn(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket) -> None:
         try:
             if self.tls is not None:
                 conn = self.tls.wrap_socket(conn, server_side=True)
@@ -78,9 +65,6 @@ class RawServer:
                         return
         except (OSError, ssl.SSLError):
             return
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture
@@ -319,26 +303,14 @@ def test_a_header_with_a_line_break_is_never_sent(raw: Callable[..., RawServer])
     assert server.heads == []
 
 
-class ConnectProxy:
+class ConnectProxy(SocketServer):
     """An HTTP proxy that only tunnels (CONNECT), as egress proxies in front of Azure do."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
         self.requests: list[bytes] = []
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._tunnel, args=(conn,), daemon=True).start()
-
-    def _tunnel(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket) -> None:
         with conn:
             head = b""
             while b"\r\n\r\n" not in head:
