@@ -106,8 +106,9 @@ class RawRelay(_UpstreamRelay):
             headers.append((b"content-length", length.encode()))
         try:
             await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+            middle = chunk_sender(send)
             async for chunk in resp.chunks():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await middle({"type": "http.response.body", "body": chunk, "more_body": True})
                 if ex.ttfb_seconds is None:
                     ex.ttfb_seconds = time.perf_counter() - ex.started
             await send({"type": "http.response.body", "body": b""})

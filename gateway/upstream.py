@@ -300,7 +300,6 @@ class UpstreamClient:
 
     def __init__(self, cfg: UpstreamConfig) -> None:
         self.limit = cfg.max_connections
-        self.pool_timeout = cfg.pool_timeout
         self.in_use = 0
         self._ssl = ssl_context(cfg)
         self._timeout = aiohttp.ClientTimeout(
@@ -309,7 +308,6 @@ class UpstreamClient:
             sock_connect=cfg.connect_timeout,
             sock_read=cfg.read_timeout,
         )
-        self._read_timeout = cfg.read_timeout
         self._trust_env = cfg.trust_env
         self._session: aiohttp.ClientSession | None = None
         self._fresh: aiohttp.ClientSession | None = None
@@ -442,7 +440,7 @@ class UpstreamClient:
                 skip_payload=method == "HEAD",
                 read_until_eof=True,
                 auto_decompress=False,
-                read_timeout=self._read_timeout,
+                read_timeout=self._timeout.sock_read,
             )
             protocol.transport.write(data)
             protocol.start_timeout()
