@@ -25,12 +25,40 @@ from .errors import ClientClosed, GatewayError, InternalError
 from .exchange import Exchange
 from .pricing import cost_of
 from .quotas import MICRO, estimate_tokens, ratelimit_headers
+from .runtime import client_address
 from .state import LedgerEntry
 from .upstream import safe_request_id
 from .validate import dump_json
 
 if TYPE_CHECKING:
     from .runtime import Gateway, Snapshot
+
+
+class _RequestIds:
+    """Random request ids (128 bits from ``os.urandom``), 256 of them per system call.
+
+    A forked child starts a pool of its own, so no two processes hand out the same ids.
+    """
+
+    __slots__ = ("_at", "_pool")
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = 0
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._pool, self._at = b"", 0
+
+    def __call__(self) -> str:
+        at = self._at
+        if at >= len(self._pool):
+            self._pool, at = os.urandom(4096), 0
+        self._at = at + 16
+        return self._pool[at : at + 16].hex()
+
+
+new_request_id = _RequestIds()
 
 log = logging.getLogger("gateway.lifecycle")
 
@@ -74,13 +102,11 @@ async def shielded(coro: Coroutine[Any, Any, None]) -> None:
 
 def new_exchange(incoming: Incoming, operation: str, snap: Snapshot) -> Exchange:
     """The exchange record of one request."""
-    from .runtime import client_address
-
     headers = incoming.headers
     client = incoming.scope.get("client")
     peer = client[0] if client else None
     return Exchange(
-        request_id=safe_request_id(headers.get("x-request-id")) or os.urandom(16).hex(),
+        request_id=safe_request_id(headers.get("x-request-id")) or new_request_id(),
         operation=operation,
         method=incoming.method,
         client=client_address(peer, headers.get("x-forwarded-for"), snap),
@@ -118,10 +144,10 @@ class _Cycle:
         if kind == "http.response.start":
             self.started = True
             self.ex.status = message["status"]
-            self.stream = any(
-                k == b"content-type" and v.startswith(b"text/event-stream")
-                for k, v in message.get("headers", ())
-            )
+            for k, v in message.get("headers", ()):
+                if k == b"content-type":
+                    self.stream = v.startswith(b"text/event-stream")
+                    break
         elif kind == "http.response.body" and not message.get("more_body", False):
             self.ended = True
         await self.send(message)

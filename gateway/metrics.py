@@ -7,21 +7,128 @@ else is ``other``), resources and regions likewise, statuses are numbers.
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
 
 from .config import Config
 from .exchange import BaseObserver, Exchange
 from .routing import Target
 
 OTHER = "other"
+# How prometheus_client writes a bucket bound (``1.0``, ``1.048576e+06``), so the ``le``
+# values, and so dashboards, are the same as with its own Histogram.
+_go_float: Callable[[float], str] = floatToGoString
 _LABEL = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _TTFB = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 _TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
+
+
+class _CountChild:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.value -= amount
+
+
+class _HistogramChild:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # per bucket, the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        self.counts[bisect_left(self.bounds, value)] += 1  # first bound >= value: ``le``
+
+
+class _Family:
+    """A counter, gauge or histogram of the request path whose children are plain numbers.
+
+    prometheus_client guards every value with a lock (an observe takes two, plus its
+    checks): correct for threads, pure cost here, where the event loop is the only
+    writer and a scrape runs on the same loop. Exposition is the same (``_total``,
+    ``_bucket`` with the same ``le`` values, ``_sum``, ``_count``), without the
+    ``_created`` series.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        name: str,
+        documentation: str,
+        labelnames: Iterable[str] = (),
+        buckets: tuple[float, ...] = (),
+    ) -> None:
+        self.kind = kind
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = list(labelnames)
+        self.bounds = tuple(float(b) for b in buckets)
+        self._le = [_go_float(b) for b in self.bounds] + ["+Inf"]
+        self._children: dict[tuple[str, ...], Any] = {}
+        if not self.labelnames:
+            self._unlabelled = self.labels()
+
+    def labels(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name} takes labels {self.labelnames}")
+            child = _HistogramChild(self.bounds) if self.kind == "histogram" else _CountChild()
+            self._children[values] = child
+        return child
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._unlabelled.value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        self._unlabelled.value -= amount
+
+    def describe(self) -> Iterable[Metric]:
+        return self._collect(with_samples=False)
+
+    def collect(self) -> Iterable[Metric]:
+        return self._collect(with_samples=True)
+
+    def _collect(self, with_samples: bool) -> Iterable[Metric]:
+        children = self._children.items() if with_samples else ()
+        family: Metric
+        if self.kind == "counter":
+            family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+            for values, child in children:
+                family.add_metric(list(values), child.value)
+        elif self.kind == "gauge":
+            family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
+            for values, child in children:
+                family.add_metric(list(values), child.value)
+        else:
+            family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+            for values, child in children:
+                cumulative, buckets = 0, []
+                for le, n in zip(self._le, child.counts, strict=True):
+                    cumulative += n
+                    buckets.append((le, cumulative))
+                family.add_metric(list(values), buckets, child.sum)
+        yield family
 
 
 class _Budgets:
@@ -54,38 +161,38 @@ class Metrics(BaseObserver):
     def __init__(self, config_source: Callable[[], Config]) -> None:
         self._config = config_source
         r = self.registry = CollectorRegistry()
-        self.requests = Counter(
+        self.requests = self._fast(
+            "counter",
             "gateway_requests_total",
             "Requests answered, by tenant, model, operation and status.",
             ["tenant", "model", "operation", "status"],
-            registry=r,
         )
-        self.duration = Histogram(
+        self.duration = self._fast(
+            "histogram",
             "gateway_request_duration_seconds",
             "Time from request arrival to the last byte sent.",
             ["tenant", "model", "operation", "stream"],
             buckets=_LATENCY,
-            registry=r,
         )
-        self.upstream_duration = Histogram(
+        self.upstream_duration = self._fast(
+            "histogram",
             "gateway_upstream_duration_seconds",
             "Time from sending upstream to the end of the upstream answer.",
             ["resource", "region", "operation"],
             buckets=_LATENCY,
-            registry=r,
         )
-        self.ttfb = Histogram(
+        self.ttfb = self._fast(
+            "histogram",
             "gateway_time_to_first_byte_seconds",
             "Time from request arrival to the first body byte sent to the client.",
             ["tenant", "model", "stream"],
             buckets=_TTFB,
-            registry=r,
         )
-        self.tokens = Counter(
+        self.tokens = self._fast(
+            "counter",
             "gateway_tokens_total",
             "Tokens reported by Azure usage, by kind (input, cached, output, reasoning).",
             ["tenant", "model", "kind"],
-            registry=r,
         )
         self.upstream_errors = Counter(
             "gateway_upstream_errors_total",
@@ -106,31 +213,31 @@ class Metrics(BaseObserver):
             ["result"],
             registry=r,
         )
-        self.interrupted = Counter(
+        self.interrupted = self._fast(
+            "counter",
             "gateway_streams_interrupted_total",
             "Streams that ended early (client disconnect or upstream break).",
             ["tenant", "model"],
-            registry=r,
         )
-        self.gen_ai_tokens = Histogram(
+        self.gen_ai_tokens = self._fast(
+            "histogram",
             "gen_ai_client_token_usage",
             "OpenTelemetry GenAI: tokens per operation, by token type (input, output).",
             ["gen_ai_operation_name", "gen_ai_request_model", "gen_ai_token_type"],
             buckets=_TOKENS,
-            registry=r,
         )
-        self.gen_ai_duration = Histogram(
+        self.gen_ai_duration = self._fast(
+            "histogram",
             "gen_ai_client_operation_duration_seconds",
             "OpenTelemetry GenAI: operation duration.",
             ["gen_ai_operation_name", "gen_ai_request_model"],
             buckets=_LATENCY,
-            registry=r,
         )
-        self.quota_refusals = Counter(
+        self.quota_refusals = self._fast(
+            "counter",
             "gateway_quota_refusals_total",
             "Requests refused by a quota, by tenant and reason.",
             ["tenant", "reason"],
-            registry=r,
         )
         self.state_errors = Counter(
             "gateway_state_errors_total",
@@ -138,11 +245,11 @@ class Metrics(BaseObserver):
             ["operation"],
             registry=r,
         )
-        self.estimated_tokens = Counter(
+        self.estimated_tokens = self._fast(
+            "counter",
             "gateway_estimated_tokens_total",
             "Tokens charged by estimate: streams cut before Azure reported usage.",
             ["tenant", "model"],
-            registry=r,
         )
         self.mcp_tools = Counter(
             "gateway_mcp_tools_offered_total",
@@ -173,11 +280,15 @@ class Metrics(BaseObserver):
         )
         self._labels: set[str] = set()
         self._children: dict[tuple[Any, ...], Any] = {}
-        self.inflight = Gauge(
-            "gateway_inflight_requests", "Requests being served right now.", registry=r
+        self.inflight = self._fast(
+            "gauge",
+            "gateway_inflight_requests",
+            "Requests being served right now.",
         )
-        self.active_streams = Gauge(
-            "gateway_active_streams", "SSE streams being relayed right now.", registry=r
+        self.active_streams = self._fast(
+            "gauge",
+            "gateway_active_streams",
+            "SSE streams being relayed right now.",
         )
         self.state_events = Counter(
             "gateway_state_breaker_events_total",
@@ -209,24 +320,24 @@ class Metrics(BaseObserver):
             ["resource", "deployment", "event"],
             registry=r,
         )
-        self.spillover = Counter(
+        self.spillover = self._fast(
+            "counter",
             "gateway_spillover_total",
             "Requests served by a target below the best priority of their model.",
             ["tenant", "model"],
-            registry=r,
         )
-        self.targets_unavailable = Counter(
+        self.targets_unavailable = self._fast(
+            "counter",
             "gateway_targets_unavailable_total",
             "Requests refused because every target of the model was skipped by its breaker.",
             ["model", "reason"],
-            registry=r,
         )
-        self.cost = Counter(
+        self.cost = self._fast(
+            "counter",
             "gateway_cost_total",
             "Cost of the answered requests from the price table, in the price's currency "
             "(cut streams: from the estimate).",
             ["tenant", "model", "currency"],
-            registry=r,
         )
         self.budget_warnings = Counter(
             "gateway_budget_warnings_total",
@@ -238,6 +349,18 @@ class Metrics(BaseObserver):
         self.config_reloads = Counter(
             "gateway_config_reloads_total", "Config reloads, by result.", ["result"], registry=r
         )
+
+    def _fast(
+        self,
+        kind: str,
+        name: str,
+        documentation: str,
+        labelnames: Iterable[str] = (),
+        buckets: tuple[float, ...] = (),
+    ) -> _Family:
+        family = _Family(kind, name, documentation, labelnames, buckets)
+        self.registry.register(family)
+        return family
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, cached: the label values are bounded by the config."""
@@ -333,7 +456,6 @@ class Metrics(BaseObserver):
         self.active_streams.inc()
 
     def finished(self, ex: Exchange) -> None:
-        c = self.child
         self.inflight.dec()
         if ex.stream_relayed:
             self.active_streams.dec()
@@ -341,36 +463,36 @@ class Metrics(BaseObserver):
         model = self.model_label(ex.model)
         op = ex.operation
         stream = "true" if ex.stream else "false"
-        c(self.requests, tenant, model, op, str(ex.status)).inc()
+        self.requests.labels(tenant, model, op, str(ex.status)).inc()
         if ex.quota_reason:
-            c(self.quota_refusals, tenant, ex.quota_reason).inc()
+            self.quota_refusals.labels(tenant, ex.quota_reason).inc()
         if ex.duration_seconds is not None:
-            c(self.duration, tenant, model, op, stream).observe(ex.duration_seconds)
+            self.duration.labels(tenant, model, op, stream).observe(ex.duration_seconds)
             if ex.status < 400:
-                c(self.gen_ai_duration, op, model).observe(ex.duration_seconds)
+                self.gen_ai_duration.labels(op, model).observe(ex.duration_seconds)
         if ex.ttfb_seconds is not None:
-            c(self.ttfb, tenant, model, stream).observe(ex.ttfb_seconds)
+            self.ttfb.labels(tenant, model, stream).observe(ex.ttfb_seconds)
         if ex.upstream_seconds is not None:
             resource, region = self._target_labels(ex.target)
-            c(self.upstream_duration, resource, region, op).observe(ex.upstream_seconds)
+            self.upstream_duration.labels(resource, region, op).observe(ex.upstream_seconds)
         if ex.interrupted:
-            c(self.interrupted, tenant, model).inc()
+            self.interrupted.labels(tenant, model).inc()
         if ex.spillover:
-            c(self.spillover, tenant, model).inc()
+            self.spillover.labels(tenant, model).inc()
         if ex.estimated_tokens:
-            c(self.estimated_tokens, tenant, model).inc(ex.estimated_tokens)
+            self.estimated_tokens.labels(tenant, model).inc(ex.estimated_tokens)
         if ex.cost:
-            c(self.cost, tenant, model, ex.currency or OTHER).inc(ex.cost)
+            self.cost.labels(tenant, model, ex.currency or OTHER).inc(ex.cost)
         if ex.error_code in ("all_targets_throttled", "no_healthy_target"):
-            c(self.targets_unavailable, model, ex.error_code).inc()
+            self.targets_unavailable.labels(model, ex.error_code).inc()
         kinds = ex.usage_kinds()
         if kinds is not None:
             self._count_usage(tenant, model, op, kinds)
 
     def _count_usage(self, tenant: str, model: str, operation: str, kinds: dict[str, int]) -> None:
-        c = self.child
         for kind, n in kinds.items():
             if n:
-                c(self.tokens, tenant, model, kind).inc(n)
-        c(self.gen_ai_tokens, operation, model, "input").observe(kinds["input"])
-        c(self.gen_ai_tokens, operation, model, "output").observe(kinds["output"])
+                self.tokens.labels(tenant, model, kind).inc(n)
+        tokens = self.gen_ai_tokens
+        tokens.labels(operation, model, "input").observe(kinds["input"])
+        tokens.labels(operation, model, "output").observe(kinds["output"])

@@ -110,6 +110,7 @@ def protocol_with_header_timeout(seconds: float) -> type[HttpToolsProtocol]:
 
     class HeaderTimeoutProtocol(HttpToolsProtocol):
         _head_timer: asyncio.TimerHandle | None = None
+        _head_open = False  # a request head has begun and is not complete yet
 
         def _arm(self) -> None:
             if self._head_timer is None:
@@ -130,11 +131,19 @@ def protocol_with_header_timeout(seconds: float) -> type[HttpToolsProtocol]:
             super().connection_made(coalescing)  # type: ignore[arg-type]
             self._arm()
 
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            # Armed only when a head is still incomplete after what arrived: a head that
+            # comes whole in one read (nearly every request) costs no timer.
+            if self._head_open:
+                self._arm()
+
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self._arm()
+            self._head_open = True
 
         def on_headers_complete(self) -> None:
+            self._head_open = False
             self._disarm()
             super().on_headers_complete()
 

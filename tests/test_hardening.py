@@ -234,6 +234,13 @@ def test_header_block_that_stops_arriving_is_closed(identity: Sim, tenants: Tena
         started = time.monotonic()
         out = _raw_http(gw.port, b"", timeout=5)  # connects and says nothing
         assert out == b"" and time.monotonic() - started < 4
+        # On a kept-alive connection: one whole request answered, then half a head.
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+            started = time.monotonic()
+            s.sendall(b"POST /openai/v1/responses HTTP/1.1\r\nhost: x\r\n")
+            assert s.recv(65536) == b"" and time.monotonic() - started < 4
 
 
 def test_trailing_slash_is_404_without_location(hgw: Server, tenants: Tenants) -> None:
