@@ -8,11 +8,12 @@ JSON-decoded.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Callable
 from typing import Any
+
+from .validate import parse_upstream
 
 log = logging.getLogger("gateway.sse")
 
@@ -94,10 +95,7 @@ class SseTap:
         if b'.delta"' in data[:80]:
             self._delta_sequence(data)
             return
-        try:
-            event = json.loads(data)
-        except ValueError:
-            return
+        event = parse_upstream(data)
         if isinstance(event, dict):
             self.observe(event)
 
@@ -108,10 +106,7 @@ class SseTap:
             return
         if not _CHAT_USAGE.search(data):
             return
-        try:
-            chunk = json.loads(data)
-        except ValueError:
-            return
+        chunk = parse_upstream(data)
         if isinstance(chunk, dict) and isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
 

@@ -55,6 +55,24 @@ def test_tap_crlf_multiline_and_unterminated() -> None:
     assert tap2.usage == usage and tap2.last_sequence == 4
 
 
+@pytest.mark.parametrize("kind", ["responses", "chat"])
+def test_tap_survives_hostile_event_payloads(kind: str) -> None:
+    """Nesting past any parser's depth, an integer beyond 64 bits, NaN: the tap reads what it
+    can and goes on; the last event's usage still arrives."""
+    usage = {"total_tokens": 2**70, "input_tokens": 1, "output_tokens": 1}
+    final = {"type": "response.completed", "response": {"id": "r1", "usage": usage}}
+    if kind == "chat":
+        final = {"choices": [], "usage": usage}
+    tap = SseTap(kind=kind)
+    deep = b"[" * 200_000 + b"]" * 200_000
+    tap.feed(b'data: {"usage": {"a": ' + deep + b"}}\n\n")
+    tap.feed(b'data: {"type": "x", "usage": {"v": NaN}}\n\n')
+    tap.feed(b"data: " + json.dumps(final).encode() + b"\n\n")
+    tap.close()
+    assert tap.events == 3
+    assert tap.usage == usage  # read exactly, beyond what orjson takes
+
+
 def test_stream_bytes_are_identical(gw: Server, sim: Sim, tenants: Tenants) -> None:
     sim.state.delay = 0.005
     received = bytearray()
