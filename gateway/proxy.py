@@ -57,6 +57,7 @@ IMAGE_DEPLOYMENT_HEADER = "x-ms-oai-image-generation-deployment"
 _DROP_REWRITTEN = frozenset({IMAGE_DEPLOYMENT_HEADER.encode(), b"content-type"})
 _DROP_AS_SENT = frozenset({IMAGE_DEPLOYMENT_HEADER.encode()})
 _TRACE = frozenset({b"traceparent"})
+_BODY_IDLE = "the request body stopped arriving"  # the message of the idle timer's cancel
 
 
 class Attempt:
@@ -93,15 +94,25 @@ async def body_chunks(
     """The request body as it arrives, refused past ``limit`` bytes or ``idle_timeout``."""
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"Request body is {declared} bytes; the limit is {limit} bytes.")
+    # The idle timer cancels this task with a message of its own (asyncio.timeout's way,
+    # without its context manager per receive: this is every request's path).
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    base = task.cancelling()
     total = 0
     while True:
+        timer = loop.call_later(idle_timeout, task.cancel, _BODY_IDLE)
         try:
-            async with asyncio.timeout(idle_timeout):
-                message = await receive()
-        except TimeoutError:
-            raise RequestTimeout(
-                f"The request body stopped arriving for {idle_timeout:g} s; send it whole."
-            ) from None
+            message = await receive()
+        except asyncio.CancelledError as exc:
+            if exc.args == (_BODY_IDLE,) and task.uncancel() <= base:
+                raise RequestTimeout(
+                    f"The request body stopped arriving for {idle_timeout:g} s; send it whole."
+                ) from None
+            raise
+        finally:
+            timer.cancel()
         if message["type"] == "http.disconnect":
             raise ClientClosed("The client disconnected while sending the body.")
         chunk = message.get("body", b"")
