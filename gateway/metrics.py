@@ -77,6 +77,7 @@ class _Family:
         documentation: str,
         labelnames: Iterable[str] = (),
         buckets: tuple[float, ...] = (),
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.kind = kind
         self.name = name
@@ -87,6 +88,8 @@ class _Family:
         self._children: dict[tuple[str, ...], Any] = {}
         if not self.labelnames:
             self._unlabelled = self.labels()
+        if registry is not None:
+            registry.register(self)
 
     def labels(self, *values: str) -> Any:
         child = self._children.get(values)
@@ -161,38 +164,43 @@ class Metrics(BaseObserver):
     def __init__(self, config_source: Callable[[], Config]) -> None:
         self._config = config_source
         r = self.registry = CollectorRegistry()
-        self.requests = self._fast(
+        self.requests = _Family(
             "counter",
             "gateway_requests_total",
             "Requests answered, by tenant, model, operation and status.",
             ["tenant", "model", "operation", "status"],
+            registry=r,
         )
-        self.duration = self._fast(
+        self.duration = _Family(
             "histogram",
             "gateway_request_duration_seconds",
             "Time from request arrival to the last byte sent.",
             ["tenant", "model", "operation", "stream"],
             buckets=_LATENCY,
+            registry=r,
         )
-        self.upstream_duration = self._fast(
+        self.upstream_duration = _Family(
             "histogram",
             "gateway_upstream_duration_seconds",
             "Time from sending upstream to the end of the upstream answer.",
             ["resource", "region", "operation"],
             buckets=_LATENCY,
+            registry=r,
         )
-        self.ttfb = self._fast(
+        self.ttfb = _Family(
             "histogram",
             "gateway_time_to_first_byte_seconds",
             "Time from request arrival to the first body byte sent to the client.",
             ["tenant", "model", "stream"],
             buckets=_TTFB,
+            registry=r,
         )
-        self.tokens = self._fast(
+        self.tokens = _Family(
             "counter",
             "gateway_tokens_total",
             "Tokens reported by Azure usage, by kind (input, cached, output, reasoning).",
             ["tenant", "model", "kind"],
+            registry=r,
         )
         self.upstream_errors = Counter(
             "gateway_upstream_errors_total",
@@ -213,31 +221,35 @@ class Metrics(BaseObserver):
             ["result"],
             registry=r,
         )
-        self.interrupted = self._fast(
+        self.interrupted = _Family(
             "counter",
             "gateway_streams_interrupted_total",
             "Streams that ended early (client disconnect or upstream break).",
             ["tenant", "model"],
+            registry=r,
         )
-        self.gen_ai_tokens = self._fast(
+        self.gen_ai_tokens = _Family(
             "histogram",
             "gen_ai_client_token_usage",
             "OpenTelemetry GenAI: tokens per operation, by token type (input, output).",
             ["gen_ai_operation_name", "gen_ai_request_model", "gen_ai_token_type"],
             buckets=_TOKENS,
+            registry=r,
         )
-        self.gen_ai_duration = self._fast(
+        self.gen_ai_duration = _Family(
             "histogram",
             "gen_ai_client_operation_duration_seconds",
             "OpenTelemetry GenAI: operation duration.",
             ["gen_ai_operation_name", "gen_ai_request_model"],
             buckets=_LATENCY,
+            registry=r,
         )
-        self.quota_refusals = self._fast(
+        self.quota_refusals = _Family(
             "counter",
             "gateway_quota_refusals_total",
             "Requests refused by a quota, by tenant and reason.",
             ["tenant", "reason"],
+            registry=r,
         )
         self.state_errors = Counter(
             "gateway_state_errors_total",
@@ -245,11 +257,12 @@ class Metrics(BaseObserver):
             ["operation"],
             registry=r,
         )
-        self.estimated_tokens = self._fast(
+        self.estimated_tokens = _Family(
             "counter",
             "gateway_estimated_tokens_total",
             "Tokens charged by estimate: streams cut before Azure reported usage.",
             ["tenant", "model"],
+            registry=r,
         )
         self.mcp_tools = Counter(
             "gateway_mcp_tools_offered_total",
@@ -280,15 +293,11 @@ class Metrics(BaseObserver):
         )
         self._labels: set[str] = set()
         self._children: dict[tuple[Any, ...], Any] = {}
-        self.inflight = self._fast(
-            "gauge",
-            "gateway_inflight_requests",
-            "Requests being served right now.",
+        self.inflight = _Family(
+            "gauge", "gateway_inflight_requests", "Requests being served right now.", registry=r
         )
-        self.active_streams = self._fast(
-            "gauge",
-            "gateway_active_streams",
-            "SSE streams being relayed right now.",
+        self.active_streams = _Family(
+            "gauge", "gateway_active_streams", "SSE streams being relayed right now.", registry=r
         )
         self.state_events = Counter(
             "gateway_state_breaker_events_total",
@@ -320,24 +329,27 @@ class Metrics(BaseObserver):
             ["resource", "deployment", "event"],
             registry=r,
         )
-        self.spillover = self._fast(
+        self.spillover = _Family(
             "counter",
             "gateway_spillover_total",
             "Requests served by a target below the best priority of their model.",
             ["tenant", "model"],
+            registry=r,
         )
-        self.targets_unavailable = self._fast(
+        self.targets_unavailable = _Family(
             "counter",
             "gateway_targets_unavailable_total",
             "Requests refused because every target of the model was skipped by its breaker.",
             ["model", "reason"],
+            registry=r,
         )
-        self.cost = self._fast(
+        self.cost = _Family(
             "counter",
             "gateway_cost_total",
             "Cost of the answered requests from the price table, in the price's currency "
             "(cut streams: from the estimate).",
             ["tenant", "model", "currency"],
+            registry=r,
         )
         self.budget_warnings = Counter(
             "gateway_budget_warnings_total",
@@ -349,18 +361,6 @@ class Metrics(BaseObserver):
         self.config_reloads = Counter(
             "gateway_config_reloads_total", "Config reloads, by result.", ["result"], registry=r
         )
-
-    def _fast(
-        self,
-        kind: str,
-        name: str,
-        documentation: str,
-        labelnames: Iterable[str] = (),
-        buckets: tuple[float, ...] = (),
-    ) -> _Family:
-        family = _Family(kind, name, documentation, labelnames, buckets)
-        self.registry.register(family)
-        return family
 
     def child(self, metric: Any, *labels: str) -> Any:
         """``metric.labels(*labels)``, cached: the label values are bounded by the config."""
