@@ -15,7 +15,7 @@ from typing import Any
 
 import uvicorn
 
-from .config import ConfigError, LoadedConfig, load_config, parse_config
+from .config import ConfigError, LoadedConfig, ServerConfig, load_config, parse_config
 from .errors import GatewayError
 from .keys import hash_key, new_key
 from .logs import setup_logging
@@ -173,7 +173,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from .simulator import create_simulator
 
     setup_logging("WARNING")
-    uvicorn.Server(_uvicorn_config(create_simulator(), args.host, args.port, "warning")).run()
+    app = create_simulator()
+    # Collector set up like the gateway's: the simulator is the "direct" baseline of the
+    # benchmarks, and its full collections (it keeps 2,000 answers) were its p99.
+    server = ServerConfig()
+    tune_gc(server.gc_freeze, server.gc_thresholds)
+    uvicorn.Server(_uvicorn_config(app, args.host, args.port, "warning")).run()
     return 0
 
 
