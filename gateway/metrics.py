@@ -64,8 +64,10 @@ class _Family:
     """A counter, gauge or histogram of the request path whose children are plain numbers.
 
     prometheus_client guards every value with a lock (an observe takes two, plus its
-    checks): correct for threads, pure cost here, where the event loop is the only
-    writer and a scrape runs on the same loop. Exposition is the same (``_total``,
+    checks): correct for many writing threads, pure cost here, where the event loop is
+    the only writer. A scrape may run on another thread (``metrics.port`` serves from
+    one): it reads a snapshot of the children, taken in one step under the GIL, so a
+    label set added meanwhile cannot break it. Exposition is the same (``_total``,
     ``_bucket`` with the same ``le`` values, ``_sum``, ``_count``), without the
     ``_created`` series.
     """
@@ -113,7 +115,9 @@ class _Family:
         return self._collect(with_samples=True)
 
     def _collect(self, with_samples: bool) -> Iterable[Metric]:
-        children = self._children.items() if with_samples else ()
+        # dict.copy is one C call that runs no Python code (no collection, no switch);
+        # iterating the live dict, or list(items()), can be interleaved with an insert.
+        children = self._children.copy().items() if with_samples else {}.items()
         family: Metric
         if self.kind == "counter":
             family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)

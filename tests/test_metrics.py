@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import threading
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -72,3 +75,33 @@ def test_wrong_label_count_and_duplicate_names_are_refused() -> None:
     registry.register(family)
     with pytest.raises(ValueError, match="Duplicated"):
         Counter("y_total", "Doc.", registry=registry)
+
+
+def test_a_scrape_on_another_thread_while_label_sets_are_added() -> None:
+    """``metrics.port`` scrapes from its own thread while the event loop adds children."""
+    registry = CollectorRegistry()
+    family = _Family("histogram", "w_seconds", "Doc.", ["tenant"], _LATENCY, registry=registry)
+    failures: list[BaseException] = []
+    done = threading.Event()
+
+    def scrape() -> None:
+        while not done.is_set():
+            try:
+                generate_latest(registry)
+            except BaseException as exc:  # pragma: no cover - what the test looks for
+                failures.append(exc)
+                return
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # hand the GIL over as often as possible
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    try:
+        for i in range(20_000):
+            family.labels(f"t{i}").observe(0.1)
+    finally:
+        done.set()
+        scraper.join()
+        sys.setswitchinterval(old)
+    assert failures == []
+    assert 'w_seconds_count{tenant="t19999"} 1.0' in generate_latest(registry).decode()
