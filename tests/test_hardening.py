@@ -241,6 +241,11 @@ def test_header_block_that_stops_arriving_is_closed(identity: Sim, tenants: Tena
             started = time.monotonic()
             s.sendall(b"POST /openai/v1/responses HTTP/1.1\r\nhost: x\r\n")
             assert s.recv(65536) == b"" and time.monotonic() - started < 4
+        # Pipelined: a whole request and half of the next in one write.
+        started = time.monotonic()
+        out = _raw_http(gw.port, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\nGET /heal", timeout=5)
+        assert out.startswith(b"HTTP/1.1 200") and out.count(b"HTTP/1.1") == 1
+        assert time.monotonic() - started < 4  # closed by the gateway, not by the client
 
 
 def test_trailing_slash_is_404_without_location(hgw: Server, tenants: Tenants) -> None:
