@@ -19,6 +19,7 @@ from .exchange import Exchange
 from .lifecycle import chat_error_chunk, chunk_sender, stream_error_event
 from .objects import output_containers
 from .quotas import ratelimit_headers
+from .server import CLIENT_GONE, ClientGone
 from .sse import SseTap
 from .upstream import UpstreamResponse, response_headers
 from .validate import parse_upstream
@@ -134,6 +135,8 @@ class StreamRelay(_UpstreamRelay):
         self.checks_end = ex.api != "other"
         self.tap = SseTap(self._on_event if gw.audit.enabled else None, ex.api)
         ex.stream = True
+        self._task: asyncio.Task[Any] | None = None
+        self._gone = False  # the client went away: the relay's cancel is our own
 
     def _on_event(self, event: dict[str, Any]) -> None:
         if self.ex.response_id is None:
@@ -144,19 +147,25 @@ class StreamRelay(_UpstreamRelay):
         records, self.ex.pending_audit = self.ex.pending_audit, []
         await self.gw.audit.write(self.ex, records, before_forward=False)
 
+    def _client_gone(self) -> None:
+        assert self._task is not None
+        self.ex.interrupted = True
+        self._gone = True
+        self._task.cancel()
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ex, gw, resp, tap = self.ex, self.gw, self.upstream, self.tap
         headers = self.headers()
-        relay = asyncio.current_task()
-        assert relay is not None
-
-        async def watch_disconnect() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            ex.interrupted = True
-            relay.cancel()
-
-        watcher = asyncio.ensure_future(watch_disconnect())
+        self._task = asyncio.current_task()
+        # The server tells us when the client goes (our protocol's extension); under
+        # another server, a task waits on receive() for http.disconnect.
+        ext = (scope.get("extensions") or {}).get(CLIENT_GONE)
+        hook = ext.get("hook") if isinstance(ext, dict) else None
+        watcher = None
+        if isinstance(hook, ClientGone):
+            hook.add(self._client_gone)
+        else:
+            watcher = asyncio.ensure_future(self._watch_disconnect(receive))
         try:
             ex.stream_relayed = True
             for obs in gw.observers:
@@ -164,12 +173,16 @@ class StreamRelay(_UpstreamRelay):
             await send({"type": "http.response.start", "status": resp.status, "headers": headers})
             await self._relay(send)
         except asyncio.CancelledError:
-            if watcher.done() and not watcher.cancelled():
-                relay.uncancel()
+            if self._gone:
+                assert self._task is not None
+                self._task.uncancel()
                 return  # the client went away: the upstream is closed below
             raise
         finally:
-            watcher.cancel()
+            if isinstance(hook, ClientGone):
+                hook.discard(self._client_gone)
+            if watcher is not None:
+                watcher.cancel()
             resp.close()
             tap.close()
             ex.upstream_seconds = time.perf_counter() - (ex.upstream_started or ex.started)
@@ -178,6 +191,11 @@ class StreamRelay(_UpstreamRelay):
                 ex.usage = tap.usage
             if ex.pending_audit:
                 await self._flush_audit()
+
+    async def _watch_disconnect(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._client_gone()
 
     async def _relay(self, send: Send) -> None:
         ex, resp, tap = self.ex, self.upstream, self.tap

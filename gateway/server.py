@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -83,6 +84,41 @@ class CoalescingTransport:
         return getattr(self._t, name)
 
 
+CLIENT_GONE = "gateway.client_gone"
+
+
+class ClientGone:
+    """The ASGI extension ``gateway.client_gone`` (``scope["extensions"]``, its ``hook``),
+    one per connection: callbacks run when the client's connection is lost.
+
+    A relay that may run for minutes registers one instead of keeping a task of its own
+    waiting on ``receive()`` for ``http.disconnect`` (per open stream: a task, its
+    coroutines, a future and a context less). Under another ASGI server the extension is
+    absent and the relay falls back to that task.
+    """
+
+    __slots__ = ("_callbacks", "lost")
+
+    def __init__(self) -> None:
+        self.lost = False
+        self._callbacks: set[Callable[[], None]] = set()
+
+    def add(self, callback: Callable[[], None]) -> None:
+        if self.lost:
+            callback()
+        else:
+            self._callbacks.add(callback)
+
+    def discard(self, callback: Callable[[], None]) -> None:
+        self._callbacks.discard(callback)
+
+    def fire(self) -> None:
+        self.lost = True
+        callbacks, self._callbacks = self._callbacks, set()
+        for callback in callbacks:
+            callback()
+
+
 def tune_gc(freeze: bool, thresholds: tuple[int, int, int]) -> None:
     """Set up Python's cyclic garbage collector for a server process.
 
@@ -127,6 +163,8 @@ def protocol_with_header_timeout(seconds: float) -> type[HttpToolsProtocol]:
                 self.transport.close()
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            self._gone = ClientGone()
+            self._gone_ext: dict[object, object] = {"hook": self._gone}  # ASGI: a dict each
             coalescing = CoalescingTransport(transport, asyncio.get_running_loop())
             super().connection_made(coalescing)  # type: ignore[arg-type]
             self._arm()
@@ -140,6 +178,7 @@ def protocol_with_header_timeout(seconds: float) -> type[HttpToolsProtocol]:
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            self.scope["extensions"] = {CLIENT_GONE: self._gone_ext}
             self._head_open = True
 
         def on_headers_complete(self) -> None:
@@ -150,6 +189,7 @@ def protocol_with_header_timeout(seconds: float) -> type[HttpToolsProtocol]:
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
             super().connection_lost(exc)
+            self._gone.fire()
 
     return HeaderTimeoutProtocol
 

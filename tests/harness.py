@@ -23,13 +23,15 @@ from gateway.simulator import SimState, create_simulator
 class Server:
     """A uvicorn server in a thread, on a socket bound before start, set up as in production."""
 
-    def __init__(self, app: Any, header_timeout: float = 10.0) -> None:
+    def __init__(self, app: Any, header_timeout: float = 10.0, stock: bool = False) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn_config(app, grace=2, header_timeout=header_timeout)
+        if stock:  # uvicorn's own protocol, as another ASGI server would run the app
+            config = uvicorn.Config(app, lifespan="on", log_config=None, http="httptools")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]})
 
@@ -49,8 +51,8 @@ class Server:
 
 
 @contextmanager
-def serving(app: Any, header_timeout: float = 10.0) -> Iterator[Server]:
-    server = Server(app, header_timeout).start()
+def serving(app: Any, header_timeout: float = 10.0, stock: bool = False) -> Iterator[Server]:
+    server = Server(app, header_timeout, stock).start()
     try:
         yield server
     finally:
@@ -144,10 +146,12 @@ def base_config(sims: dict[str, Sim], tenants: Tenants, **overrides: Any) -> dic
 
 
 @contextmanager
-def gateway(cfg: dict[str, Any], environ: dict[str, str] | None = None) -> Iterator[Server]:
+def gateway(
+    cfg: dict[str, Any], environ: dict[str, str] | None = None, stock: bool = False
+) -> Iterator[Server]:
     loaded = parse_config(cfg, environ or {})
     header_timeout = loaded.config.server.header_timeout_seconds
-    with serving(create_app(loaded), header_timeout) as server:
+    with serving(create_app(loaded), header_timeout, stock) as server:
         yield server
 
 

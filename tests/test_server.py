@@ -1,14 +1,17 @@
-"""The server set-up: a response head leaves with what follows it; the collector tuned."""
+"""The server set-up: a response head leaves with what follows it; the collector tuned;
+the client-gone extension."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 import socket
+import threading
+from typing import Any
 
-from harness import Server
+from harness import Server, serving
 
-from gateway.server import CoalescingTransport, tune_gc
+from gateway.server import CLIENT_GONE, ClientGone, CoalescingTransport, tune_gc
 
 
 class Recording:
@@ -86,3 +89,37 @@ def test_tune_gc_freezes_what_exists_and_sets_the_thresholds() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_the_client_gone_extension_fires_once_per_lost_connection() -> None:
+    """Every request's scope carries its connection's hook; losing the connection runs
+    the callbacks registered on it, and a callback added after the loss runs at once."""
+    hooks: list[object] = []
+    fired = threading.Event()
+    late = threading.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        hook = scope["extensions"][CLIENT_GONE]["hook"]
+        hooks.append(hook)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        if scope["path"] == "/hold":
+            gone = asyncio.Event()
+            hook.add(gone.set)
+            hook.add(fired.set)
+            await gone.wait()
+            hook.add(late.set)  # the connection is gone already: runs now
+            return
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    with serving(app) as server, socket.create_connection(("127.0.0.1", server.port)) as s:
+        for path in ("/a", "/b"):  # two requests on one kept-alive connection
+            s.sendall(f"GET {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+            assert b"ok" in s.recv(65536)
+        s.sendall(b"GET /hold HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        s.close()
+        assert fired.wait(5) and late.wait(5)
+    assert len(hooks) == 3 and hooks[0] is hooks[1] is hooks[2]
+    assert isinstance(hooks[0], ClientGone) and hooks[0].lost

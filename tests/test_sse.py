@@ -7,7 +7,7 @@ import time
 
 import httpx
 import pytest
-from harness import Server, Sim, Tenants
+from harness import Server, Sim, Tenants, base_config, gateway
 
 from gateway.simulator import build_response, encode_event, stream_events
 from gateway.sse import SseTap
@@ -112,6 +112,20 @@ def test_first_delta_arrives_long_before_the_end(gw: Server, sim: Sim, tenants: 
 
 
 def test_client_disconnect_closes_upstream(gw: Server, sim: Sim, tenants: Tenants) -> None:
+    _disconnect_closes_upstream(gw, sim, tenants)
+
+
+def test_client_disconnect_closes_upstream_under_another_server(
+    identity: Sim, sim: Sim, tenants: Tenants
+) -> None:
+    """Without the gateway's protocol (no client-gone extension), the relay watches
+    ``receive()`` for ``http.disconnect`` itself."""
+    with gateway(base_config({"swc": identity}, tenants), stock=True) as stock:
+        _disconnect_closes_upstream(stock, sim, tenants)
+
+
+def _disconnect_closes_upstream(gw: Server, sim: Sim, tenants: Tenants) -> None:
+    sim.state.sent_streams.clear()
     with httpx.stream(
         "POST",
         f"{gw.url}/openai/v1/responses",
