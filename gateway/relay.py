@@ -48,6 +48,51 @@ class _UpstreamRelay:
         self.ex = ex
         self.gw = gw
         self.keeper = keeper
+        self._task: asyncio.Task[Any] | None = None
+        self._gone = False  # the client went away: the relay's cancel is our own
+        self._hook: ClientGone | None = None
+        self._watcher: asyncio.Future[None] | None = None
+
+    def _watch_client(self, scope: Scope, receive: Receive) -> None:
+        """Cancel this relay when the client goes away (its upstream is closed then).
+
+        uvicorn's ``send`` to a gone client returns without a word, so a relay that only
+        sends would read its upstream to the end. The server protocol tells us through
+        the ``gateway.client_gone`` extension; under another ASGI server a task waits on
+        ``receive()`` for ``http.disconnect``.
+        """
+        self._task = asyncio.current_task()
+        ext = (scope.get("extensions") or {}).get(CLIENT_GONE)
+        hook = ext.get("hook") if isinstance(ext, dict) else None
+        if isinstance(hook, ClientGone):
+            self._hook = hook
+            hook.add(self._client_gone)
+        else:
+            self._watcher = asyncio.ensure_future(self._watch_disconnect(receive))
+
+    def _unwatch_client(self) -> None:
+        if self._hook is not None:
+            self._hook.discard(self._client_gone)
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+    def _client_gone(self) -> None:
+        assert self._task is not None
+        self.ex.interrupted = True
+        self._gone = True
+        self._task.cancel()
+
+    def _was_client_gone(self) -> bool:
+        """On a cancel: whether it was ours (then undone, and the relay just ends)."""
+        if self._gone and self._task is not None:
+            self._task.uncancel()
+            return True
+        return False
+
+    async def _watch_disconnect(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self._client_gone()
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         """The answer's headers: the upstream's (cleaned), ours, the tenant's quota."""
@@ -105,6 +150,7 @@ class RawRelay(_UpstreamRelay):
         length = resp.headers.get("content-length")
         if length is not None and length.isdigit():
             headers.append((b"content-length", length.encode()))
+        self._watch_client(scope, receive)
         try:
             await send({"type": "http.response.start", "status": resp.status, "headers": headers})
             middle = chunk_sender(send)
@@ -113,7 +159,12 @@ class RawRelay(_UpstreamRelay):
                 if ex.ttfb_seconds is None:
                     ex.ttfb_seconds = time.perf_counter() - ex.started
             await send({"type": "http.response.body", "body": b""})
+        except asyncio.CancelledError:
+            if self._was_client_gone():
+                return  # the upstream is closed below
+            raise
         finally:
+            self._unwatch_client()
             resp.close()
             ex.upstream_seconds = time.perf_counter() - (ex.upstream_started or ex.started)
 
@@ -135,8 +186,6 @@ class StreamRelay(_UpstreamRelay):
         self.checks_end = ex.api != "other"
         self.tap = SseTap(self._on_event if gw.audit.enabled else None, ex.api)
         ex.stream = True
-        self._task: asyncio.Task[Any] | None = None
-        self._gone = False  # the client went away: the relay's cancel is our own
 
     def _on_event(self, event: dict[str, Any]) -> None:
         if self.ex.response_id is None:
@@ -147,25 +196,10 @@ class StreamRelay(_UpstreamRelay):
         records, self.ex.pending_audit = self.ex.pending_audit, []
         await self.gw.audit.write(self.ex, records, before_forward=False)
 
-    def _client_gone(self) -> None:
-        assert self._task is not None
-        self.ex.interrupted = True
-        self._gone = True
-        self._task.cancel()
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ex, gw, resp, tap = self.ex, self.gw, self.upstream, self.tap
         headers = self.headers()
-        self._task = asyncio.current_task()
-        # The server tells us when the client goes (our protocol's extension); under
-        # another server, a task waits on receive() for http.disconnect.
-        ext = (scope.get("extensions") or {}).get(CLIENT_GONE)
-        hook = ext.get("hook") if isinstance(ext, dict) else None
-        watcher = None
-        if isinstance(hook, ClientGone):
-            hook.add(self._client_gone)
-        else:
-            watcher = asyncio.ensure_future(self._watch_disconnect(receive))
+        self._watch_client(scope, receive)
         try:
             ex.stream_relayed = True
             for obs in gw.observers:
@@ -173,16 +207,11 @@ class StreamRelay(_UpstreamRelay):
             await send({"type": "http.response.start", "status": resp.status, "headers": headers})
             await self._relay(send)
         except asyncio.CancelledError:
-            if self._gone:
-                assert self._task is not None
-                self._task.uncancel()
-                return  # the client went away: the upstream is closed below
+            if self._was_client_gone():
+                return  # the upstream is closed below
             raise
         finally:
-            if isinstance(hook, ClientGone):
-                hook.discard(self._client_gone)
-            if watcher is not None:
-                watcher.cancel()
+            self._unwatch_client()
             resp.close()
             tap.close()
             ex.upstream_seconds = time.perf_counter() - (ex.upstream_started or ex.started)
@@ -191,11 +220,6 @@ class StreamRelay(_UpstreamRelay):
                 ex.usage = tap.usage
             if ex.pending_audit:
                 await self._flush_audit()
-
-    async def _watch_disconnect(self, receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        self._client_gone()
 
     async def _relay(self, send: Send) -> None:
         ex, resp, tap = self.ex, self.upstream, self.tap

@@ -6,11 +6,13 @@ served and the in-flight gauge must be back to 0: nothing leaks a slot.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ import pytest
 from harness import Server, Sim, SocketServer, Tenants, base_config, gateway, serving
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from gateway.audit_sinks import verify
@@ -432,3 +434,50 @@ def test_stale_keepalive_connection_is_retried_once_on_a_fresh_one(tenants: Tena
         up.close()
     assert up.answered == 3
     assert up.dropped >= 1  # the reused connections failed, and nobody saw it
+
+
+@pytest.mark.parametrize("stock", [False, True], ids=["gateway-protocol", "another-server"])
+def test_client_gone_mid_download_closes_the_upstream(tenants: Tenants, stock: bool) -> None:
+    """A binary answer (audio) relayed chunk by chunk: when the client goes away the
+    relay stops and the upstream connection is closed, instead of reading it to the end."""
+    sent: list[int] = []
+    closed = threading.Event()
+
+    async def audio(request: Request) -> StreamingResponse:
+        n = 1 if (await request.json())["input"] == "short" else 100  # 100: 10 s of audio
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                for i in range(n):
+                    sent.append(i)
+                    yield b"\xff" * 1024
+                    await asyncio.sleep(0.1)
+            finally:
+                closed.set()
+
+        return StreamingResponse(chunks(), media_type="audio/mpeg")
+
+    upstream = Starlette(routes=[Route("/openai/v1/audio/speech", audio, methods=["POST"])])
+    with (
+        serving(upstream) as up,
+        gateway(_api_key_cfg(up.url, tenants), {"K": "k"}, stock=stock) as gw,
+    ):
+        with httpx.stream(
+            "POST",
+            gw.url + "/openai/v1/audio/speech",
+            json={"model": "gpt-4.1", "input": "hello", "voice": "alloy"},
+            headers={"api-key": tenants.key("team-a")},
+            timeout=10,
+        ) as r:
+            assert r.status_code == 200 and r.headers["content-type"] == "audio/mpeg"
+            next(r.iter_raw())
+        assert closed.wait(3), "the upstream was read on after the client left"
+        assert len(sent) < 50
+        # The tenant's only concurrency slot came back.
+        again = httpx.post(
+            gw.url + "/openai/v1/audio/speech",
+            json={"model": "gpt-4.1", "input": "short", "voice": "alloy"},
+            headers={"api-key": tenants.key("team-a")},
+            timeout=10,
+        )
+        assert again.status_code == 200 and again.content == b"\xff" * 1024
