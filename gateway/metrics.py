@@ -118,23 +118,20 @@ class _Family:
         # dict.copy is one C call that runs no Python code (no collection, no switch);
         # iterating the live dict, or list(items()), can be interleaved with an insert.
         children = self._children.copy().items() if with_samples else {}.items()
-        family: Metric
-        if self.kind == "counter":
-            family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
-            for values, child in children:
-                family.add_metric(list(values), child.value)
-        elif self.kind == "gauge":
-            family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
-            for values, child in children:
-                family.add_metric(list(values), child.value)
-        else:
-            family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        if self.kind == "histogram":
+            histogram = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
             for values, child in children:
                 cumulative, buckets = 0, []
                 for le, n in zip(self._le, child.counts, strict=True):
                     cumulative += n
                     buckets.append((le, cumulative))
-                family.add_metric(list(values), buckets, child.sum)
+                histogram.add_metric(list(values), buckets, child.sum)
+            yield histogram
+            return
+        kind = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
+        family = kind(self.name, self.documentation, labels=self.labelnames)
+        for values, child in children:
+            family.add_metric(list(values), child.value)
         yield family
 
 
