@@ -29,9 +29,10 @@ class Server:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn_config(app, grace=2, header_timeout=header_timeout)
         if stock:  # uvicorn's own protocol, as another ASGI server would run the app
             config = uvicorn.Config(app, lifespan="on", log_config=None, http="httptools")
+        else:
+            config = uvicorn_config(app, grace=2, header_timeout=header_timeout)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]})
 
