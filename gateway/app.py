@@ -33,7 +33,7 @@ from .logs import AccessLog
 from .metrics import Metrics
 from .proxy import Proxy
 from .reload import Reloader
-from .routes import ENDPOINTS, RouteTable
+from .routes import ENDPOINTS, RouteTable, scope_segments
 from .runtime import Gateway
 from .state import StateBackend
 from .state.memory import MemoryState
@@ -77,7 +77,7 @@ class Dispatch:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             path = scope["path"]
-            match = self.table.match(scope["method"], path)
+            match = self.table.match(scope["method"], scope_segments(scope))
             if match is not None:
                 scope["route"] = match
                 await self.operations[match.endpoint.operation](scope, receive, send)
@@ -281,7 +281,10 @@ def create_app(
         expected = cfg_now.admin.key_sha256
         if expected is None:
             return _error(NotFound("The admin API is not enabled on this gateway."), request)
-        key = presented_key(request.headers)
+        try:
+            key = presented_key(request.headers.raw)
+        except GatewayError as exc:
+            return _error(exc, request)
         digest = hashlib.sha256((key or "").encode()).hexdigest()
         if key is None or not hmac.compare_digest(digest, expected):
             err = Unauthenticated("This endpoint needs the admin key.", code="invalid_admin_key")

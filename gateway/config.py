@@ -225,6 +225,20 @@ class UpstreamConfig(_Frozen):
     preconnect: Annotated[int, Field(ge=0, le=256)] = 8
     trust_env: bool = False
     ca_file: str | None = None
+    # Request headers forwarded besides the built-in allowlist (lower-case globs).
+    forward_headers: tuple[str, ...] = ()
+
+    @field_validator("forward_headers")
+    @classmethod
+    def _header_globs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in value:
+            if not re.fullmatch(r"[a-z0-9*?_-]+", pattern) or pattern.lstrip("*?") == "":
+                raise ValueError(
+                    f"{pattern!r} is not a lower-case header name or glob (like 'x-team-*')"
+                )
+            if pattern in ("api-key", "authorization", "host", "content-length", "cookie"):
+                raise ValueError(f"{pattern!r} is set by the gateway and cannot be forwarded")
+        return value
 
 
 class ServerConfig(_Frozen):

@@ -10,6 +10,7 @@ OpenAI SDKs parse: ``{"error": {"message", "type", "param", "code"}}``.
     ├── NotFound             404 invalid_request_error   (unknown model, response, route)
     ├── RequestTimeout       408 invalid_request_error   (a body that stopped arriving)
     ├── PayloadTooLarge      413 invalid_request_error
+    ├── UnsupportedMediaType 415 invalid_request_error   (a body type the route does not take)
     ├── RateLimited          429 rate_limit_error         (quota windows, spent budgets)
     ├── ClientClosed         499 (access log only)        (the client went away mid-request)
     ├── InternalError        500 server_error             (a bug of ours; generic message)
@@ -92,6 +93,12 @@ class PayloadTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
 
 
 class RateLimited(GatewayError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import NamedTuple
 
@@ -38,16 +38,29 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def presented_key(headers: Mapping[str, str]) -> str | None:
-    """The key a client sent as ``api-key:`` or ``Authorization: Bearer``."""
-    key = headers.get("api-key")
-    if key:
-        return key.strip()
-    auth = headers.get("authorization", "")
-    scheme, _, value = auth.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return None
+def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The key a client sent as ``api-key:`` or ``Authorization: Bearer`` (raw ASGI headers).
+
+    Every copy of both headers is read: two different keys in one request are refused
+    (401 ``ambiguous_credentials``), since a proxy in between might pick either.
+    """
+    found: set[str] = set()
+    for name, raw in headers:
+        if name == b"api-key":
+            value = raw.decode("latin-1").strip()
+            if value:
+                found.add(value)
+        elif name == b"authorization":
+            scheme, _, value = raw.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and value.strip():
+                found.add(value.strip())
+    if len(found) > 1:
+        raise Unauthenticated(
+            "The request carries more than one credential (api-key and Authorization, or "
+            "either twice) with different keys; send exactly one.",
+            code="ambiguous_credentials",
+        )
+    return found.pop() if found else None
 
 
 class KeyRing:
@@ -60,7 +73,9 @@ class KeyRing:
                 entry = _Entry(bytes.fromhex(k.sha256), Principal(tenant, k.id), k.expires_at)
                 self._by_hash[k.sha256] = entry
 
-    def authenticate(self, headers: Mapping[str, str], now: datetime | None = None) -> Principal:
+    def authenticate(
+        self, headers: Iterable[tuple[bytes, bytes]], now: datetime | None = None
+    ) -> Principal:
         """Map the presented key to its principal, or raise ``Unauthenticated``."""
         key = presented_key(headers)
         if key is None:

@@ -1,9 +1,14 @@
-"""Ownership of stored objects: which ids a request names, and who may use them.
+"""Ownership of stored objects: which ids a request names (read side), and what an
+answer creates, deletes and lists (write side, ``Keeper``).
 
 Every object the gateway hands out (responses and compaction results, files,
 conversations, vector stores, containers) is bound to (tenant, resource) when its id
-first passes through. A request that names ids, in its path or anywhere in its body,
-may use only its own tenant's: any other id is a 404 naming the param, exactly as if
+first passes through. Ownership is checked by *shape*, not by place: every string of a
+request (JSON at any depth, form fields, path and query parameters) that looks like a
+stored-object id (``SHAPES``) must be the tenant's own, whatever key or ``type`` it sits
+under; keys that name ids (``ID_KEYS``) are checked whatever their value looks like.
+Free text the model reads (``FREE_TEXT``) and free-form subtrees (``FREE_FORM``) are
+forwarded but never read as ids. Any other id is a 404 naming the param, exactly as if
 it did not exist, and nothing goes upstream. The named objects also decide where the
 request goes: they must all live on one resource.
 """
@@ -11,15 +16,40 @@ request goes: they must all live on one resource.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
-from collections.abc import Iterator
-from typing import Any, NamedTuple
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .errors import BadRequest, NotFound
 from .state import Binding, StateBackend
-from .validate import invalid_type
+from .validate import dump_json, invalid_type
+
+if TYPE_CHECKING:
+    from .exchange import Exchange
+    from .routes import Endpoint
+    from .runtime import Gateway
+
+log = logging.getLogger("gateway.objects")
 
 _ID = re.compile(r"^[A-Za-z0-9_\-]{1,256}$")
+
+# The ids Azure makes: prefix, kind, and the body after the prefix. A container file
+# (``cfile_``) lives in its container, which is what is checked.
+SHAPES: tuple[tuple[str, str, str], ...] = (
+    ("resp_", "response", "[A-Za-z0-9]{16,200}"),
+    ("conv_", "conversation", "[A-Za-z0-9]{16,200}"),
+    ("file-", "file", "[A-Za-z0-9]{16,200}"),
+    ("assistant-", "file", "[A-Za-z0-9]{16,200}"),
+    ("vs_", "vector_store", "[A-Za-z0-9]{16,200}"),
+    ("cntr_", "container", "[A-Za-z0-9]{16,200}"),
+    ("cfile_", "container_file", "[A-Za-z0-9]{16,200}"),
+    ("batch_", "batch", "[A-Za-z0-9][A-Za-z0-9-]{15,200}"),
+)
+_SHAPE = re.compile(
+    "|".join(f"(?P<k{i}>{re.escape(prefix)}{body})" for i, (prefix, _, body) in enumerate(SHAPES))
+)
+_SHAPE_KIND = {f"k{i}": kind for i, (_, kind, _) in enumerate(SHAPES)}
 
 NOUN = {
     "response": "response",
@@ -27,9 +57,90 @@ NOUN = {
     "conversation": "conversation",
     "vector_store": "vector store",
     "container": "container",
+    "container_file": "container file",
+    "batch": "batch",
 }
 
-# Path parameters that name a stored object (the others, like item ids, live inside one).
+# Keys whose value is an id (or a list of ids) of this kind, whatever it looks like.
+ID_KEYS = {
+    "previous_response_id": "response",
+    "response_id": "response",
+    "conversation": "conversation",
+    "conversation_id": "conversation",
+    "file_id": "file",
+    "file_ids": "file",
+    "input_file_id": "file",
+    "output_file_id": "file",
+    "error_file_id": "file",
+    "vector_store_id": "vector_store",
+    "vector_store_ids": "vector_store",
+    "container_id": "container",
+    "container": "container",
+}
+# Keys the gateway reads: a key equal to one of these but for case is refused, since an
+# upstream binder that matches names case-insensitively would read it unchecked.
+READ_KEYS = frozenset(
+    {
+        *ID_KEYS,
+        "model",
+        "stream",
+        "background",
+        "store",
+        "tools",
+        "type",
+        "input",
+        "server_url",
+        "server_label",
+        "connector_id",
+        "require_approval",
+        "allowed_tools",
+        "include",
+        "purpose",
+        "id",
+    }
+)
+# Free-form subtrees (schemas, metadata, filters, MCP headers): forwarded, never ids.
+FREE_FORM = frozenset(
+    {
+        "metadata",
+        "text",
+        "response_format",
+        "parameters",
+        "schema",
+        "json_schema",
+        "input_schema",
+        "headers",
+        "attributes",
+        "filters",
+    }
+)
+# Free text the model reads or writes: a string (or list of strings) under these keys is
+# never an id; objects and arrays under them are still walked.
+FREE_TEXT = frozenset(
+    {
+        "instructions",
+        "input",
+        "content",
+        "arguments",
+        "output",
+        "prompt",
+        "query",
+        "description",
+        "reason",
+        "refusal",
+        "transcript",
+        "summary",
+        "encrypted_content",
+        "code",
+        "logs",
+        "result",
+        "error",
+        "name",
+        "delta",
+    }
+)
+
+# Path parameters that name a stored object (the others live inside one).
 PATH_KINDS = {
     "response_id": "response",
     "conversation_id": "conversation",
@@ -44,6 +155,12 @@ class Ref(NamedTuple):
     kind: str
     id: str
     param: str
+
+
+def shape_kind(value: str) -> str | None:
+    """The kind of stored object ``value`` has the shape of, or None."""
+    m = _SHAPE.fullmatch(value)
+    return _SHAPE_KIND[m.lastgroup] if m is not None and m.lastgroup else None
 
 
 def not_found(kind: str, object_id: str, param: str) -> NotFound:
@@ -62,116 +179,92 @@ def object_id(value: Any, kind: str, param: str) -> str:
     return value
 
 
-def _ids(value: Any, kind: str, param: str) -> Iterator[Ref]:
-    if not isinstance(value, list):
-        raise invalid_type(param, "an array", value)
-    for i, item in enumerate(value):
-        yield Ref(kind, object_id(item, kind, f"{param}[{i}]"), f"{param}[{i}]")
+class Refs:
+    """The stored-object ids one request names, collected from every part of it."""
+
+    __slots__ = ("parent_container", "refs")
+
+    def __init__(self, parent_container: str | None = None) -> None:
+        self.refs: list[Ref] = []
+        # A container named by the path: container files under it are its own.
+        self.parent_container = parent_container
+
+    def named(self, value: Any, kind: str, param: str, container: Any = None) -> None:
+        """An id under a key that names ids: it must be the tenant's ``kind``."""
+        oid = object_id(value, kind, param)
+        if kind == "file" and shape_kind(oid) == "container_file":
+            kind = "container_file"  # a container's own file, named by its container
+        self._add(oid, kind, param, container)
+
+    def text(self, value: str, param: str, container: Any = None) -> None:
+        """Any other string: an id only if it has the shape of one."""
+        kind = shape_kind(value)
+        if kind is not None:
+            self._add(value, kind, param, container)
+
+    def _add(self, oid: str, kind: str, param: str, container: Any) -> None:
+        if kind == "container_file":
+            # Checked through its container: one named beside it, or the path's.
+            if not isinstance(container, str) and self.parent_container is None:
+                raise not_found(kind, oid, param)
+            return
+        self.refs.append(Ref(kind, oid, param))
+
+    def body(self, body: Any) -> list[Ref]:
+        """Every id a parsed JSON body names; returns all refs collected so far."""
+        self._walk(body, "", False)
+        return self.refs
+
+    def _walk(self, node: Any, path: str, free: bool) -> None:
+        if isinstance(node, dict):
+            container = node.get("container_id")
+            for key, child in node.items():
+                param = f"{path}.{key}" if path else key
+                if key in ID_KEYS:
+                    self._id_key(key, child, param, container)
+                    continue
+                if key not in READ_KEYS and key.lower() in READ_KEYS:
+                    raise BadRequest(
+                        f"Key '{param}' differs from '{key.lower()}' only in case; use "
+                        f"'{key.lower()}' (keys are case-sensitive).",
+                        code="invalid_key_case",
+                        param=param,
+                    )
+                if key in FREE_FORM:
+                    continue
+                if isinstance(child, str):
+                    if key not in FREE_TEXT:
+                        self.text(child, param, container)
+                elif isinstance(child, dict | list):
+                    self._walk(child, param, key in FREE_TEXT)
+        elif isinstance(node, list):
+            for i, child in enumerate(node):
+                if isinstance(child, str):
+                    if not free:
+                        self.text(child, f"{path}[{i}]")
+                elif isinstance(child, dict | list):
+                    self._walk(child, f"{path}[{i}]", False)
+
+    def _id_key(self, key: str, value: Any, param: str, container: Any) -> None:
+        kind = ID_KEYS[key]
+        if value is None:
+            return
+        if isinstance(value, str):
+            self.named(value, kind, param, container)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                self.named(item, kind, f"{param}[{i}]", container)
+        elif isinstance(value, dict) and key in ("conversation", "container"):
+            if key == "conversation" and value.get("id") is not None:
+                self.named(value["id"], kind, f"{param}.id")
+            self._walk({k: v for k, v in value.items() if k != "id"}, param, False)
+        else:
+            raise invalid_type(param, "a string", value)
 
 
 def body_refs(body: dict[str, Any]) -> list[Ref]:
-    """Every stored-object id a JSON request body names, with the param naming it.
-
-    Top level: ``previous_response_id``, ``conversation`` (an id or ``{"id": ...}``);
-    anywhere: ``file_id``, ``file_ids``, ``vector_store_ids``, ``container_id`` (an
-    ``input_file``/``input_image`` part, a chat ``file`` part, a code interpreter's
-    ``container.file_ids``, ``file_search``'s ``vector_store_ids``, vector-store file
-    bodies, replayed items); and a code interpreter tool's ``container`` id.
-    A container file citation's ``file_id`` lives in its container: the container is
-    what is checked.
-    """
-    refs: list[Ref] = []
-    prev = body.get("previous_response_id")
-    if prev is not None:
-        refs.append(
-            Ref(
-                "response",
-                object_id(prev, "response", "previous_response_id"),
-                "previous_response_id",
-            )
-        )
-    conv = body.get("conversation")
-    if isinstance(conv, dict):
-        if conv.get("id") is not None:
-            refs.append(
-                Ref(
-                    "conversation",
-                    object_id(conv["id"], "conversation", "conversation.id"),
-                    "conversation.id",
-                )
-            )
-    elif conv is not None:
-        refs.append(
-            Ref("conversation", object_id(conv, "conversation", "conversation"), "conversation")
-        )
-    tools = body.get("tools")
-    if isinstance(tools, list):
-        for i, tool in enumerate(tools):
-            if isinstance(tool, dict) and isinstance(tool.get("container"), str):
-                param = f"tools[{i}].container"
-                refs.append(
-                    Ref("container", object_id(tool["container"], "container", param), param)
-                )
-    for key, value in body.items():
-        if key not in ("previous_response_id", "conversation") and key not in _FREE_FORM:
-            _walk(value, key, refs)
-    _fields(body, "", refs)
-    return refs
-
-
-def _fields(node: dict[str, Any], path: str, refs: list[Ref]) -> None:
-    """The id-bearing fields of one object."""
-    if "file_id" in node and node["file_id"] is not None:
-        param = f"{path}file_id"
-        if node.get("type") == "container_file_citation":
-            cid = node.get("container_id")
-            refs.append(
-                Ref(
-                    "container",
-                    object_id(cid, "container", f"{path}container_id"),
-                    f"{path}container_id",
-                )
-            )
-        else:
-            refs.append(Ref("file", object_id(node["file_id"], "file", param), param))
-    elif node.get("container_id") is not None:
-        param = f"{path}container_id"
-        refs.append(Ref("container", object_id(node["container_id"], "container", param), param))
-    if node.get("file_ids") is not None:
-        refs.extend(_ids(node["file_ids"], "file", f"{path}file_ids"))
-    if node.get("vector_store_ids") is not None:
-        refs.extend(_ids(node["vector_store_ids"], "vector_store", f"{path}vector_store_ids"))
-
-
-# Free-form parts of a body (JSON schemas, metadata, filters) may use these names for
-# their own purposes; they never name stored objects.
-_FREE_FORM = frozenset(
-    {
-        "metadata",
-        "text",
-        "response_format",
-        "parameters",
-        "schema",
-        "json_schema",
-        "input_schema",
-        "headers",
-        "attributes",
-        "filters",
-        "arguments",
-    }
-)
-
-
-def _walk(value: Any, path: str, refs: list[Ref]) -> None:
-    if isinstance(value, dict):
-        _fields(value, path + ".", refs)
-        for key, child in value.items():
-            if isinstance(child, dict | list) and key not in _FREE_FORM:
-                _walk(child, f"{path}.{key}", refs)
-    elif isinstance(value, list):
-        for i, child in enumerate(value):
-            if isinstance(child, dict | list):
-                _walk(child, f"{path}[{i}]", refs)
+    """Every stored-object id a JSON request body names, with the param naming it."""
+    return Refs().body(body)
 
 
 async def owned(
@@ -193,12 +286,13 @@ async def owned(
             if found is None or found.tenant != tenant or found.kind not in ("", ref.kind):
                 raise not_found(ref.kind, ref.id, ref.param)
             seen[ref.id] = binding = found
+        elif binding.kind not in ("", ref.kind):
+            raise not_found(ref.kind, ref.id, ref.param)
     resources = {b.resource for b in seen.values()}
     if len(resources) > 1:
         raise BadRequest(
-            "The objects this request names live on different Azure resources ("
-            + ", ".join(sorted(resources))
-            + "); one request can only use objects from one resource.",
+            "The objects this request names live on different Azure resources; one request "
+            "can only use objects made on one resource.",
             code="objects_on_different_resources",
         )
     return resources.pop(), list(seen.values())
@@ -239,3 +333,106 @@ async def owned_ids(state: StateBackend, tenant: str, ids: list[str], kind: str)
             if b and b.tenant == tenant and b.kind in ("", kind)
         )
     return mine
+
+
+# How many upstream list pages a filtered list may read to fill one page of the tenant's.
+MAX_LIST_PAGES = 20
+
+
+class Keeper:
+    """What an answer changes in the bindings: the ids it creates, the id it deletes,
+    and which items of a list the tenant may see."""
+
+    def __init__(
+        self,
+        gw: Gateway,
+        ex: Exchange,
+        ep: Endpoint,
+        ttl: float,
+        deleted: str | None,
+        limit: int | None = None,
+    ) -> None:
+        self.gw = gw
+        self.ex = ex
+        self.creates = ep.creates
+        self.lists = ep.lists
+        self.deleted = deleted
+        self.ttl = ttl
+        self.limit = limit  # the page size the client asked for (None: the upstream's)
+        # Reads the next upstream page of a list after a cursor (set when forwarded).
+        self.next_page: Callable[[str], Awaitable[Any]] | None = None
+
+    async def bind(self, kind: str, oid: str) -> None:
+        ex = self.ex
+        assert ex.principal is not None and ex.target is not None
+        if kind == "response" and ex.response_id is None:
+            ex.response_id = oid
+        binding = Binding(ex.principal.tenant, ex.target.resource, ex.model or "", kind)
+        try:
+            await self.gw.state.bind_response(oid, binding, self.ttl)
+        except Exception as exc:
+            # The object exists upstream already; the client still gets its answer.
+            log.error(
+                "could not bind an object to its tenant",
+                extra={"request_id": ex.request_id, "reason": type(exc).__name__, "kind": kind},
+            )
+
+    async def created(self, body: dict[str, Any]) -> None:
+        """Bind what a JSON answer created."""
+        for kind, oid in created_ids(self.creates, body):
+            await self.bind(kind, oid)
+
+    async def forget(self) -> None:
+        """A delete succeeded: the id is gone for everyone."""
+        if self.deleted is not None:
+            await self.gw.state.delete_binding(self.deleted)
+
+    async def only_mine(self, body: dict[str, Any]) -> bytes | None:
+        """A list answer with only the tenant's items (None: leave it as it is).
+
+        Upstream pages are read on until the client's page is full and one more of the
+        tenant's items is seen (then ``has_more``), or the upstream has no more (up to
+        ``MAX_LIST_PAGES`` pages): ``has_more`` and the cursors speak of the tenant's own
+        items only, never of another tenant's.
+        """
+        if self.lists is None or not isinstance(body.get("data"), list):
+            return None
+        assert self.ex.principal is not None
+        tenant = self.ex.principal.tenant
+        limit = self.limit or max(len(body["data"]), 1)
+        kept: list[dict[str, Any]] = []
+        changed = False
+        pages = 1
+        while True:
+            data = [d for d in body["data"] if isinstance(d, dict)]
+            ids = [d["id"] for d in data if isinstance(d.get("id"), str)]
+            mine = await owned_ids(self.gw.state, tenant, ids, self.lists)
+            page_kept = [d for d in data if d.get("id") in mine]
+            changed = changed or len(page_kept) != len(body["data"])
+            kept += page_kept
+            cursor = ids[-1] if ids else None
+            more = body.get("has_more") is True
+            if len(kept) > limit or not more or not isinstance(cursor, str):
+                break
+            if self.next_page is None or pages >= MAX_LIST_PAGES:
+                log.warning(
+                    "list walk stopped before the page was full",
+                    extra={"request_id": self.ex.request_id, "pages": pages},
+                )
+                break
+            page = await self.next_page(cursor)
+            if not isinstance(page, dict) or not isinstance(page.get("data"), list):
+                more = False
+                break
+            body, pages, changed = page, pages + 1, True
+        # At the page cap the walk cannot tell; it says "more" only with a cursor to go on.
+        has_more = len(kept) > limit or (more and pages >= MAX_LIST_PAGES and bool(kept))
+        if not changed and has_more == (body.get("has_more") is True) and len(kept) <= limit:
+            return None
+        kept = kept[:limit]
+        out = dict(body, data=kept, has_more=has_more)
+        # The cursors name the tenant's own items only (never another tenant's id).
+        for name, index in (("first_id", 0), ("last_id", -1)):
+            if name in body:
+                out[name] = kept[index]["id"] if kept else None
+        return dump_json(out)

@@ -25,7 +25,7 @@ from .upstream import UpstreamResponse, response_headers
 from .validate import parse_upstream
 
 if TYPE_CHECKING:
-    from .proxy import Keeper
+    from .objects import Keeper
     from .runtime import Gateway
 
 log = logging.getLogger("gateway.relay")

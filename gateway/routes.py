@@ -23,9 +23,10 @@ as ``json``), ``none`` (nothing read, nothing sent).
 
 from __future__ import annotations
 
-import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import quote, unquote_to_bytes
 
 V1 = "/openai/v1"
 PREVIEW = "/openai"
@@ -174,54 +175,98 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     _model("/audio/speech", "audio.speech"),
 )
 
-_PARAM = re.compile(r"\{([a-z_]+)\}")
-
 
 @dataclass(frozen=True, slots=True)
 class Match:
-    """A request path matched to an endpoint."""
+    """A request path matched to an endpoint; ``params`` decoded once from the raw path."""
 
     endpoint: Endpoint
     prefix: str
     params: dict[str, str]
 
+    def upstream_path(self, deployment: str | None = None) -> str:
+        """The path to send upstream: the route template filled with the (checked) params."""
+        prefix = self.prefix
+        if prefix == DEPLOYMENTS:
+            prefix = "/openai/deployments/" + (deployment or self.params["deployment"])
+        return prefix + self.endpoint.path.format_map(self.params)
+
+
+Segments = tuple[str, ...]
+
+
+def segments(raw_path: bytes) -> Segments:
+    """The path's segments, each percent-decoded exactly once (never split again)."""
+    out = []
+    for part in raw_path.split(b"/"):
+        if b"%" in part:
+            try:
+                out.append(unquote_to_bytes(part).decode("utf-8"))
+            except UnicodeDecodeError:
+                out.append("\ufffd")  # matches no literal and no param grammar
+        else:
+            out.append(part.decode("latin-1"))
+    return tuple(out)
+
+
+def scope_segments(scope: Mapping[str, Any]) -> Segments:
+    """The segments of an ASGI request's path as the client sent it (``raw_path``)."""
+    raw = scope.get("raw_path")
+    if not isinstance(raw, bytes):
+        raw = quote(scope["path"]).encode("ascii")
+    return segments(raw.partition(b"?")[0])
+
 
 class RouteTable:
-    """Finds the endpoint of a (method, path): a dict for fixed paths, then patterns."""
+    """Finds the endpoint of a (method, path) by its decoded segments: a dict for fixed
+    paths, then templates of the same length. A parameter is one whole segment, so a
+    decoded ``/`` inside one never makes another path."""
 
     def __init__(self, endpoints: tuple[Endpoint, ...] = ENDPOINTS) -> None:
-        self.exact: dict[tuple[str, str], Match] = {}
-        self.patterns: list[tuple[re.Pattern[str], str, Endpoint]] = []
-        self.paths: set[str] = set()
+        self.exact: dict[tuple[str, Segments], Match] = {}
+        self.patterns: dict[int, list[tuple[Segments, str, Endpoint]]] = {}
+        self.paths: set[Segments] = set()
         for ep in endpoints:
             for prefix in ep.prefixes:
                 if prefix == DEPLOYMENTS and ep.route not in ("model", "form"):
                     continue
-                full = prefix + ep.path
-                if "{" not in full:
-                    self.exact[ep.method, full] = Match(ep, prefix, {})
-                    self.paths.add(full)
+                parts = tuple((prefix + ep.path).split("/"))
+                if not any(p.startswith("{") for p in parts):
+                    self.exact[ep.method, parts] = Match(ep, prefix, {})
+                    self.paths.add(parts)
                     continue
-                # Paths are plain letters, '_' and '/': nothing to escape.
-                regex = "^" + _PARAM.sub(r"(?P<\1>[^/]+)", full) + "$"
-                self.patterns.append((re.compile(regex), prefix, ep))
+                self.patterns.setdefault(len(parts), []).append((parts, prefix, ep))
 
-    def match(self, method: str, path: str) -> Match | None:
-        """The endpoint serving ``method`` on ``path``, or None."""
-        found = self.exact.get((method, path))
+    @staticmethod
+    def _fill(template: Segments, parts: Segments) -> dict[str, str] | None:
+        params: dict[str, str] = {}
+        for want, got in zip(template, parts, strict=True):
+            if want.startswith("{"):
+                if not got:
+                    return None
+                params[want[1:-1]] = got
+            elif want != got:
+                return None
+        return params
+
+    def match(self, method: str, parts: Segments) -> Match | None:
+        """The endpoint serving ``method`` on the path of ``parts``, or None."""
+        found = self.exact.get((method, parts))
         if found is not None:
             return found
-        for regex, prefix, ep in self.patterns:
+        for template, prefix, ep in self.patterns.get(len(parts), ()):
             if ep.method != method:
                 continue
-            m = regex.match(path)
-            if m is not None:
-                return Match(ep, prefix, m.groupdict())
+            params = self._fill(template, parts)
+            if params is not None:
+                return Match(ep, prefix, params)
         return None
 
-    def known_path(self, path: str) -> bool:
-        """Whether some method is served on ``path`` (a wrong method is then a 405)."""
-        return path in self.paths or any(r.match(path) for r, _, _ in self.patterns)
+    def known_path(self, parts: Segments) -> bool:
+        """Whether some method is served on the path (a wrong method is then a 405)."""
+        return parts in self.paths or any(
+            self._fill(t, parts) is not None for t, _, _ in self.patterns.get(len(parts), ())
+        )
 
 
 _HOW = {

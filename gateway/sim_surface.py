@@ -18,8 +18,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .errors import GatewayError
-from .forms import boundary, parts
+from .body import media, read_form
+from .errors import BadRequest, GatewayError
 
 if TYPE_CHECKING:
     from .simulator import Recorded, SimState
@@ -86,23 +86,33 @@ def routes(
 
         return run
 
-    def form(request: Request, rec: Recorded) -> dict[str, Any]:
-        sep = boundary(request.headers.get("content-type"))
+    async def form(request: Request, rec: Recorded) -> dict[str, Any]:
+        """The form's fields (a repeated one: its last copy), files as bytes."""
+        kind = media(request.headers.get("content-type"))
+        if kind.boundary is None:
+            raise BadRequest("This endpoint takes multipart/form-data.")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield rec.body
+
+        parsed = await read_form(chunks(), kind.boundary, frozenset(), len(rec.body) + 1)
         out: dict[str, Any] = {}
-        for part in parts(rec.body, sep):
-            name = (part.name or b"").decode()
-            value = rec.body[part.value[0] : part.value[1]]
-            out[name] = value if part.is_file else value.decode()
-            if part.is_file:
-                head = rec.body[part.head[0] : part.head[1]].decode("latin-1")
-                filename = head.split('filename="', 1)[-1].split('"', 1)[0]
-                out["_filename"] = filename
+        try:
+            for part in parsed.parts:
+                if part.spool is None:
+                    out[part.name] = bytes(part.value).decode()
+                    continue
+                part.spool.seek(0)
+                out[part.name] = part.spool.read()
+                out["_filename"] = part.filename
+        finally:
+            parsed.close()
         return out
 
     # -- files ---------------------------------------------------------------
 
     async def file_create(request: Request, rec: Recorded) -> Response:
-        fields = form(request, rec)
+        fields = await form(request, rec)
         content = fields["file"]
         obj = {
             "id": new_id("file").replace("_", "-", 1),
@@ -451,7 +461,7 @@ def routes(
 
     async def images(request: Request, rec: Recorded) -> Response:
         if request.headers.get("content-type", "").startswith("multipart/"):
-            fields = form(request, rec)
+            fields = await form(request, rec)
             if "image" not in fields and "image[]" not in fields:
                 return error(400, "image is required", "invalid")
         else:
@@ -471,7 +481,7 @@ def routes(
         )
 
     async def transcribe(request: Request, rec: Recorded) -> Response:
-        fields = form(request, rec)
+        fields = await form(request, rec)
         audio = fields["file"]
         text = f"{len(audio)} bytes of {fields.get('model')} audio"
         if fields.get("stream") != "true":

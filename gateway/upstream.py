@@ -47,7 +47,13 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from .config import UpstreamConfig
-from .errors import GatewayError, ServiceUnavailable, UpstreamTimeout, UpstreamUnavailable
+from .errors import (
+    BadRequest,
+    GatewayError,
+    ServiceUnavailable,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 
 HOP_BY_HOP = frozenset(
     {
@@ -63,24 +69,6 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-# Never sent upstream: the client's credentials, what the client library recomputes,
-# and what the gateway sets itself.
-_DROP_REQUEST = HOP_BY_HOP | {
-    b"host",
-    b"content-length",
-    b"api-key",
-    b"authorization",
-    b"cookie",
-    b"accept-encoding",
-    b"x-request-id",
-    b"x-ms-client-request-id",
-    b"forwarded",
-    b"x-forwarded-for",
-    b"x-forwarded-host",
-    b"x-forwarded-proto",
-    b"x-real-ip",
-    b"expect",
-}
 # Never passed back: framing the server redoes, and the shared deployment's
 # rate-limit state, which would expose other tenants' consumption.
 _DROP_RESPONSE = HOP_BY_HOP | {
@@ -102,6 +90,10 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # socket's own, and an answer llhttp cannot parse.
 _TRANSPORT_ERRORS = (TimeoutError, aiohttp.ClientError, OSError, HttpProcessingError)
 RawHeaders = tuple[tuple[bytes, bytes], ...]
+
+
+class Unsendable(ValueError):
+    """The request cannot be written as HTTP (the client's input, not the upstream)."""
 
 
 class UpstreamError(Exception):
@@ -420,7 +412,7 @@ class UpstreamClient:
         lines.append("\r\n")
         head = "".join(lines)
         if head.count("\n") != len(lines) or head.count("\r") != len(lines):
-            raise ValueError("a header name or value holds a line break")
+            raise Unsendable("a header name or value holds a line break")
         data = head.encode("latin-1") + body if body else head.encode("latin-1")
         connector = self._sessions(pooled).connector
         assert connector is not None
@@ -496,6 +488,11 @@ class UpstreamClient:
         task.add_done_callback(self._warmers.discard)
 
     def _map(self, exc: BaseException, where: str) -> GatewayError:
+        if isinstance(exc, Unsendable):
+            return BadRequest(
+                "The request cannot be sent upstream: a header holds a line break.",
+                code="invalid_header",
+            )
         if isinstance(exc, aiohttp.ConnectionTimeoutError) and self.in_use >= self.limit:
             return ServiceUnavailable(
                 "The gateway has no free upstream connection; retry shortly.",
@@ -530,14 +527,16 @@ def _never_sent(exc: BaseException) -> bool:
 
 
 def _mapped(exc: BaseException, where: str) -> GatewayError:
+    # The messages go to tenants: they never name the resource (the log does).
+    log.warning("upstream failed", extra={"resource": where, "reason": type(exc).__name__})
     if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
         return UpstreamUnavailable(
-            f"Could not connect to the upstream resource '{where}'.", code="upstream_connect_error"
+            "Could not connect to the upstream Azure resource.", code="upstream_connect_error"
         )
     if isinstance(exc, asyncio.TimeoutError):
-        return UpstreamTimeout(f"The upstream resource '{where}' did not answer in time.")
+        return UpstreamTimeout("The upstream Azure resource did not answer in time.")
     return UpstreamUnavailable(
-        f"The upstream resource '{where}' failed ({type(exc).__name__}).", code="upstream_error"
+        f"The upstream Azure resource failed ({type(exc).__name__}).", code="upstream_error"
     )
 
 
@@ -551,22 +550,19 @@ def safe_request_id(value: str | None) -> str | None:
     return value if value and _SAFE_ID.match(value) else None
 
 
-def request_headers(
-    incoming: Iterable[tuple[bytes, bytes]],
+def gateway_headers(
+    client: list[tuple[str, str]],
     request_id: str,
     auth: tuple[str, str],
-    drop: frozenset[bytes] = frozenset(),
+    traceparent: str | None = None,
 ) -> list[tuple[str, str]]:
-    """Headers to send upstream: the client's, minus credentials and hop-by-hop, plus ours."""
-    out = [
-        (k.decode("latin-1"), v.decode("latin-1"))
-        for k, v in incoming
-        if k not in _DROP_REQUEST and k not in drop
-    ]
-    out.append(auth)
-    out.append(("accept-encoding", "identity"))
-    out.append(("x-request-id", request_id))
+    """Headers to send upstream: the client's allowlisted ones (``outbound``) plus ours:
+    the credential, the request ids, identity encoding, and our span's traceparent."""
+    out = client if traceparent is None else [h for h in client if h[0] != "traceparent"]
+    out = [*out, auth, ("accept-encoding", "identity"), ("x-request-id", request_id)]
     out.append(("x-ms-client-request-id", request_id))
+    if traceparent is not None:
+        out.append(("traceparent", traceparent))
     return out
 
 

@@ -5,9 +5,10 @@ does read is checked before it is read, so a wrong type is a 400 ``invalid_type`
 naming the param path (``tools[2].type``), never a crash further down.
 
 Strict JSON means: UTF-8, no ``NaN``/``Infinity``, no lone surrogates (escaped or
-raw), and no nesting deeper than ``max_depth`` (``server.max_json_depth``).
-Duplicate keys resolve last-wins, and the gateway forwards the body it parsed, so
-Azure sees exactly one value: the one that was checked.
+raw), no nesting deeper than ``max_depth`` (``server.max_json_depth``), no integer
+beyond 64 bits, and no duplicate keys (a 400 ``duplicate_key`` naming the path): an
+upstream parser that keeps the first value would read what the gateway never checked.
+The gateway forwards its own serialisation of what it parsed, never the client's bytes.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ import orjson
 from .errors import BadRequest
 
 # orjson turns integers beyond 64 bits into floats; bodies with such digit runs take
-# the standard parser, which keeps them exact.
-_LONG_NUMBER = re.compile(rb"\d{20}")
+# the standard parser, which refuses them (they cannot be forwarded exactly).
+_LONG_NUMBER = re.compile(rb"\d{19}")
+# A colon written as an escape inside a string: the member count below cannot see it.
+_ESCAPED_COLON = re.compile(rb"\\u003[aA]")
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _BAD_HEADER_VALUE = re.compile(rb"[^\t\x20-\x7e]")
 
@@ -86,17 +90,113 @@ def _has_surrogate(value: Any) -> bool:
     return False
 
 
+def _big_int(text: str) -> int:
+    value = int(text) if len(text) <= 21 else _INT_MAX + 1
+    if not _INT_MIN <= value <= _INT_MAX:
+        raise BadRequest(
+            f"Request body holds the integer {text[:24]}{'…' if len(text) > 24 else ''}, "
+            "which is beyond 64 bits; send a smaller number.",
+            code="number_out_of_range",
+        )
+    return value
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return out
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _stdlib(raw: bytes, max_depth: int, pairs: bool) -> Any:
+    try:
+        return json.loads(
+            raw.decode("utf-8"),
+            parse_constant=_reject_constant,
+            parse_int=_big_int,
+            object_pairs_hook=_no_duplicates if pairs else None,
+        )
+    except UnicodeDecodeError:
+        raise _invalid_json("it is not UTF-8") from None
+    except RecursionError:
+        raise _invalid_json(f"it is nested deeper than {max_depth} levels") from None
+    except json.JSONDecodeError as exc:
+        raise _invalid_json(f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except _DuplicateKey as exc:
+        where = _duplicate_path(raw, exc.key)
+        param = f"{where}.{_shown(exc.key)}" if where else _shown(exc.key)
+        raise BadRequest(
+            f"Request body has the key '{param}' more than once; send each key once (JSON "
+            "parsers disagree on which copy counts).",
+            code="duplicate_key",
+            param=param,
+        ) from None
+
+
+def _shown(key: str) -> str:
+    return key[:64].encode("unicode_escape").decode("ascii")
+
+
+def _duplicate_path(raw: bytes, key: str) -> str:
+    """The path of the first object holding ``key`` twice ("" at the top level)."""
+    try:
+        value = json.loads(raw.decode("utf-8"), object_pairs_hook=_Pairs)
+    except ValueError:
+        return ""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, _Pairs):
+            if [k for k, _ in node.pairs].count(key) > 1:
+                return where
+            stack.extend((v, f"{where}.{k}" if where else k) for k, v in reversed(node.pairs))
+        elif isinstance(node, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in reversed(list(enumerate(node))))
+    return ""
+
+
+class _Pairs:
+    __slots__ = ("pairs",)
+
+    def __init__(self, pairs: list[tuple[str, Any]]) -> None:
+        self.pairs = pairs
+
+
+def _counts(value: Any) -> tuple[int, int]:
+    """(object members, colons inside strings) of a parsed value, keys included."""
+    members = colons = 0
+    stack = [value]
+    pop, push, extend = stack.pop, stack.append, stack.extend
+    while stack:
+        node = pop()
+        if isinstance(node, str):
+            colons += node.count(":")
+        elif isinstance(node, dict):
+            members += len(node)
+            for key, child in node.items():
+                colons += key.count(":")
+                if isinstance(child, str):
+                    colons += child.count(":")
+                elif isinstance(child, dict | list):
+                    push(child)
+        elif isinstance(node, list):
+            extend(node)
+    return members, colons
+
+
 def parse_json(raw: bytes, max_depth: int) -> Any:
     """Parse a request body strictly, or raise a 400 that says what is wrong."""
     if _LONG_NUMBER.search(raw):
-        try:
-            value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-        except UnicodeDecodeError:
-            raise _invalid_json("it is not UTF-8") from None
-        except RecursionError:
-            raise _invalid_json(f"it is nested deeper than {max_depth} levels") from None
-        except json.JSONDecodeError as exc:
-            raise _invalid_json(f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        value = _stdlib(raw, max_depth, pairs=True)
         if _has_surrogate(value):
             raise _invalid_json("a string holds a lone UTF-16 surrogate")
     else:
@@ -106,6 +206,12 @@ def parse_json(raw: bytes, max_depth: int) -> Any:
             if "depth limit" in exc.msg:
                 raise _invalid_json(f"it is nested deeper than {max_depth} levels") from None
             raise _invalid_json(f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        if isinstance(value, dict | list):
+            # Every member of every object has exactly one colon outside strings: fewer
+            # members parsed than such colons means a key came twice (orjson keeps the last).
+            members, inside = _counts(value)
+            if members != raw.count(b":") - inside or _ESCAPED_COLON.search(raw):
+                _stdlib(raw, max_depth, pairs=True)  # raises duplicate_key if there is one
     # A body cannot nest deeper than it has brackets: most bodies skip the walk.
     if (
         raw.count(b"[") + raw.count(b"{") > max_depth

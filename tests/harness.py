@@ -139,7 +139,8 @@ def base_config(sims: dict[str, Sim], tenants: Tenants, **overrides: Any) -> dic
             "team-a": {"keys": [tenants.entry("team-a")], "models": ["gpt-4*", "gpt-image-1"]},
             "team-b": {"keys": [tenants.entry("team-b")], "models": ["gpt-4.1"]},
         },
-        "upstream": {"read_timeout": 5.0, "connect_timeout": 1.0},
+        # x-sim-*: the simulator's failure injection, sent through the gateway by the tests.
+        "upstream": {"read_timeout": 5.0, "connect_timeout": 1.0, "forward_headers": ["x-sim-*"]},
     }
     for key, value in overrides.items():
         cfg[key] = value

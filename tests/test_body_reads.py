@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from gateway.body import read_body
 from gateway.errors import PayloadTooLarge, RequestTimeout
-from gateway.proxy import read_body
 
 
 def _receiver(*messages: dict[str, Any], then_hang: bool = True) -> Any:

@@ -154,7 +154,7 @@ def test_dead_target_is_skipped_without_added_latency(
     ]
     cfg = _cfg({"swc": identity}, tenants, targets)
     cfg["resources"]["dead"] = {"endpoint": f"http://127.0.0.1:{port}", "region": "swedencentral"}
-    cfg["upstream"] = {"connect_timeout": 0.3, "read_timeout": 5}
+    cfg["upstream"].update(connect_timeout=0.3, read_timeout=5)
     healthy_cfg = _cfg({"swc": identity}, tenants, targets[1:])
     try:
         with (

@@ -108,12 +108,14 @@ def test_upstream_down(identity: Sim, tenants: Tenants) -> None:
     cfg["resources"]["swc"]["endpoint"] = f"http://127.0.0.1:{dead}"
     with gateway(cfg) as gw:
         r = _post(gw, {"model": "gpt-4.1", "input": "x"}, tenants.key("team-a"))
-    _assert_error(r, 502, "upstream_connect_error", "swc")
+    _assert_error(r, 502, "upstream_connect_error", "upstream")
+    # Finding 12: a tenant never learns the gateway's resources or endpoints.
+    assert "swc" not in r.text and str(dead) not in r.text
 
 
 def test_upstream_timeout(identity: Sim, tenants: Tenants) -> None:
     cfg = base_config({"swc": identity}, tenants)
-    cfg["upstream"] = {"read_timeout": 0.3}
+    cfg["upstream"]["read_timeout"] = 0.3
     with gateway(cfg) as gw:
         r = _post(
             gw,

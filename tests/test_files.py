@@ -220,33 +220,38 @@ def test_uploads_land_on_the_configured_resource(
         assert len(identity.state.api_requests()) + len(sim2.state.api_requests()) == before
 
 
-def test_upload_is_streamed_not_buffered(gw: Server, sim: Sim, tenants: Tenants) -> None:
-    """The upstream sees the upload begin before the client has finished sending it."""
+def test_upload_is_checked_whole_before_anything_goes_upstream(
+    gw: Server, sim: Sim, tenants: Tenants
+) -> None:
+    """A form is parsed and checked to its end (file parts spooled, not held in memory)
+    before the upstream hears of it: a field after the file is checked like any other."""
     seen_before_end: list[bool] = []
 
-    def body() -> object:
+    def body(tail: bytes) -> object:
         yield b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nassistants\r\n'
         yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.bin"\r\n\r\n'
-        yield b"z" * 300_000
-        deadline = time.monotonic() + 5
-        while "/openai/v1/files" not in sim.state.started and time.monotonic() < deadline:
-            time.sleep(0.01)
+        yield b"z" * 1_500_000
+        time.sleep(0.3)
         seen_before_end.append("/openai/v1/files" in sim.state.started)
-        yield b"z" * 300_000 + b"\r\n--b--\r\n"
+        yield b"z" * 1_500_000 + b"\r\n" + tail + b"--b--\r\n"
 
-    r = httpx.post(
-        f"{gw.url}/openai/v1/files",
-        content=body(),  # type: ignore[arg-type]
-        headers={
-            "api-key": tenants.key("team-a"),
-            "content-type": "multipart/form-data; boundary=b",
-        },
-        timeout=10,
-    )
+    headers = {
+        "api-key": tenants.key("team-a"),
+        "content-type": "multipart/form-data; boundary=b",
+    }
+    url = f"{gw.url}/openai/v1/files"
+    r = httpx.post(url, content=body(b""), headers=headers, timeout=10)  # type: ignore[arg-type]
     assert r.status_code == 200, r.text
-    assert seen_before_end == [True]
-    assert r.json()["bytes"] == 600_000
+    assert seen_before_end == [False]
+    assert r.json()["bytes"] == 3_000_000
     assert r.json()["purpose"] == "assistants"
+    assert sim.state.files[r.json()["id"]][1] == b"z" * 3_000_000
+    # A second 'purpose' after the file: refused, nothing upstream.
+    before = len(sim.state.api_requests())
+    late = b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+    r = httpx.post(url, content=body(late), headers=headers, timeout=10)  # type: ignore[arg-type]
+    assert r.status_code == 400 and r.json()["error"]["code"] == "duplicate_field"
+    assert len(sim.state.api_requests()) == before
 
 
 def test_client_gone_mid_upload_frees_its_slot(identity: Sim, tenants: Tenants) -> None:
@@ -266,8 +271,8 @@ def test_client_gone_mid_upload_frees_its_slot(identity: Sim, tenants: Tenants) 
                 + b"x" * 5000
             )
             deadline = time.monotonic() + 5
-            while "/openai/v1/files" not in identity.state.started:
-                assert time.monotonic() < deadline, "the upload never reached the upstream"
+            while "gateway_inflight_requests 1.0" not in httpx.get(gw.url + "/metrics").text:
+                assert time.monotonic() < deadline, "the upload never started"
                 time.sleep(0.01)
         deadline = time.monotonic() + 5
         while "gateway_inflight_requests 0.0" not in httpx.get(gw.url + "/metrics").text:
@@ -276,6 +281,8 @@ def test_client_gone_mid_upload_frees_its_slot(identity: Sim, tenants: Tenants) 
         a = _v1(gw, tenants.key("team-a"))
         assert a.files.create(file=("b.txt", b"b"), purpose="assistants").bytes == 1
         assert [f["filename"] for f, _ in identity.state.files.values()] == ["b.txt"]
+        # The cut form never reached the upstream: only the whole one did.
+        assert [r.path for r in identity.state.api_requests()] == ["/openai/v1/files"]
 
 
 def test_list_cursors_never_name_another_tenants_object(

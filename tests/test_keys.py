@@ -21,12 +21,31 @@ def test_new_keys_are_long_and_unique() -> None:
         assert k.startswith("gk-") and len(k) >= 3 + 43  # 32 bytes, base64url
 
 
+def h(**headers: str) -> list[tuple[bytes, bytes]]:
+    return [(k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()]
+
+
 def test_presented_key_forms() -> None:
-    assert presented_key({"api-key": " k1 "}) == "k1"
-    assert presented_key({"authorization": "Bearer k2"}) == "k2"
-    assert presented_key({"authorization": "bearer k3"}) == "k3"
-    assert presented_key({"authorization": "Basic abc"}) is None
-    assert presented_key({}) is None
+    assert presented_key(h(api_key=" k1 ")) == "k1"
+    assert presented_key(h(authorization="Bearer k2")) == "k2"
+    assert presented_key(h(authorization="bearer k3")) == "k3"
+    assert presented_key(h(authorization="Basic abc")) is None
+    assert presented_key([]) is None
+
+
+def test_two_different_keys_are_ambiguous() -> None:
+    """Finding 10: a proxy in between may pick either copy, so neither is picked."""
+    same = [(b"api-key", b"k1"), (b"authorization", b"Bearer k1"), (b"api-key", b"k1 ")]
+    assert presented_key(same) == "k1"
+    for pair in (
+        [(b"api-key", b"k1"), (b"api-key", b"k2")],
+        [(b"api-key", b"k1"), (b"authorization", b"Bearer k2")],
+        [(b"authorization", b"Bearer k1"), (b"authorization", b"Bearer k2")],
+    ):
+        with pytest.raises(Unauthenticated) as info:
+            presented_key(pair)
+        assert info.value.code == "ambiguous_credentials"
+        assert "k1" not in info.value.message and "k2" not in info.value.message
 
 
 def _ring(expires_at: str | None = None) -> tuple[KeyRing, str]:
@@ -47,18 +66,18 @@ def _ring(expires_at: str | None = None) -> tuple[KeyRing, str]:
 
 def test_lookup_by_hash() -> None:
     ring, key = _ring()
-    assert ring.authenticate({"api-key": key}) == ("t", "k1")
+    assert ring.authenticate(h(api_key=key)) == ("t", "k1")
     with pytest.raises(Unauthenticated) as info:
-        ring.authenticate({"api-key": key + "x"})
+        ring.authenticate(h(api_key=key + "x"))
     assert key not in info.value.message
 
 
 def test_expired_key() -> None:
     soon = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
     ring, key = _ring(soon)
-    assert ring.authenticate({"api-key": key}).tenant == "t"
+    assert ring.authenticate(h(api_key=key)).tenant == "t"
     with pytest.raises(Unauthenticated) as info:
-        ring.authenticate({"api-key": key}, now=datetime.now(UTC) + timedelta(hours=2))
+        ring.authenticate(h(api_key=key), now=datetime.now(UTC) + timedelta(hours=2))
     assert info.value.code == "expired_api_key" and key not in info.value.message
 
 

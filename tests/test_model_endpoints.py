@@ -188,7 +188,7 @@ def test_form_without_model_or_boundary(gw: Server, sim: Sim, tenants: Tenants) 
         headers={**headers, "content-type": "application/json"},
         content=b"{}",
     )
-    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_content_type"
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
     assert sim.state.api_requests() == []
 
 
