@@ -50,6 +50,7 @@ _SHAPE = re.compile(
     "|".join(f"(?P<k{i}>{re.escape(prefix)}{body})" for i, (prefix, _, body) in enumerate(SHAPES))
 )
 _SHAPE_KIND = {f"k{i}": kind for i, (_, kind, _) in enumerate(SHAPES)}
+_WORD = re.compile(r"[A-Za-z0-9_-]{19,}")
 
 NOUN = {
     "response": "response",
@@ -201,6 +202,15 @@ class Refs:
         kind = shape_kind(value)
         if kind is not None:
             self._add(value, kind, param, container)
+
+    def tokens(self, value: str, param: str) -> None:
+        """A text field (a form field, a query value): every id-shaped word in it, since
+        an upstream may read such a field as more than one value (JSON, a list)."""
+        if shape_kind(value) is not None:
+            self.text(value, param)
+            return
+        for word in _WORD.findall(value):
+            self.text(word, param)
 
     def _add(self, oid: str, kind: str, param: str, container: Any) -> None:
         if kind == "container_file":

@@ -168,7 +168,7 @@ class Proxy:
             if name in ID_KEYS:
                 refs.named(value, ID_KEYS[name], name)
             else:
-                refs.text(value, name)
+                refs.tokens(value, name)
         if ep.operation == "retrieve":
             ex.stream = query.get("stream") == "true"
         if ep.body == "none" or request.method != "POST":
@@ -234,7 +234,7 @@ class Proxy:
             if name in ID_KEYS:
                 parsed.refs.named(value, ID_KEYS[name], name)
             elif name not in FREE_TEXT and name not in FREE_FORM:
-                parsed.refs.text(value, name)
+                parsed.refs.tokens(value, name)
 
     # -- route and outbound -------------------------------------------------
 
