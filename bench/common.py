@@ -88,6 +88,8 @@ def servers(
         },
         "models": {"gpt-4.1": [{"resource": "sim", "deployment": "gpt-4.1"}]},
         "tenants": {"bench": {"keys": [{"id": "bench", "sha256": hash_key(key)}], "models": ["*"]}},
+        # The simulator's pacing headers (x-sim-delay) reach it through the gateway.
+        "upstream": {"forward_headers": ["x-sim-*"]},
     }
     extra = dict(extra_config or {})
     if "quotas" in extra:

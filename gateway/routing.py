@@ -98,7 +98,7 @@ class Router:
             if not allowed:
                 raise BadRequest(
                     f"Model '{model}' has no deployment on the resource that holds the "
-                    f"objects this request names ({pinned}); use a model deployed there.",
+                    "objects this request names; use a model deployed there.",
                     code="model_not_on_resource",
                     param="model",
                 )
