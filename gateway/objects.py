@@ -264,10 +264,12 @@ class Refs:
         elif isinstance(value, list):
             for i, item in enumerate(value):
                 self.named(item, kind, f"{param}[{i}]", container)
-        elif isinstance(value, dict) and key in ("conversation", "container"):
-            if key == "conversation" and value.get("id") is not None:
+        elif isinstance(value, dict) and key == "conversation":
+            if value.get("id") is not None:
                 self.named(value["id"], kind, f"{param}.id")
             self._walk({k: v for k, v in value.items() if k != "id"}, param, False)
+        elif isinstance(value, dict) and key == "container":
+            self._walk(value, param, False)  # a code interpreter's container settings
         else:
             raise invalid_type(param, "a string", value)
 

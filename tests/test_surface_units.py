@@ -193,6 +193,12 @@ def test_body_refs_skip_free_form_parts() -> None:
     assert info.value.status == 400 and info.value.param == "input[0].content[0].file_id"
 
 
+def test_container_settings_are_walked_whole() -> None:
+    tool = {"type": "code_interpreter", "container": {"type": "auto", "id": "cntr_" + "a" * 24}}
+    refs = body_refs({"tools": [tool]})
+    assert [(r.kind, r.param) for r in refs] == [("container", "tools[0].container.id")]
+
+
 def test_readme_endpoint_table_is_the_route_table() -> None:
     import pathlib
 
