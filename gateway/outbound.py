@@ -80,6 +80,13 @@ class Query:
                 return value
         return None
 
+    def page_size(self) -> int | None:
+        """The ``limit`` the client asked for, when it is a sane page size."""
+        value = self.get("limit")
+        if value is None or not value.isdigit() or len(value) > 6 or int(value) == 0:
+            return None
+        return int(value)
+
     def encoded(self, replace: dict[str, str] | None = None) -> str:
         """The query to send upstream (``?…`` or empty), ``replace`` overriding values."""
         pairs = self.pairs

@@ -116,14 +116,13 @@ class Proxy:
             if body is not None:
                 await self._audit_request(ex, body, decisions, attempts)
             deleted = parsed.refs.refs[0].id if ep.deletes else None
-            limit = parsed.query.get("limit")
             keeper = Keeper(
                 self.gw,
                 ex,
                 ep,
                 cfg.state.response_retention_days * 86400.0,
                 deleted,
-                int(limit) if limit is not None and limit.isdigit() and int(limit) > 0 else None,
+                parsed.query.page_size(),
             )
             listing = (match, parsed.query) if ep.lists and request.method == "GET" else None
             client_headers = forwarded_headers(

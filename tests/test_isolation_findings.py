@@ -290,6 +290,14 @@ def test_9_cursors_and_has_more(world: dict[str, Any]) -> None:
     assert [d["id"] for d in nxt["data"]] == [mine.id] and nxt["has_more"] is False
 
 
+def test_11_a_huge_limit_is_not_a_500(world: dict[str, Any]) -> None:
+    w = world
+    r = httpx.get(
+        w["gw"].url + "/openai/v1/files?limit=" + "9" * 5000, headers={"api-key": w["key_b"]}
+    )
+    assert r.status_code < 500, r.text
+
+
 def test_10_two_credentials(world: dict[str, Any], tenants: Tenants) -> None:
     w = world
     two = [("api-key", tenants.key("team-a")), ("api-key", w["key_b"])]
