@@ -11,6 +11,7 @@ OpenAI SDKs parse: ``{"error": {"message", "type", "param", "code"}}``.
     ├── RequestTimeout       408 invalid_request_error   (a body that stopped arriving)
     ├── PayloadTooLarge      413 invalid_request_error
     ├── UnsupportedMediaType 415 invalid_request_error   (a body type the route does not take)
+    ├── UpgradeRequired      426 invalid_request_error   (a WebSocket where none is served)
     ├── RateLimited          429 rate_limit_error         (quota windows, spent budgets)
     ├── ClientClosed         499 (access log only)        (the client went away mid-request)
     ├── InternalError        500 server_error             (a bug of ours; generic message)
@@ -99,6 +100,14 @@ class UnsupportedMediaType(GatewayError):
     status = 415
     type = "invalid_request_error"
     code = "unsupported_media_type"
+
+
+class UpgradeRequired(GatewayError):
+    """A WebSocket handshake where no socket is served: clients fall back to HTTP at once."""
+
+    status = 426
+    type = "invalid_request_error"
+    code = "websocket_not_served"
 
 
 class RateLimited(GatewayError):

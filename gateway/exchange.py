@@ -65,6 +65,7 @@ class Exchange:
     api: str = "other"  # the endpoint's api (routes.Api): body checks, stream framing
     pinned: str | None = None  # the resource of the stored objects the request names
     path: str | None = None  # only for unknown paths, for the access log
+    transport: str = "http"  # "websocket" for a WebSocket handshake
 
     def usage_kinds(self) -> dict[str, int] | None:
         """Input, cached, output and reasoning counts of ``usage``, worked out once for

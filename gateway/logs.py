@@ -142,5 +142,6 @@ class AccessLog(BaseObserver):
             "cost": round(ex.cost, 9) if ex.cost is not None else None,
             "currency": ex.currency,
             **({"path": ex.path} if ex.path else {}),
+            **({"transport": ex.transport} if ex.transport != "http" else {}),
             "cost_estimated": ex.cost_estimated if ex.cost is not None else None,
         }

@@ -16,7 +16,7 @@ from starlette.types import ASGIApp
 
 from .audit import check_mcp_policy
 from .body import Form, Media, body_chunks, media, read_body, read_form, unsupported
-from .errors import BadRequest, GatewayError, MethodNotAllowed, NotFound
+from .errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, UpgradeRequired
 from .exchange import Exchange
 from .forward import Forwarder
 from .keys import Principal
@@ -89,6 +89,23 @@ class Proxy:
             )
 
         return Operation(self.gw, "unknown", handler)
+
+    def no_socket(self) -> Operation:
+        """The endpoint of every WebSocket handshake: 426, so clients fall back to HTTP at
+        once (a 405 or 404 makes some, like Codex CLI, retry for seconds first)."""
+
+        async def handler(request: Incoming, ex: Exchange) -> ASGIApp:
+            path = request.scope["path"]
+            ex.path = path[:200].encode("unicode_escape").decode("ascii")
+            ex.transport = "websocket"
+            with contextlib.suppress(GatewayError):
+                ex.principal = self.gw.snap.keyring.authenticate(request.scope["headers"])
+            raise UpgradeRequired(
+                f"WebSockets are not served on {ex.path}; use HTTP (the same path and "
+                "operations work over HTTP, streams as server-sent events)."
+            )
+
+        return Operation(self.gw, "websocket", handler)
 
     async def _serve(self, request: Incoming, ex: Exchange) -> ASGIApp:
         match: Match = request.scope["route"]
