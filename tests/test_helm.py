@@ -34,9 +34,9 @@ def all_features() -> dict[str, Any]:
 @pytest.mark.parametrize("values", [{}, all_features()], ids=["defaults", "all-features"])
 def test_manifests_validate(values: dict[str, Any]) -> None:
     docs = render(values)
-    assert {"Deployment", "Service", "ConfigMap", "ServiceAccount", "PodDisruptionBudget"} <= set(
-        docs
-    )
+    assert {"Deployment", "Service", "ConfigMap", "ServiceAccount"} <= set(docs)
+    # A PodDisruptionBudget only where there is more than one replica (one would block drains).
+    assert ("PodDisruptionBudget" in docs) == (values.get("replicaCount", 1) > 1)
     for kind, doc in docs.items():
         if kind == "ServiceMonitor":  # a CRD: no upstream schema; check its shape here
             assert doc["apiVersion"] == "monitoring.coreos.com/v1"
@@ -115,3 +115,39 @@ def test_cluster_state_renders_to_an_accepted_config() -> None:
         e["name"] for e in docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]["env"]
     ]
     assert "REDIS_URL" in env_names
+
+
+@pytest.mark.parametrize(
+    ("values", "renders"),
+    [
+        ({"replicaCount": 2}, False),
+        ({"autoscaling": {"enabled": True}}, False),
+        ({"replicaCount": 1}, True),
+        (
+            {"replicaCount": 3, "config": {"state": {"backend": "redis", "url_env": "REDIS_URL"}}},
+            True,
+        ),
+        (
+            {
+                "autoscaling": {"enabled": True},
+                "config": {"state": {"backend": "redis", "url_env": "REDIS_URL"}},
+            },
+            True,
+        ),
+    ],
+)
+def test_memory_backend_is_one_replica(values: dict[str, Any], renders: bool) -> None:
+    """Several replicas on the memory backend would each keep their own quotas, budgets and
+    object ownership (a response made on one pod is 404 on the other): refused at render."""
+    if renders:
+        assert render(values)["Deployment"]
+        return
+    with pytest.raises(Exception, match="backend is memory") as info:
+        render(values)
+    assert "redis" in str(info.value)
+
+
+def test_tmp_holds_spooled_uploads() -> None:
+    pod = render({})["Deployment"]["spec"]["template"]["spec"]
+    tmp = next(v for v in pod["volumes"] if v["name"] == "tmp")
+    assert tmp["emptyDir"]["sizeLimit"] == "2Gi"
