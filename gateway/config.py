@@ -514,6 +514,38 @@ def parse_config(
     return LoadedConfig(cfg, keys, client_secret, redis_url, source, audit_urls)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key that appears twice in one mapping (PyYAML
+    keeps the last silently: a pasted second ``team-a:`` block replaced the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # an unhashable key: the base class says so
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} at line {line} (first at line {first}); "
+                    "each key may appear once in a mapping",
+                    key_node.start_mark,
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse config YAML strictly (duplicate keys refused with their lines)."""
+    return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
+
+
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> LoadedConfig:
     """Read, parse and validate the YAML config file at ``path``."""
     try:
@@ -521,7 +553,7 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> L
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     return parse_config(data, environ, str(path))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +127,35 @@ def test_load_file_errors(tmp_path: Path) -> None:
     bad.write_text("resources: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "lines"),
+    [
+        ("models: {}\ntenants: {}\nmodels: {}\n", "models", (3, 1)),
+        (
+            "tenants:\n  team-a:\n    models: [a]\n  team-b:\n    models: [b]\n"
+            "  team-a:\n    models: [c]\n",
+            "team-a",
+            (6, 2),
+        ),
+        ("tenants:\n  team-a:\n    models: [a]\n    models: [b]\n", "models", (4, 3)),
+    ],
+    ids=["top-level", "under-tenants", "inside-a-tenant"],
+)
+def test_duplicate_keys_are_refused_with_their_lines(
+    tmp_path: Path, text: str, key: str, lines: tuple[int, int]
+) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert f"duplicate key '{key}' at line {lines[0]} (first at line {lines[1]})" in message
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "check", str(path)], capture_output=True, text=True
+    )
+    assert out.returncode == 2 and "duplicate key" in out.stderr and "ok" not in out.stdout
 
 
 def test_example_config_is_valid() -> None:

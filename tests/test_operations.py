@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from harness import GatewayProcess, Sim, Tenants, base_config, gateway
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -266,9 +267,19 @@ def test_reload_applies_valid_and_keeps_old_on_invalid(
     gw.proc.send_signal(signal.SIGHUP)
     time.sleep(0.5)
     assert status(b, "o3") == 200  # the old config keeps serving
+    # A pasted second team-a block (YAML keeps the last copy silently): refused too.
+    # If YAML kept the last copy, the second block would give team-a's key back.
+    entry = tenants.entry("team-a")
+    second = f'  team-a:\n    keys: [{{id: {entry["id"]}, sha256: "{entry["sha256"]}"}}]\n'
+    second += "    models: [gpt-4.1]\n"
+    text = yaml.safe_dump(changed).replace("  team-b:", second + "  team-b:", 1)
+    gw.write_config(text)
+    gw.proc.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert status(b, "o3") == 200 and status(a) == 401  # still the applied config
     metrics = httpx.get(gw.url + "/metrics").text
     assert 'gateway_config_reloads_total{result="applied"} 1.0' in metrics
-    assert 'gateway_config_reloads_total{result="rejected"} 1.0' in metrics
+    assert 'gateway_config_reloads_total{result="rejected"} 2.0' in metrics
 
 
 def test_reload_on_file_change_and_in_flight_stream(
