@@ -94,11 +94,37 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 2
     cfg = loaded.config
+    for warning in config_warnings(loaded):
+        print(f"{args.config}: warning: {warning}", file=sys.stderr)
     print(
         f"{args.config}: ok ({len(cfg.tenants)} tenants, {len(cfg.models)} models, "
         f"{len(cfg.resources)} resources)"
     )
     return 0
+
+
+def config_warnings(loaded: LoadedConfig) -> list[str]:
+    """What is valid but surely not meant: allowlist entries that match no model, and
+    allowed models that a tenant's region pin leaves without a deployment."""
+    from fnmatch import fnmatchcase
+
+    cfg = loaded.config
+    out = []
+    for name, tenant in cfg.tenants.items():
+        for pattern in tenant.models:
+            matched = [m for m in cfg.models if fnmatchcase(m, pattern)]
+            if not matched:
+                out.append(f"tenants.{name}.models: '{pattern}' matches no model in models")
+            elif tenant.regions:
+                for model in matched:
+                    regions = {cfg.resources[t.resource].region for t in cfg.models[model]}
+                    if not regions & set(tenant.regions):
+                        out.append(
+                            f"tenants.{name}: model '{model}' is deployed only in "
+                            f"{', '.join(sorted(regions))}, outside the tenant's regions "
+                            f"({', '.join(tenant.regions)}): unreachable"
+                        )
+    return out
 
 
 def cmd_keys_new(args: argparse.Namespace) -> int:
@@ -170,10 +196,24 @@ def cmd_usage(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from .simulator import create_simulator
+    from .simulator import IDENTITY_HEADER, SimState, create_simulator
 
     setup_logging("WARNING")
-    app = create_simulator()
+    state = SimState()
+    app = create_simulator(state)
+    base = f"http://{args.host}:{args.port}"
+    print(
+        f"""Simulated Azure OpenAI on {base} (Responses, Files, conversations, vector stores,
+containers, chat, embeddings, images, audio; /openai/v1 and ?api-version= paths).
+It accepts either credential a gateway sends:
+  - a resource key: in the gateway config, resources.NAME: {{endpoint: {base},
+    auth: api_key, api_key_env: SIM_API_KEY}} and SIM_API_KEY={state.api_key}
+  - an Entra token (managed identity): auth: entra, credential.type: managed_identity,
+    IDENTITY_ENDPOINT={base}/msi/token IDENTITY_HEADER={IDENTITY_HEADER}
+Ready to use: SIM_API_KEY={state.api_key} gateway serve --config config/local.yaml
+Ctrl-C stops it.""",
+        flush=True,
+    )
     # Collector set up like the gateway's: the simulator is the "direct" baseline of the
     # benchmarks, and its full collections (it keeps 2,000 answers) were its p99.
     server = ServerConfig()
@@ -265,24 +305,31 @@ Ctrl-C stops both.
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run the gateway")
     p.add_argument("--config", help="YAML config file (or set GATEWAY_CONFIG)")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log level (default INFO: one access line per request)",
+    )
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("check", help="validate a config file and exit")
-    p.add_argument("config")
+    p = sub.add_parser("check", help="validate a config file (and warn of likely mistakes)")
+    p.add_argument("config", help="YAML config file")
     p.set_defaults(func=cmd_check)
 
     keys = sub.add_parser("keys", help="manage gateway keys").add_subparsers(
         dest="keys", required=True
     )
     p = keys.add_parser("new", help="print a new key for TENANT and the entry to store")
-    p.add_argument("tenant")
+    p.add_argument("tenant", help="the tenant the key is for")
     p.add_argument("--id", help="key id (default: TENANT-DATE-RANDOM)")
     p.set_defaults(func=cmd_keys_new)
 
@@ -290,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="audit", required=True
     )
     p = audit.add_parser("verify", help="check the hash chain of audit files (oldest first)")
-    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("files", nargs="+", metavar="FILE", help="audit files, oldest first")
     p.set_defaults(func=cmd_audit_verify)
 
     p = sub.add_parser("usage", help="print the usage ledger (Redis backend) as CSV or JSON")
@@ -298,20 +345,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="start", required=True, help="first UTC day, YYYY-MM-DD")
     p.add_argument("--to", dest="end", required=True, help="last UTC day, YYYY-MM-DD")
     p.add_argument("--tenant", help="one tenant (default: all)")
-    p.add_argument("--format", choices=["csv", "json"], default="csv")
+    p.add_argument("--format", choices=["csv", "json"], default="csv", help="output format")
     p.set_defaults(func=cmd_usage)
 
-    p = sub.add_parser("simulate", help="serve the local Responses API simulator")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8081)
+    p = sub.add_parser("simulate", help="serve the local Azure OpenAI simulator")
+    p.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8081, help="port (default 8081)")
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("demo", help="simulator + gateway on loopback with a fresh demo key")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--sim-port", type=int, default=0)
+    p.add_argument("--host", default="127.0.0.1", help="gateway address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
+    p.add_argument("--sim-port", type=int, default=0, help="simulator port (default: any free)")
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("azure-responses-gateway")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -74,3 +74,107 @@ def test_check_command(tmp_path: object) -> None:
         cwd=os.path.dirname(os.path.dirname(__file__)),
     )
     assert bad.returncode == 2 and "resources.frc.api_key_env" in bad.stderr
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_version_and_enum_options() -> None:
+    out = _cli("--version")
+    assert out.returncode == 0 and re.fullmatch(r"gateway \S+\n", out.stdout)
+    bad = _cli("serve", "--config", "x.yaml", "--log-level", "loud")
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    assert "{DEBUG,INFO,WARNING,ERROR}" in _cli("serve", "--help").stdout
+
+
+def test_every_option_has_help() -> None:
+    import argparse
+
+    from gateway.cli import build_parser
+
+    missing = []
+    parsers = [build_parser()]
+    while parsers:
+        parser = parsers.pop()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+            elif not isinstance(action, argparse._HelpAction) and not action.help:
+                missing.append(f"{parser.prog} {action.dest}")
+    assert missing == []
+
+
+def test_check_warns_of_likely_mistakes(tmp_path: object) -> None:
+    import pathlib
+
+    import yaml
+
+    cfg = {
+        "resources": {
+            "swc": {"endpoint": "https://swc.example.com", "region": "swedencentral"},
+            "frc": {"endpoint": "https://frc.example.com", "region": "francecentral"},
+        },
+        "models": {
+            "gpt-4.1": [{"resource": "swc", "deployment": "d"}],
+            "o3": [{"resource": "frc", "deployment": "o"}],
+        },
+        "tenants": {
+            "team-a": {"models": ["gpt-4.1", "o3", "gpt-41-typo"], "regions": ["francecentral"]},
+        },
+    }
+    path = pathlib.Path(str(tmp_path)) / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = _cli("check", str(path))
+    assert out.returncode == 0 and "ok" in out.stdout
+    assert "tenants.team-a.models: 'gpt-41-typo' matches no model" in out.stderr
+    assert "model 'gpt-4.1' is deployed only in swedencentral" in out.stderr
+    assert "'o3'" not in out.stderr  # reachable: no warning
+
+
+def test_simulate_says_how_to_reach_it_and_local_config_serves() -> None:
+    """`gateway simulate` prints its address and credential; config/local.yaml works with it."""
+    import pathlib
+
+    import yaml
+    from harness import gateway
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "simulate", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        printed = ""
+        deadline = time.monotonic() + 30
+        while "Ctrl-C" not in printed and time.monotonic() < deadline:
+            printed += proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}" in printed
+        assert "SIM_API_KEY=sim-api-key" in printed and "IDENTITY_HEADER=" in printed
+        local = pathlib.Path(__file__).parent.parent / "config" / "local.yaml"
+        text = local.read_text()
+        key = re.search(r"-H \"api-key: (gk-\S+)\"", text).group(1)  # type: ignore[union-attr]
+        cfg = yaml.safe_load(text)
+        cfg["resources"]["sim"]["endpoint"] = f"http://127.0.0.1:{port}"
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/openai/v1/files", timeout=0.5)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        with gateway(cfg, {"SIM_API_KEY": "sim-api-key"}) as gw:
+            client = openai.OpenAI(base_url=gw.url + "/openai/v1/", api_key=key, max_retries=0)
+            assert client.responses.create(model="gpt-4.1", input="Hello").output_text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
