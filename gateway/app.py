@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 import time
 import uuid
@@ -20,15 +18,16 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from .admin import AdminApi
 from .admission import QuotaGate
+from .apikeys import ApiKeys
 from .audit import Auditor, Redactor
 from .audit_sinks import FileSink, RedisStreamSink, Sink, StdoutSink
 from .breaker import Breakers, BreakerStore
 from .config import LoadedConfig
 from .credentials import TokenProvider, build_credential
-from .errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, Unauthenticated
+from .errors import GatewayError, MethodNotAllowed
 from .exchange import Observer
-from .keys import presented_key
 from .logs import AccessLog
 from .metrics import Metrics
 from .proxy import Proxy
@@ -36,9 +35,9 @@ from .reload import Reloader
 from .routes import ENDPOINTS, RouteTable, scope_segments
 from .runtime import Gateway
 from .state import StateBackend
+from .state.keystore import KeyStore, MemoryKeyStore
 from .state.memory import MemoryState
 from .upstream import new_client, safe_request_id
-from .usage import UsageQueryError, render, report
 
 log = logging.getLogger("gateway")
 
@@ -87,7 +86,7 @@ class Dispatch:
                 scope["route"] = match
                 await self.operations[match.endpoint.operation](scope, receive, send)
                 return
-            if path not in self.local:
+            if path not in self.local and not path.startswith("/admin/"):
                 await self.unknown(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -103,9 +102,9 @@ def _upgrade_to_websocket(headers: list[tuple[bytes, bytes]]) -> bool:
 
 def build_state(
     loaded: LoadedConfig, metrics: Metrics | None = None
-) -> tuple[StateBackend, BreakerStore | None]:
-    """The state backend the config selects (a shared one behind its breaker), and where
-    target breakers are shared (None: per process)."""
+) -> tuple[StateBackend, BreakerStore | None, KeyStore]:
+    """The state backend the config selects (a shared one behind its breaker), where
+    target breakers are shared (None: per process), and where runtime keys live."""
     st = loaded.config.state
     if st.backend == "redis":
         from .state.guard import GuardedState
@@ -122,8 +121,8 @@ def build_state(
         )
         if metrics is not None:
             metrics.watch_state(guarded)
-        return guarded, redis
-    return MemoryState(st.memory_max_objects), None
+        return guarded, redis, redis.key_store()
+    return MemoryState(st.memory_max_objects), None, MemoryKeyStore()
 
 
 def build_auditor(loaded: LoadedConfig, metrics: Metrics) -> Auditor:
@@ -187,7 +186,7 @@ def create_app(
             timeout=cfg.credential.timeout_seconds,
             on_fetch=metrics.token_fetched,
         )
-    state, shared = build_state(loaded, metrics)
+    state, shared, key_store = build_state(loaded, metrics)
     breakers = Breakers(cfg.breaker, shared, on_event=metrics.breaker_event)
     auditor = build_auditor(loaded, metrics)
     gate = QuotaGate(
@@ -207,6 +206,7 @@ def create_app(
         gate=gate,
         audit=auditor,
         breakers=breakers,
+        keys=ApiKeys(key_store),
     )
     metrics.watch_targets(breakers, [t.key for t in gateway.snap.router.all_targets()])
     proxy = Proxy(gateway)
@@ -242,6 +242,7 @@ def create_app(
         connect = getattr(gateway.state, "connect", None)
         if connect is not None:
             await connect()
+        key_refresher = asyncio.create_task(gateway.keys.run())
         refresher = None
         if shared is not None:
             targets = lambda: [t.key for t in gateway.snap.router.all_targets()]  # noqa: E731
@@ -249,7 +250,7 @@ def create_app(
         try:
             yield {"gateway": gateway}
         finally:
-            for task in (watcher, refresher):
+            for task in (watcher, refresher, key_refresher):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -288,36 +289,6 @@ def create_app(
         body = {"ready": not problems, "problems": problems, "degraded": degraded}
         return JSONResponse(body, status)
 
-    async def admin_usage(request: Request) -> Response:
-        """The usage ledger for the admin key only (off unless ``admin.key_sha256`` is set)."""
-        cfg_now = gateway.snap.loaded.config
-        expected = cfg_now.admin.key_sha256
-        if expected is None:
-            return _error(NotFound("The admin API is not enabled on this gateway."), request)
-        try:
-            key = presented_key(request.headers.raw)
-        except GatewayError as exc:
-            return _error(exc, request)
-        digest = hashlib.sha256((key or "").encode()).hexdigest()
-        if key is None or not hmac.compare_digest(digest, expected):
-            err = Unauthenticated("This endpoint needs the admin key.", code="invalid_admin_key")
-            return _error(err, request)
-        q = request.query_params
-        fmt = q.get("format", "json")
-        try:
-            if fmt not in ("json", "csv"):
-                raise UsageQueryError("format is json or csv")
-            start, end = q.get("from"), q.get("to")
-            if not start or not end:
-                raise UsageQueryError("give from=YYYY-MM-DD and to=YYYY-MM-DD")
-            rows = await report(gateway.state, cfg_now, start, end, q.get("tenant"))
-        except UsageQueryError as exc:
-            return _error(BadRequest(f"Usage report: {exc}.", code="invalid_usage_query"), request)
-        except GatewayError as exc:
-            return _error(exc, request)
-        media = "application/json" if fmt == "json" else "text/csv"
-        return Response(render(rows, fmt), media_type=media)
-
     async def metrics_endpoint(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -336,7 +307,7 @@ def create_app(
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
-        Route("/admin/usage", admin_usage, methods=["GET"]),
+        *AdminApi(gateway).routes(),
         *([] if cfg.metrics.port else [Route("/metrics", metrics_endpoint, methods=["GET"])]),
     ]
     app = Starlette(

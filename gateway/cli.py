@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -134,6 +135,100 @@ def cmd_keys_new(args: argparse.Namespace) -> int:
     print("# Give the key to the team once; it is not stored anywhere. Add this under")
     print(f"# tenants.{args.tenant}.keys in the config:")
     print(f'- {{id: {key_id}, sha256: "{hash_key(key)}"}}')
+    return 0
+
+
+def cmd_keys_which(args: argparse.Namespace) -> int:
+    """Which config key (id, tenant) a key is, by its hash."""
+    from .keys import KeyRing, digest_of
+
+    try:
+        loaded = load_config(args.config or os.environ.get("GATEWAY_CONFIG", ""))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    try:
+        principal = KeyRing(loaded.config).lookup(digest_of(args.key))
+    except GatewayError as exc:
+        print(exc.message, file=sys.stderr)
+        return 1
+    if principal is None:
+        print("not a key of this config (keys made with the admin API: gateway admin keys list)")
+        return 1
+    print(f"id: {principal.key_id}\ntenant: {principal.tenant}")
+    return 0
+
+
+def _admin_call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+    """One admin API call; the admin credential comes from GATEWAY_ADMIN_KEY."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    key = os.environ.get("GATEWAY_ADMIN_KEY")
+    if not key:
+        raise SystemExit("gateway admin: set GATEWAY_ADMIN_KEY to an admin key")
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(
+        args.url.rstrip("/") + path,
+        data=data,
+        method=method,
+        headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            detail = json.loads(detail)["error"]["message"]
+        raise SystemExit(f"gateway admin: {exc.code}: {detail}") from None
+    except urllib.error.URLError as exc:
+        raise SystemExit(f"gateway admin: cannot reach {args.url}: {exc.reason}") from None
+
+
+def _print_key(row: dict[str, Any]) -> None:
+    for field in ("id", "tenant", "name", "source", "created_at", "expires_at", "last_used_at"):
+        print(f"{field}: {row.get(field)}")
+
+
+def cmd_admin_create(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"tenant": args.tenant, "name": args.name}
+    if args.expires_at:
+        body["expires_at"] = args.expires_at
+    row = _admin_call(args, "POST", "/admin/keys", body)
+    _print_key(row)
+    print(row["key"])  # the secret, on a line of its own, shown once
+    return 0
+
+
+def cmd_admin_list(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    query = f"?tenant={quote(args.tenant)}" if args.tenant else ""
+    rows = _admin_call(args, "GET", "/admin/keys" + query)["data"]
+    print("id\ttenant\tname\tsource\texpires_at\tlast_used_at")
+    for r in rows:
+        print(
+            "\t".join(
+                str(r.get(f))
+                for f in ("id", "tenant", "name", "source", "expires_at", "last_used_at")
+            )
+        )
+    return 0
+
+
+def cmd_admin_rotate(args: argparse.Namespace) -> int:
+    body = {"grace_seconds": args.grace_seconds}
+    row = _admin_call(args, "POST", f"/admin/keys/{args.id}/rotate", body)
+    _print_key(row)
+    print(row["key"])
+    return 0
+
+
+def cmd_admin_revoke(args: argparse.Namespace) -> int:
+    row = _admin_call(args, "DELETE", f"/admin/keys/{args.id}")
+    print(f"revoked: {row['id']}")
     return 0
 
 
@@ -332,6 +427,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("tenant", help="the tenant the key is for")
     p.add_argument("--id", help="key id (default: TENANT-DATE-RANDOM)")
     p.set_defaults(func=cmd_keys_new)
+
+    p = keys.add_parser("which", help="which config key (id, tenant) KEY is")
+    p.add_argument("key", help="the key to look up (compared by its hash)")
+    p.add_argument("--config", help="YAML config file (or set GATEWAY_CONFIG)")
+    p.set_defaults(func=cmd_keys_which)
+
+    admin = sub.add_parser(
+        "admin", help="the admin API of a running gateway (GATEWAY_ADMIN_KEY: an admin key)"
+    ).add_subparsers(dest="admin", required=True)
+    admin_keys = admin.add_parser("keys", help="keys made at runtime").add_subparsers(
+        dest="admin_keys", required=True
+    )
+    url_help = "the gateway's base URL, e.g. http://gateway:8080"
+    p = admin_keys.add_parser("create", help="make a key; prints it once, on its own line")
+    p.add_argument("--tenant", required=True, help="the tenant the key is for")
+    p.add_argument("--name", required=True, help="what the key is for (e.g. ci, laptop-jane)")
+    p.add_argument("--expires-at", help="RFC 3339 time with a zone, e.g. 2027-01-31T00:00:00Z")
+    p.add_argument("--url", required=True, help=url_help)
+    p.set_defaults(func=cmd_admin_create)
+    p = admin_keys.add_parser("list", help="list keys (config and API), never their secrets")
+    p.add_argument("--tenant", help="one tenant (default: all the admin manages)")
+    p.add_argument("--url", required=True, help=url_help)
+    p.set_defaults(func=cmd_admin_list)
+    p = admin_keys.add_parser("rotate", help="give a key a new secret; prints it once")
+    p.add_argument("id", help="the key id")
+    p.add_argument(
+        "--grace-seconds", type=int, default=0, help="how long the old secret still works"
+    )
+    p.add_argument("--url", required=True, help=url_help)
+    p.set_defaults(func=cmd_admin_rotate)
+    p = admin_keys.add_parser("revoke", help="revoke a key on every replica")
+    p.add_argument("id", help="the key id")
+    p.add_argument("--url", required=True, help=url_help)
+    p.set_defaults(func=cmd_admin_revoke)
 
     audit = sub.add_parser("audit", help="MCP audit trail tools").add_subparsers(
         dest="audit", required=True

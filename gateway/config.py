@@ -324,8 +324,23 @@ class UsageConfig(_Frozen):
     retention_days: Positive = 400
 
 
+class AdminKeyConfig(_Frozen):
+    id: str
+    sha256: str
+    tenants: tuple[str, ...] = ("*",)  # ["*"]: a gateway admin; else the tenants it manages
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, value: str) -> str:
+        value = value.lower()
+        if not _HEX64.match(value):
+            raise ValueError("must be 64 hex characters (the SHA-256 of the admin key)")
+        return value
+
+
 class AdminConfig(_Frozen):
-    key_sha256: str | None = None  # GET /admin/usage is off unless set; never a tenant key
+    key_sha256: str | None = None  # one gateway-wide admin key (id "admin"); never a tenant key
+    keys: tuple[AdminKeyConfig, ...] = ()
 
     @field_validator("key_sha256")
     @classmethod
@@ -451,6 +466,17 @@ def _cross_check(cfg: Config) -> list[str]:
         errors.append(
             f"admin.key_sha256: the admin key is a tenant key ({hashes[cfg.admin.key_sha256]})"
         )
+    admin_ids: set[str] = {"admin"} if cfg.admin.key_sha256 else set()
+    for i, akey in enumerate(cfg.admin.keys):
+        where = f"admin.keys[{i}]"
+        if akey.sha256 in hashes or akey.sha256 == cfg.admin.key_sha256:
+            errors.append(f"{where}.sha256: the admin key is also another key")
+        if akey.id in admin_ids:
+            errors.append(f"{where}.id: duplicate admin key id {akey.id!r}")
+        admin_ids.add(akey.id)
+        for name in akey.tenants:
+            if name != "*" and name not in cfg.tenants:
+                errors.append(f"{where}.tenants: unknown tenant {name!r}")
     for model, price in cfg.prices.items():
         if model not in cfg.models:
             errors.append(f"prices.{model}: unknown model")

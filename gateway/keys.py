@@ -73,25 +73,51 @@ class KeyRing:
                 entry = _Entry(bytes.fromhex(k.sha256), Principal(tenant, k.id), k.expires_at)
                 self._by_hash[k.sha256] = entry
 
+    def lookup(self, digest: bytes, now: datetime | None = None) -> Principal | None:
+        """The principal of a config key by its SHA-256 digest (None: not a config key);
+        raises ``Unauthenticated`` for an expired one."""
+        entry = self._by_hash.get(digest.hex())
+        if entry is None or not hmac.compare_digest(entry.digest, digest):
+            return None
+        if entry.expires_at is not None and (now or datetime.now(UTC)) >= entry.expires_at:
+            raise expired(entry.principal.key_id, entry.expires_at.isoformat())
+        return entry.principal
+
+    def entries(self) -> list[tuple[Principal, datetime | None]]:
+        """Every config key: who it is, and when it expires."""
+        return [(e.principal, e.expires_at) for e in self._by_hash.values()]
+
     def authenticate(
         self, headers: Iterable[tuple[bytes, bytes]], now: datetime | None = None
     ) -> Principal:
         """Map the presented key to its principal, or raise ``Unauthenticated``."""
-        key = presented_key(headers)
-        if key is None:
-            raise Unauthenticated(
-                "No gateway key provided. "
-                "Send it as 'api-key: KEY' or 'Authorization: Bearer KEY'.",
-                code="missing_api_key",
-            )
-        digest = hashlib.sha256(key.encode()).digest()
-        entry = self._by_hash.get(digest.hex())
-        if entry is None or not hmac.compare_digest(entry.digest, digest):
-            raise Unauthenticated("Invalid gateway key.", code="invalid_api_key")
-        if entry.expires_at is not None and (now or datetime.now(UTC)) >= entry.expires_at:
-            raise Unauthenticated(
-                f"Gateway key '{entry.principal.key_id}' expired at "
-                f"{entry.expires_at.isoformat()}; ask your platform team for a new one.",
-                code="expired_api_key",
-            )
-        return entry.principal
+        principal = self.lookup(digest_of(required_key(headers)), now)
+        if principal is None:
+            raise invalid_key()
+        return principal
+
+
+def required_key(headers: Iterable[tuple[bytes, bytes]]) -> str:
+    """The presented key, or a 401 saying how to send one."""
+    key = presented_key(headers)
+    if key is None:
+        raise Unauthenticated(
+            "No gateway key provided. Send it as 'api-key: KEY' or 'Authorization: Bearer KEY'.",
+            code="missing_api_key",
+        )
+    return key
+
+
+def digest_of(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def invalid_key() -> Unauthenticated:
+    return Unauthenticated("Invalid gateway key.", code="invalid_api_key")
+
+
+def expired(key_id: str, when: str) -> Unauthenticated:
+    return Unauthenticated(
+        f"Gateway key '{key_id}' expired at {when}; ask your platform team for a new one.",
+        code="expired_api_key",
+    )

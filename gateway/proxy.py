@@ -80,7 +80,9 @@ class Proxy:
             ex.path = path[:200].encode("unicode_escape").decode("ascii")
             # The answer is the same either way; the tenant is only for the log.
             with contextlib.suppress(GatewayError):
-                ex.principal = self.gw.snap.keyring.authenticate(request.scope["headers"])
+                ex.principal = await self.gw.keys.authenticate(
+                    request.scope["headers"], self.gw.snap.keyring
+                )
             if table.known_path(scope_segments(request.scope)):
                 raise MethodNotAllowed(f"Method {request.method} is not allowed on {ex.path}.")
             raise NotFound(
@@ -99,7 +101,9 @@ class Proxy:
             ex.path = path[:200].encode("unicode_escape").decode("ascii")
             ex.transport = "websocket"
             with contextlib.suppress(GatewayError):
-                ex.principal = self.gw.snap.keyring.authenticate(request.scope["headers"])
+                ex.principal = await self.gw.keys.authenticate(
+                    request.scope["headers"], self.gw.snap.keyring
+                )
             raise UpgradeRequired(
                 f"WebSockets are not served on {ex.path}; use HTTP (the same path and "
                 "operations work over HTTP, streams as server-sent events)."
@@ -114,7 +118,7 @@ class Proxy:
         snap = self.gw.snap
         cfg = snap.loaded.config
         check_headers(request.scope["headers"])
-        principal = snap.keyring.authenticate(request.scope["headers"])
+        principal = await self.gw.keys.authenticate(request.scope["headers"], snap.keyring)
         ex.principal = principal
         tenant = cfg.tenants[principal.tenant]
         parsed = Parsed()

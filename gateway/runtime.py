@@ -7,6 +7,7 @@ from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from typing import NamedTuple
 
 from .admission import QuotaGate
+from .apikeys import ApiKeys
 from .audit import Auditor
 from .breaker import Breakers
 from .config import LoadedConfig
@@ -71,6 +72,7 @@ class Gateway:
         gate: QuotaGate,
         audit: Auditor,
         breakers: Breakers,
+        keys: ApiKeys,
     ) -> None:
         self.snap = snapshot(loaded)
         self.http = http
@@ -81,6 +83,7 @@ class Gateway:
         self.gate = gate
         self.audit = audit
         self.breakers = breakers
+        self.keys = keys
         self.draining = False
 
     def swap(self, loaded: LoadedConfig) -> None:
@@ -92,7 +95,7 @@ class Gateway:
         res = snap.loaded.config.resources.get(resource)
         if res is None:
             raise UpstreamUnavailable(
-                f"Resource '{resource}' is no longer configured.", code="resource_removed"
+                "The resource of this request is no longer configured.", code="resource_removed"
             )
         if res.auth == "api_key":
             return ("api-key", snap.loaded.resource_keys[resource].value)

@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 from ..errors import StateError
 from ..quotas import REASONS, Admission, QuotaScope, Windows
 from . import Binding, LedgerEntry, Settled, ledger_increments
+from .keystore import RedisKeyStore
 
 T = TypeVar("T")
 _REASONS = (None, *REASONS)
@@ -254,6 +255,10 @@ class RedisState:
             model, resource, field = text.rsplit("|", 2)  # resource names have no '|'
             out.setdefault((model, resource), {})[field] = int(value)
         return out
+
+    def key_store(self) -> RedisKeyStore:
+        """The store of runtime keys, on this backend's connection."""
+        return RedisKeyStore(self._client, self._call)
 
     async def ping(self) -> None:
         await self._call("ping", self._client.ping)
