@@ -28,7 +28,9 @@ from .errors import BadRequest, Forbidden, GatewayError, NotFound, Unauthenticat
 from .exchange import Exchange
 from .keys import digest_of, hash_key, new_key, presented_key
 from .lifecycle import new_request_id
+from .objects import shape_kind
 from .runtime import Gateway
+from .state import Binding
 from .state.keystore import ApiKey
 from .usage import UsageQueryError, render, report
 from .validate import dump_json, parse_json
@@ -37,6 +39,9 @@ _NAME = re.compile(r"^[\x20-\x7e]{1,64}$")
 _KEY_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 MAX_GRACE = 7 * 86400
 _CREATE_FIELDS = frozenset({"tenant", "name", "expires_at", "metadata"})
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
+# What an admin may adopt: the kinds of the route table's stored objects.
+ADOPTABLE = ("file", "vector_store", "conversation", "container", "response")
 
 
 class Admin(NamedTuple):
@@ -90,6 +95,7 @@ class AdminApi:
             Route("/admin/keys/{key_id}", self._wrap(self.retrieve), methods=["GET"]),
             Route("/admin/keys/{key_id}", self._wrap(self.revoke), methods=["DELETE"]),
             Route("/admin/keys/{key_id}/rotate", self._wrap(self.rotate), methods=["POST"]),
+            Route("/admin/objects", self._wrap(self.adopt), methods=["POST"]),
             Route("/admin/usage", self._wrap(self.usage), methods=["GET"]),
         ]
 
@@ -207,6 +213,55 @@ class AdminApi:
         await self.gw.keys.refresh()
         return _json_response({"id": key.id, "revoked": True})
 
+    # -- adoption ----------------------------------------------------------
+
+    async def adopt(self, request: Request, admin: Admin) -> Response:
+        """Bind objects made around the gateway (straight on a resource) to a tenant."""
+        body = await _json(request)
+        unknown = sorted(set(body) - {"tenant", "resource", "kind", "ids"})
+        if unknown:
+            raise BadRequest(f"Unknown field '{unknown[0]}'.", param=unknown[0])
+        tenant = self._tenant(body.get("tenant"), admin)
+        cfg = self.gw.snap.loaded.config
+        resource = body.get("resource")
+        if not isinstance(resource, str) or resource not in cfg.resources:
+            raise BadRequest("'resource' must name a resource of the config.", param="resource")
+        kind = body.get("kind")
+        if kind not in ADOPTABLE:
+            raise BadRequest(f"'kind' must be one of {', '.join(ADOPTABLE)}.", param="kind")
+        ids = body.get("ids")
+        if not isinstance(ids, list) or not 0 < len(ids) <= 1000:
+            raise BadRequest("'ids' must be a list of 1 to 1000 ids.", param="ids")
+        for i, oid in enumerate(ids):
+            if (
+                not isinstance(oid, str)
+                or not _ID.match(oid)
+                or shape_kind(oid) not in (None, kind)
+            ):
+                raise BadRequest(
+                    f"ids[{i}] is not an id of a {kind}.", code="invalid_id", param=f"ids[{i}]"
+                )
+        state = self.gw.state
+        found = [await state.get_binding(oid) for oid in ids]
+        for i, binding in enumerate(found):
+            if binding is not None and binding.tenant != tenant:
+                raise Conflict(
+                    f"ids[{i}] is bound to another tenant already; nothing was adopted.",
+                    code="object_owned",
+                    param=f"ids[{i}]",
+                )
+        await self._audit(
+            admin, "admin.objects_adopted", None, tenant=tenant, resource=resource, kind=kind,
+            ids=ids,
+        )  # fmt: skip
+        ttl = cfg.state.response_retention_days * 86400.0
+        adopted = []
+        for oid, binding in zip(ids, found, strict=True):
+            if binding is None:
+                await state.bind_response(oid, Binding(tenant, resource, "", kind), ttl)
+                adopted.append(oid)
+        return _json_response({"tenant": tenant, "kind": kind, "adopted": adopted})
+
     # -- usage -------------------------------------------------------------
 
     async def usage(self, request: Request, admin: Admin) -> Response:
@@ -298,7 +353,7 @@ class AdminApi:
             "metadata": key.metadata,
         }
 
-    async def _audit(self, admin: Admin, event: str, key: ApiKey, **extra: Any) -> None:
+    async def _audit(self, admin: Admin, event: str, key: ApiKey | None, **extra: Any) -> None:
         """The action's audit record, durable before the change is made."""
         audit = self.gw.audit
         if not audit.enabled:
@@ -309,9 +364,7 @@ class AdminApi:
             "request_id": ex.request_id,
             "event": event,
             "actor": admin.id,
-            "tenant": key.tenant,
-            "key_id": key.id,
-            "name": key.name,
+            **({"tenant": key.tenant, "key_id": key.id, "name": key.name} if key else {}),
             **extra,
         }
         await audit.write(ex, [record], before_forward=True)

@@ -224,3 +224,48 @@ def test_cli(agw: Server, tenants: Tenants) -> None:
     assert cli("revoke", key_id).returncode == 0 and _use(agw, new) == 401
     bad = cli("revoke", "team-a-key")
     assert bad.returncode != 0 and "409" in bad.stderr
+
+
+def test_adopt_objects_made_around_the_gateway(agw: Server, sim: Sim, tenants: Tenants) -> None:
+    """A file uploaded straight to the resource belongs to no tenant (refused) until an admin
+    adopts it; other tenants still get 404; another tenant's object cannot be adopted."""
+    direct = httpx.post(
+        sim.url + "/openai/v1/files",
+        headers={"api-key": sim.state.api_key},
+        files={"file": ("old.txt", b"made before the gateway")},
+        data={"purpose": "assistants"},
+    ).json()["id"]
+    a = openai.OpenAI(
+        base_url=agw.url + "/openai/v1/", api_key=tenants.key("team-a"), max_retries=0
+    )
+    b = openai.OpenAI(
+        base_url=agw.url + "/openai/v1/", api_key=tenants.key("team-b"), max_retries=0
+    )
+    part = [{"role": "user", "content": [{"type": "input_file", "file_id": direct}]}]
+    with pytest.raises(openai.NotFoundError):
+        a.responses.create(model="gpt-4.1", input=part)  # type: ignore[arg-type]
+    body = {"tenant": "team-a", "resource": "swc", "kind": "file", "ids": [direct]}
+    assert _admin(agw, "POST", "/admin/objects", TEAM_B_ADMIN, json=body).status_code == 403
+    r = _admin(agw, "POST", "/admin/objects", json=body)
+    assert r.status_code == 200 and r.json()["adopted"] == [direct]
+    assert a.responses.create(model="gpt-4.1", input=part).id  # type: ignore[arg-type]
+    assert a.files.retrieve(direct).id == direct
+    with pytest.raises(openai.NotFoundError):
+        b.files.retrieve(direct)
+    # Bound to team-a now: adopting it for team-b is a conflict, and nothing changes.
+    other = {**body, "tenant": "team-b", "ids": [direct]}
+    r = _admin(agw, "POST", "/admin/objects", json=other)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "object_owned"
+    with pytest.raises(openai.NotFoundError):
+        b.files.retrieve(direct)
+    for bad in (
+        {**body, "kind": "assistant"},
+        {**body, "resource": "nope"},
+        {**body, "ids": ["../x"]},
+        {**body, "ids": ["conv_0123456789abcdef01234567"]},  # a conversation's shape
+        {**body, "ids": []},
+    ):
+        r = _admin(agw, "POST", "/admin/objects", json=bad)
+        assert r.status_code == 400, bad
+    audit = agw.audit_path.read_text()  # type: ignore[attr-defined]
+    assert '"event":"admin.objects_adopted"' in audit.replace(" ", "")
