@@ -25,7 +25,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .errors import BadRequest, Forbidden, GatewayError, NotFound, Unauthenticated
-from .exchange import Exchange
 from .keys import digest_of, hash_key, new_key, presented_key
 from .lifecycle import new_request_id
 from .objects import shape_kind
@@ -355,19 +354,10 @@ class AdminApi:
 
     async def _audit(self, admin: Admin, event: str, key: ApiKey | None, **extra: Any) -> None:
         """The action's audit record, durable before the change is made."""
-        audit = self.gw.audit
-        if not audit.enabled:
-            return
-        ex = Exchange(request_id=new_request_id(), operation=event, method="POST")
-        record = {
-            "ts": rfc3339(time.time()),
-            "request_id": ex.request_id,
-            "event": event,
-            "actor": admin.id,
-            **({"tenant": key.tenant, "key_id": key.id, "name": key.name} if key else {}),
-            **extra,
-        }
-        await audit.write(ex, [record], before_forward=True)
+        fields = {"actor": admin.id}
+        if key is not None:
+            fields.update(tenant=key.tenant, key_id=key.id, name=key.name)
+        await self.gw.audit.event(event, {**fields, **extra}, required=True)
 
 
 async def _json(request: Request, allow_empty: bool = False) -> dict[str, Any]:

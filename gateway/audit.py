@@ -330,6 +330,24 @@ class Auditor:
                 code="audit_unavailable",
             )
 
+    async def event(self, event: str, fields: Record, *, required: bool) -> None:
+        """A record of the gateway's own (an admin action, a config reload) in the chain;
+        ``required``: a record that cannot be written refuses the action (503)."""
+        if not self.sinks:
+            return
+        from .lifecycle import new_request_id
+
+        ex = Exchange(request_id=new_request_id(), operation=event, method="-")
+        now = time.time()
+        record = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+            + f".{int(now * 1000) % 1000:03d}Z",
+            "request_id": ex.request_id,
+            "event": event,
+            **fields,
+        }
+        await self.write(ex, [record], before_forward=required)
+
     async def aclose(self) -> None:
         for sink in self.sinks:
             await sink.aclose()

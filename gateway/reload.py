@@ -15,8 +15,9 @@ import logging
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from .config import ConfigError, load_config
+from .config import Config, ConfigError, load_config
 from .runtime import Gateway
 
 log = logging.getLogger("gateway.reload")
@@ -50,8 +51,13 @@ class Reloader:
         """Ask for a reload now (the SIGHUP handler)."""
         self._wake.set()
 
-    def check(self, force: bool = False) -> str:
-        """Reload if the file changed (or ``force``): 'unchanged', 'applied' or 'rejected'."""
+    async def check(self, force: bool = False) -> str:
+        """Reload if the file changed (or ``force``): 'unchanged', 'applied' or 'rejected'.
+
+        Both outcomes are records in the audit chain (``config.reloaded`` with what was
+        added and removed, ``config.rejected`` with the reason); ``actor`` says what asked.
+        """
+        actor = "sighup" if force else "file_change"
         digest = self._read_digest()
         if digest == self._digest and not force:
             return "unchanged"
@@ -63,6 +69,7 @@ class Reloader:
                 "config reload rejected; keeping the running config", extra={"reason": str(exc)}
             )
             self._result("rejected")
+            await self._audit("config.rejected", actor=actor, reason=str(exc)[:2000])
             return "rejected"
         old = self.gateway.snap.loaded.config
         stale = [s for s in _RESTART_SECTIONS if getattr(old, s) != getattr(loaded.config, s)]
@@ -73,7 +80,14 @@ class Reloader:
         self.gateway.swap(loaded)
         log.info("config reloaded", extra={"source": str(self.path)})
         self._result("applied")
+        await self._audit("config.reloaded", actor=actor, **changes(old, loaded.config))
         return "applied"
+
+    async def _audit(self, event: str, **fields: Any) -> None:
+        try:
+            await self.gateway.audit.event(event, fields, required=False)
+        except Exception:  # the reload stands; the sink's failure is logged and counted
+            log.exception("could not write the reload's audit record")
 
     def _result(self, result: str) -> None:
         if self._on_result:
@@ -94,7 +108,25 @@ class Reloader:
                 except TimeoutError:
                     forced = False
                 self._wake.clear()
-                self.check(force=forced)
+                await self.check(force=forced)
         finally:
             with contextlib.suppress(RuntimeError, ValueError, NotImplementedError):
                 loop.remove_signal_handler(signal.SIGHUP)
+
+
+def changes(old: Config, new: Config) -> dict[str, list[str]]:
+    """What a reload adds and removes: tenants, keys (ids), models, resources."""
+
+    def keys(cfg: Config) -> set[str]:
+        return {f"{t}/{k.id}" for t, tc in cfg.tenants.items() for k in tc.keys}
+
+    out: dict[str, list[str]] = {}
+    for name, before, after in (
+        ("tenants", set(old.tenants), set(new.tenants)),
+        ("keys", keys(old), keys(new)),
+        ("models", set(old.models), set(new.models)),
+        ("resources", set(old.resources), set(new.resources)),
+    ):
+        out[f"{name}_added"] = sorted(after - before)
+        out[f"{name}_removed"] = sorted(before - after)
+    return out

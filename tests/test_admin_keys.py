@@ -19,6 +19,7 @@ from harness import Server, Sim, Tenants, base_config, gateway
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gateway.audit_sinks import verify
 from gateway.keys import hash_key, new_key
 
 ADMIN = new_key()
@@ -108,6 +109,7 @@ def test_create_use_list_rotate_revoke(agw: Server, tenants: Tenants) -> None:
     ]
     audit_text = agw.audit_path.read_text()  # type: ignore[attr-defined]
     assert all(k not in audit_text for k in (key, new, newer, hash_key(key)))
+    assert verify([str(agw.audit_path)]) == (len(records), None)  # type: ignore[attr-defined]
 
 
 def test_expired_runtime_key(agw: Server) -> None:

@@ -239,9 +239,15 @@ def test_sigterm_drains_open_stream(identity: Sim, tenants: Tenants, procs: Any)
 
 
 def test_reload_applies_valid_and_keeps_old_on_invalid(
-    identity: Sim, tenants: Tenants, procs: Any
+    identity: Sim, tenants: Tenants, procs: Any, tmp_path: Path
 ) -> None:
-    cfg = base_config({"swc": identity}, tenants, server={"reload_interval_seconds": 0})
+    audit = tmp_path / "audit.jsonl"
+    cfg = base_config(
+        {"swc": identity},
+        tenants,
+        server={"reload_interval_seconds": 0},
+        audit={"path": str(audit)},
+    )
     gw = procs(cfg)
     a, b = tenants.key("team-a"), tenants.key("team-b")
     url = f"{gw.url}/openai/v1/responses"
@@ -280,6 +286,19 @@ def test_reload_applies_valid_and_keeps_old_on_invalid(
     metrics = httpx.get(gw.url + "/metrics").text
     assert 'gateway_config_reloads_total{result="applied"} 1.0' in metrics
     assert 'gateway_config_reloads_total{result="rejected"} 2.0' in metrics
+    # Each outcome is a record in the audit chain, with what changed or why it was refused.
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    reloads = [r for r in records if r["event"].startswith("config.")]
+    assert [r["event"] for r in reloads] == [
+        "config.reloaded",
+        "config.rejected",
+        "config.rejected",
+    ]
+    assert reloads[0]["actor"] == "sighup"
+    assert reloads[0]["keys_removed"] == ["team-a/team-a-key"] and reloads[0]["keys_added"] == []
+    assert "not valid YAML" in reloads[1]["reason"]
+    assert "duplicate key 'team-a'" in reloads[2]["reason"]
+    assert tenants.key("team-a") not in audit.read_text()
 
 
 def test_reload_on_file_change_and_in_flight_stream(
