@@ -209,6 +209,7 @@ def create_app(
         keys=ApiKeys(key_store),
     )
     metrics.watch_targets(breakers, [t.key for t in gateway.snap.router.all_targets()])
+    metrics.watch_keys(gateway.keys.used)
     proxy = Proxy(gateway)
 
     reloader = None

@@ -435,6 +435,24 @@ class Metrics(BaseObserver):
             resource, _, deployment = key.partition("/")
             self.target_state.labels(resource, deployment).set_function(reader(key))
 
+    def watch_keys(self, used: dict[str, tuple[str, float]]) -> None:
+        """``gateway_key_last_used_timestamp_seconds{tenant,key_id}``: when this replica last
+        saw each key (config and runtime), read at scrape time."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        class _LastUsed:
+            def collect(self) -> Any:
+                family = GaugeMetricFamily(
+                    "gateway_key_last_used_timestamp_seconds",
+                    "When this replica last authenticated a request with the key (epoch s)",
+                    labels=["tenant", "key_id"],
+                )
+                for key_id, (tenant, at) in used.copy().items():
+                    family.add_metric([tenant, key_id], at)
+                yield family
+
+        self.registry.register(_LastUsed())
+
     def watch_state(self, guard: Any) -> None:
         """Read the breaker's state and queue length at scrape time."""
         self.state_open.set_function(lambda: float(guard.is_open))

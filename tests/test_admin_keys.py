@@ -71,6 +71,9 @@ def test_create_use_list_rotate_revoke(agw: Server, tenants: Tenants) -> None:
     assert rows["team-a-key"]["source"] == "config"
     text = listing.text
     assert key not in text and hash_key(key) not in text and tenants.key("team-a") not in text
+    scrape = httpx.get(agw.url + "/metrics").text
+    line = f'gateway_key_last_used_timestamp_seconds{{key_id="{made["id"]}",tenant="team-a"}}'
+    assert line in scrape
     one = _admin(agw, "GET", f"/admin/keys/{made['id']}")
     assert one.json()["name"] == "ci" and "key" not in one.json()
     # Rotate without grace: the old secret stops at once, the new one works, same id.
