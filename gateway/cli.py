@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -129,9 +130,20 @@ def config_warnings(loaded: LoadedConfig) -> list[str]:
 
 
 def cmd_keys_new(args: argparse.Namespace) -> int:
+    if not args.admin and not args.tenant:
+        print("gateway keys new: give TENANT (or --admin for an admin key)", file=sys.stderr)
+        return 2
     key = new_key()
-    key_id = args.id or f"{args.tenant}-{time.strftime('%Y%m%d')}-{os.urandom(2).hex()}"
+    owner = "admin" if args.admin else args.tenant
+    key_id = args.id or f"{owner}-{time.strftime('%Y%m%d')}-{os.urandom(2).hex()}"
     print(f"key: {key}")
+    if args.admin:
+        tenants = json.dumps(args.admin_of or ["*"])
+        print("# Give the key to the admin once; it is not stored anywhere. Add this under")
+        print('# admin.keys in the config (tenants: ["*"] for a gateway admin, or the tenants')
+        print("# a tenant admin manages):")
+        print(f'- {{id: {key_id}, sha256: "{hash_key(key)}", tenants: {tenants}}}')
+        return 0
     print("# Give the key to the team once; it is not stored anywhere. Add this under")
     print(f"# tenants.{args.tenant}.keys in the config:")
     print(f'- {{id: {key_id}, sha256: "{hash_key(key)}"}}')
@@ -161,7 +173,6 @@ def cmd_keys_which(args: argparse.Namespace) -> int:
 
 def _admin_call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
     """One admin API call; the admin credential comes from GATEWAY_ADMIN_KEY."""
-    import json
     import urllib.error
     import urllib.request
 
@@ -423,8 +434,15 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="manage gateway keys").add_subparsers(
         dest="keys", required=True
     )
-    p = keys.add_parser("new", help="print a new key for TENANT and the entry to store")
-    p.add_argument("tenant", help="the tenant the key is for")
+    p = keys.add_parser("new", help="print a new key for TENANT (or an admin) and its entry")
+    p.add_argument("tenant", nargs="?", help="the tenant the key is for")
+    p.add_argument("--admin", action="store_true", help="an admin key (for admin.keys)")
+    p.add_argument(
+        "--admin-of",
+        action="append",
+        metavar="TENANT",
+        help="with --admin: a tenant the admin manages (repeat; default: all)",
+    )
     p.add_argument("--id", help="key id (default: TENANT-DATE-RANDOM)")
     p.set_defaults(func=cmd_keys_new)
 

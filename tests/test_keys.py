@@ -92,3 +92,42 @@ def test_keys_new_cli() -> None:
     line = re.search(r'- \{id: team-a-ci, sha256: "([0-9a-f]{64})"\}', out)
     assert line and line.group(1) == hash_key(key)
     assert out.count(key) == 1  # printed once
+
+
+def test_keys_new_admin_and_which(tmp_path: object) -> None:
+    """An admin key's how-to names admin.keys (not tenants.admin.keys), and the entry it
+    prints is accepted there; `keys which` names a config key's id and tenant."""
+    import yaml
+
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "keys", "new", "--admin", "--admin-of", "t"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "admin.keys" in out and "tenants.admin" not in out
+    key = re.search(r"^key: (gk-\S+)$", out, re.M).group(1)  # type: ignore[union-attr]
+    entry = yaml.safe_load(out.splitlines()[-1])[0]
+    assert entry["sha256"] == hash_key(key) and entry["tenants"] == ["t"]
+    tenant_key = new_key()
+    cfg = {
+        "resources": {"r": {"endpoint": "https://r.example.com", "region": "x"}},
+        "models": {},
+        "tenants": {"t": {"keys": [{"id": "k1", "sha256": hash_key(tenant_key)}]}},
+        "admin": {"keys": [entry]},
+    }
+    path = f"{tmp_path}/c.yaml"
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    which = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "keys", "which", tenant_key, "--config", path],
+        capture_output=True,
+        text=True,
+    )
+    assert which.returncode == 0 and which.stdout == "id: k1\ntenant: t\n"
+    other = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "keys", "which", new_key(), "--config", path],
+        capture_output=True,
+        text=True,
+    )
+    assert other.returncode == 1 and "not a key of this config" in other.stdout
