@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from .admin_entra import EntraVerifier, looks_like_jwt
 from .errors import BadRequest, Forbidden, GatewayError, NotFound, Unauthenticated
 from .keys import digest_of, hash_key, new_key, presented_key
 from .lifecycle import new_request_id
@@ -86,6 +87,7 @@ class AdminApi:
 
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
+        self._entra: tuple[Any, EntraVerifier] | None = None  # (config it serves, verifier)
 
     def routes(self) -> list[Route]:
         return [
@@ -104,7 +106,7 @@ class AdminApi:
         async def endpoint(request: Request) -> Response:
             rid = new_request_id()
             try:
-                admin = self.authenticate(request)
+                admin = await self.authenticate(request)
                 response = await fn(request, admin)
             except GatewayError as exc:
                 headers = {**exc.headers, "x-request-id": rid}
@@ -114,14 +116,19 @@ class AdminApi:
 
         return endpoint
 
-    def authenticate(self, request: Request) -> Admin:
+    async def authenticate(self, request: Request) -> Admin:
         """The admin behind the request's credential (401 otherwise)."""
         cfg = self.gw.snap.loaded.config.admin
-        if cfg.key_sha256 is None and not cfg.keys:
+        if cfg.key_sha256 is None and not cfg.keys and cfg.entra is None:
             raise NotFound("The admin API is not enabled on this gateway.")
         key = presented_key(request.headers.raw)
         if key is None:
             raise Unauthenticated("The admin API needs an admin key.", code="invalid_admin_key")
+        if cfg.entra is not None and looks_like_jwt(key):
+            if self._entra is None or self._entra[0] is not cfg.entra:
+                self._entra = (cfg.entra, EntraVerifier(cfg.entra))
+            actor, tenants = await self._entra[1].verify(key)
+            return Admin(actor, tenants)
         digest = digest_of(key).hex()
         if cfg.key_sha256 is not None and hmac.compare_digest(digest, cfg.key_sha256):
             return Admin("admin", ("*",))

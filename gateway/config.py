@@ -338,9 +338,33 @@ class AdminKeyConfig(_Frozen):
         return value
 
 
+class EntraAdminConfig(_Frozen):
+    """Microsoft Entra access tokens as admin credentials: app roles map to tenants."""
+
+    tenant_id: str
+    audience: str
+    roles: dict[str, tuple[str, ...]]  # app role -> ["*"] or the tenants it manages
+    authority: str = "https://login.microsoftonline.com"
+
+    @field_validator("authority")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value.rstrip("/")
+
+    @field_validator("tenant_id")
+    @classmethod
+    def _tenant(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9.-]{1,128}", value):
+            raise ValueError("must be a directory (tenant) id or domain")
+        return value
+
+
 class AdminConfig(_Frozen):
     key_sha256: str | None = None  # one gateway-wide admin key (id "admin"); never a tenant key
     keys: tuple[AdminKeyConfig, ...] = ()
+    entra: EntraAdminConfig | None = None
 
     @field_validator("key_sha256")
     @classmethod
@@ -477,6 +501,11 @@ def _cross_check(cfg: Config) -> list[str]:
         for name in akey.tenants:
             if name != "*" and name not in cfg.tenants:
                 errors.append(f"{where}.tenants: unknown tenant {name!r}")
+    if cfg.admin.entra is not None:
+        for role, names in cfg.admin.entra.roles.items():
+            for name in names:
+                if name != "*" and name not in cfg.tenants:
+                    errors.append(f"admin.entra.roles.{role}: unknown tenant {name!r}")
     for model, price in cfg.prices.items():
         if model not in cfg.models:
             errors.append(f"prices.{model}: unknown model")
