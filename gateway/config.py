@@ -7,6 +7,7 @@ fails at start with the field that named it.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -15,7 +16,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
 
 import yaml
@@ -522,8 +524,72 @@ def _format_validation(exc: ValidationError) -> str:
             f"[{p}]" if isinstance(p, int) else str(p) for p in err["loc"] if p != "__root__"
         ).replace(".[", "[")
         msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            known = _fields_at(err["loc"][:-1])
+            close = difflib.get_close_matches(str(err["loc"][-1]), sorted(known), n=1)
+            msg = f"unknown key{f' (did you mean {close[0]!r}?)' if close else ''}"
         lines.append(f"{path or '(top level)'}: {msg}")
     return "\n".join(lines)
+
+
+def _fields_at(loc: tuple[Any, ...]) -> set[str]:
+    """The field names of the config model at ``loc`` (for "did you mean")."""
+    node: Any = Config
+    for part in loc:
+        node = _unwrap(node)
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            field = node.model_fields.get(str(part))
+            if field is None:
+                return set()
+            node = field.annotation
+            continue
+        origin, args = get_origin(node), get_args(node)
+        if origin is dict and len(args) == 2:
+            node = args[1]  # ``part`` is a name of the mapping
+        elif origin is tuple and args:
+            node = args[0]  # ``part`` is an index
+        else:
+            return set()
+    node = _unwrap(node)
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        return set(node.model_fields)
+    return set()
+
+
+def _unwrap(node: Any) -> Any:
+    """``X`` out of ``X | None`` and ``Annotated[X, ...]``."""
+    while True:
+        args = [a for a in get_args(node) if a is not type(None)]
+        if get_origin(node) in (Union, UnionType) and len(args) == 1:
+            node = args[0]
+        elif get_origin(node) is Annotated:
+            node = get_args(node)[0]
+        else:
+            return node
+
+
+def yaml_line(text: str, path: str) -> int | None:
+    """The line of the YAML node at a config path (``tenants.team-a.keys[1].sha256``)."""
+    try:
+        node: Any = yaml.compose(text, Loader=_StrictLoader)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in re.findall(r"\[(\d+)\]|([^.\[\]]+)", path):
+        index, name = part
+        if isinstance(node, yaml.SequenceNode) and index and int(index) < len(node.value):
+            node = node.value[int(index)]
+        elif isinstance(node, yaml.MappingNode) and name:
+            found = [(k, v) for k, v in node.value if getattr(k, "value", None) == name]
+            if not found:
+                break
+            line = found[0][0].start_mark.line + 1
+            node = found[0][1]
+            continue
+        else:
+            break
+        line = node.start_mark.line + 1
+    return line
 
 
 def parse_config(
@@ -611,4 +677,13 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> L
         data = load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_config(data, environ, str(path))
+    try:
+        return parse_config(data, environ, str(path))
+    except ConfigError as exc:
+        head, *errors = str(exc).split("\n")
+        lines = [head]
+        for error in errors:
+            where = error.split(": ", 1)[0]
+            line = yaml_line(text, where) if where and " " not in where else None
+            lines.append(f"{error} (line {line})" if line else error)
+        raise ConfigError("\n".join(lines)) from None

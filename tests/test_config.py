@@ -46,10 +46,10 @@ def test_good_config_loads() -> None:
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [
-        (lambda c: c.update(extra=1), "extra: Extra inputs are not permitted"),
+        (lambda c: c.update(extra=1), "extra: unknown key"),
         (
             lambda c: c["tenants"]["team-a"].update(modles=["x"]),
-            "tenants.team-a.modles: Extra inputs",
+            "tenants.team-a.modles: unknown key (did you mean 'models'?)",
         ),
         (
             lambda c: c["models"]["gpt-4.1"][0].update(resource="nope"),
@@ -162,3 +162,26 @@ def test_example_config_is_valid() -> None:
     example = Path(__file__).parent.parent / "config" / "example.yaml"
     loaded = load_config(example, {"AOAI_FR_KEY": "x", "REDIS_URL": "redis://127.0.0.1:6379/0"})
     assert loaded.config.tenants
+
+
+def test_misspelt_keys_get_a_suggestion_and_errors_name_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "typo.yaml"
+    path.write_text(
+        "resources:\n"
+        "  swc: {endpoint: 'https://swc.example.com', region: swedencentral}\n"
+        "models:\n"
+        "  gpt-4.1:\n"
+        "    - {resource: swc, deployment: d}\n"
+        "tenants:\n"
+        "  team-a:\n"
+        "    modles: [gpt-4.1]\n"
+        "    quotas: {tokens_per_minut: 5, requests_per_minute: 0}\n"
+        "stat: {backend: memory}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "tenants.team-a.modles: unknown key (did you mean 'models'?) (line 8)" in message
+    assert "tokens_per_minut: unknown key (did you mean 'tokens_per_minute'?) (line 9)" in message
+    assert "requests_per_minute: Input should be greater than 0 (line 9)" in message
+    assert "stat: unknown key (did you mean 'state'?) (line 10)" in message
