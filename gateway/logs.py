@@ -125,6 +125,7 @@ class AccessLog(BaseObserver):
         kinds = ex.usage_kinds() or {}
         return {
             **ex.who_and_where(),
+            "client_addr": ex.client,
             "operation": ex.operation,
             "method": ex.method,
             "status": ex.status,

@@ -60,3 +60,4 @@ def test_direct_and_logging_paths_write_the_same_json(root_json: io.StringIO) ->
     assert direct == via_logging
     assert direct["logger"] == "gateway.access" and direct["status"] == 200
     assert direct["response_id"] == "resp_\ud800" and direct["total_tokens"] == 7
+    assert direct["client_addr"] == "10.0.0.1"
