@@ -15,6 +15,7 @@ from .exchange import BaseObserver, Exchange
 _STD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys()) | {
     "message",
     "asctime",
+    "color_message",  # uvicorn's copy of the message with terminal colour codes
 }
 
 

@@ -129,5 +129,12 @@ def render(rows: list[dict[str, Any]], fmt: str) -> str:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    # Money to the micro-unit the ledger counts in, never in exponent form (1e-06).
+    writer.writerows(
+        {k: f"{v:.6f}" if k in MONEY and isinstance(v, float) else v for k, v in row.items()}
+        for row in rows
+    )
     return out.getvalue()
+
+
+MONEY = frozenset({"cost", "estimated_cost", "ptu_cost"})

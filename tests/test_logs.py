@@ -61,3 +61,20 @@ def test_direct_and_logging_paths_write_the_same_json(root_json: io.StringIO) ->
     assert direct["logger"] == "gateway.access" and direct["status"] == 200
     assert direct["response_id"] == "resp_\ud800" and direct["total_tokens"] == 7
     assert direct["client_addr"] == "10.0.0.1"
+
+
+def test_uvicorn_colour_codes_never_reach_json() -> None:
+    record = logging.LogRecord("uvicorn.error", logging.INFO, "x", 1, "Started %s", ("x",), None)
+    record.color_message = "Started \x1b[36m%s\x1b[0m"  # what uvicorn attaches
+    line = JsonFormatter().format(record)
+    assert "\x1b" not in line and "color_message" not in line
+    assert json.loads(line)["msg"] == "Started x"
+
+
+def test_usage_csv_money_has_every_digit() -> None:
+    from gateway.usage import COLUMNS, render
+
+    row = {c: 0 for c in COLUMNS}
+    row.update(cost=0.000001, estimated_cost=12.5, ptu_cost=0.0, currency="EUR")
+    text = render([row], "csv")
+    assert "0.000001" in text and "1e-06" not in text and "12.500000" in text
