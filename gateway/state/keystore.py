@@ -96,6 +96,7 @@ class MemoryKeyStore:
 
     async def delete(self, key: ApiKey) -> None:
         self.keys.pop(key.id, None)
+        self.used.pop(key.id, None)
         for h, _ in key.hashes:
             self.hashes.pop(h, None)
         self._version += 1
