@@ -139,7 +139,7 @@ def test_embeddings_images_audio_completions(client: Any, gw: Server, sim: Sim) 
     assert edit.data[0].b64_json
 
     speech = client.audio.speech.create(model="gpt-4o-mini", voice="alloy", input="hi")
-    from gateway.sim_surface import SPEECH
+    from gateway.simulator import SPEECH
 
     assert speech.read() == SPEECH
 

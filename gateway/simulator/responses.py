@@ -1,29 +1,21 @@
-"""A local Azure OpenAI Responses API simulator, and a managed-identity token endpoint.
-
-For the demo and the tests: both path forms, JSON and SSE with ``sequence_number``,
-background mode with cancel and stream resume, input_items, compact, MCP items
-when MCP tools are sent, and injected failures. Control per request with headers
-``x-sim-status`` (answer with that error), ``x-sim-delay`` (seconds between stream
-events) and ``x-sim-hang`` (seconds before answering), or through ``SimState``.
-"""
+"""The simulator's Responses API: create (JSON, SSE, background), retrieve (and stream
+resume), delete, cancel, input_items, compact, input_tokens; on both path forms."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from . import sim_surface
-from .sim_shapes import (
+from .base import Ctx
+from .shapes import (
+    Json,
     _error,
     _id,
     _input_items,
@@ -35,146 +27,12 @@ from .sim_shapes import (
     stream_events,
 )
 
-Json = dict[str, Any]
-IDENTITY_HEADER = "sim-identity-header"
 
-
-@dataclass
-class Recorded:
-    """One request as the simulator received it."""
-
-    method: str
-    path: str
-    query: str
-    headers: dict[str, str]
-    body: bytes
-
-
-@dataclass
-class SimState:
-    """Everything the simulator remembers; tests read and steer it."""
-
-    region: str = "swedencentral"
-    api_key: str = "sim-api-key"
-    delay: float = 0.0
-    background_seconds: float = 0.3
-    token_expires_in: float = 3600.0
-    token_delay: float = 0.0
-    fail_queue: list[int] = field(default_factory=list)
-    fail_headers: dict[str, str] = field(default_factory=lambda: {"retry-after": "1"})
-    fail_message: str = ""  # the injected error's message; default "Simulated upstream error N."
-    responses: dict[str, Json] = field(default_factory=dict)
-    inputs: dict[str, list[Json]] = field(default_factory=dict)
-    events: dict[str, list[Json]] = field(default_factory=dict)
-    ready_at: dict[str, float] = field(default_factory=dict)
-    requests: list[Recorded] = field(default_factory=list)
-    sent_streams: list[bytes] = field(default_factory=list)
-    tokens_issued: list[str] = field(default_factory=list)
-    on_request: Callable[[Recorded], None] | None = None
-    files: dict[str, tuple[Json, bytes]] = field(default_factory=dict)
-    conversations: dict[str, tuple[Json, list[Json]]] = field(default_factory=dict)
-    vector_stores: dict[str, tuple[Json, dict[str, Json]]] = field(default_factory=dict)
-    containers: dict[str, tuple[Json, dict[str, tuple[Json, bytes]]]] = field(default_factory=dict)
-    stale_reads: int = 0  # the next N lookups of stored objects answer "not found"
-    started: list[str] = field(default_factory=list)  # paths, as each request's head arrives
-
-    max_stored: int = 2_000
-
-    def forget_oldest(self) -> None:
-        """Keep at most ``max_stored`` responses (and requests), like a bounded store."""
-        while len(self.responses) > self.max_stored:
-            rid = next(iter(self.responses))
-            for store in (self.responses, self.inputs, self.events, self.ready_at):
-                store.pop(rid, None)
-        if len(self.requests) > 2 * self.max_stored:
-            del self.requests[: self.max_stored]
-        if len(self.sent_streams) > self.max_stored:
-            del self.sent_streams[: self.max_stored // 2]
-
-    def stale(self) -> bool:
-        """Whether this lookup is one of the next ``stale_reads`` that miss (and count it)."""
-        if self.stale_reads > 0:
-            self.stale_reads -= 1
-            return True
-        return False
-
-    def api_requests(self) -> list[Recorded]:
-        """Every API request (not the token endpoint's)."""
-        return [r for r in self.requests if r.path.startswith("/openai/")]
-
-    def new_container(self, name: str) -> Json:
-        """A container with one generated file in it (a plot, as code interpreter makes)."""
-        from .sim_surface import PNG
-
-        cid = _id("cntr")
-        fid = _id("cfile")
-        meta = {
-            "id": fid,
-            "object": "container.file",
-            "container_id": cid,
-            "path": f"/mnt/data/{fid}.png",
-            "bytes": len(PNG),
-            "source": "assistant",
-        }
-        obj = {
-            "id": cid,
-            "object": "container",
-            "name": name,
-            "created_at": int(time.time()),
-            "status": "running",
-        }
-        self.containers[cid] = (obj, {fid: (meta, PNG)})
-        return obj
-
-
-def create_simulator(state: SimState | None = None) -> Starlette:
-    """The simulator ASGI app; ``app.state.sim`` is its ``SimState``."""
-    sim = state or SimState()
-
-    async def record(request: Request) -> tuple[Recorded, Response | None]:
-        sim.started.append(request.url.path)
-        if len(sim.started) > 2 * sim.max_stored:
-            del sim.started[: sim.max_stored]
-        rec = Recorded(
-            request.method,
-            request.url.path,
-            request.url.query,
-            {k.lower(): v for k, v in request.headers.items()},
-            await request.body(),
-        )
-        sim.requests.append(rec)
-        if sim.on_request is not None:
-            sim.on_request(rec)
-        if (
-            request.url.path.startswith("/openai/")
-            and not request.url.path.startswith("/openai/v1/")
-            and "api-version" not in request.query_params
-        ):
-            return rec, _error(404, "Resource not found", "404")
-        auth = rec.headers.get("authorization", "")
-        if not (auth.startswith("Bearer sim-token-") or rec.headers.get("api-key") == sim.api_key):
-            return rec, _error(401, "Access denied due to invalid credentials.", "401")
-        hang = float(rec.headers.get("x-sim-hang", "0"))
-        if hang:
-            await asyncio.sleep(hang)
-        status = int(rec.headers.get("x-sim-status", "0")) or (
-            sim.fail_queue.pop(0) if sim.fail_queue else 0
-        )
-        if status:
-            message = sim.fail_message or f"Simulated upstream error {status}."
-            resp = _error(status, message, str(status))
-            resp.headers.update(sim.fail_headers)
-            return rec, resp
-        return rec, None
-
-    def headers() -> dict[str, str]:
-        return {
-            "x-request-id": _id("sim"),
-            "apim-request-id": _id("apim"),
-            "x-ms-region": sim.region,
-            "x-ratelimit-remaining-requests": "4999",
-            "x-ratelimit-remaining-tokens": "123456",
-        }
+def routes(ctx: Ctx) -> list[Route]:
+    """The Responses endpoints."""
+    sim = ctx.sim
+    record = ctx.record
+    headers = ctx.headers
 
     def emit(events: list[Json], delay: float) -> AsyncIterator[bytes]:
         async def gen() -> AsyncIterator[bytes]:
@@ -406,28 +264,7 @@ def create_simulator(state: SimState | None = None) -> Starlette:
             {"object": "response.input_tokens", "input_tokens": count}, headers=headers()
         )
 
-    async def token(request: Request) -> Response:
-        sim.requests.append(
-            Recorded("GET", request.url.path, request.url.query, dict(request.headers), b"")
-        )
-        if request.headers.get("x-identity-header") != IDENTITY_HEADER:
-            return JSONResponse({"error": "invalid identity header"}, 401)
-        if not request.query_params.get("resource"):
-            return JSONResponse({"error": "resource is required"}, 400)
-        if sim.token_delay:
-            await asyncio.sleep(sim.token_delay)
-        tok = f"sim-token-{len(sim.tokens_issued)}-{secrets.token_hex(8)}"
-        sim.tokens_issued.append(tok)
-        return JSONResponse(
-            {
-                "access_token": tok,
-                "expires_on": str(int(time.time() + sim.token_expires_in)),
-                "resource": request.query_params["resource"],
-                "token_type": "Bearer",
-            }
-        )
-
-    routes = [Route("/msi/token", token, methods=["GET"])]
+    routes: list[Route] = []
     for prefix in ("/openai/v1/responses", "/openai/responses"):
         routes += [
             Route(prefix, create, methods=["POST"]),
@@ -438,12 +275,4 @@ def create_simulator(state: SimState | None = None) -> Starlette:
             Route(prefix + "/{rid}/cancel", cancel, methods=["POST"]),
             Route(prefix + "/{rid}/input_items", input_items, methods=["GET"]),
         ]
-    routes += sim_surface.routes(sim, record, headers, _error, _id)
-
-    async def unknown(request: Request, exc: Exception) -> Response:
-        """Paths and methods Azure does not have: its JSON 404 (not Starlette's text)."""
-        return _error(404, "Resource not found", "404")
-
-    app = Starlette(routes=routes, exception_handlers={404: unknown, 405: unknown})
-    app.state.sim = sim
-    return app
+    return routes

@@ -3,6 +3,7 @@ makes them (used by ``simulator`` and ``sim_surface``)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 import time
@@ -11,6 +12,12 @@ from typing import Any
 from starlette.responses import JSONResponse, Response
 
 Json = dict[str, Any]
+
+# A 1x1 transparent PNG.
+PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII="
+)
+SPEECH = b"ID3\x04\x00\x00\x00\x00\x00\x00" + bytes(range(256)) * 8
 
 
 def _id(prefix: str) -> str:
