@@ -10,9 +10,9 @@ import time
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
-from . import models, objects, responses
+from . import models, objects, responses, sockets
 from .base import IDENTITY_HEADER, Ctx, Recorded, SimState
 from .shapes import _error
 
@@ -43,8 +43,9 @@ def create_simulator(state: SimState | None = None) -> Starlette:
             }
         )
 
-    routes = [Route("/msi/token", token, methods=["GET"])]
+    routes: list[BaseRoute] = [Route("/msi/token", token, methods=["GET"])]
     routes += responses.routes(ctx) + objects.routes(ctx) + models.routes(ctx)
+    routes += sockets.routes(ctx)
 
     async def unknown(request: Request, exc: Exception) -> Response:
         """Paths and methods Azure does not have: its JSON 404 (not Starlette's text)."""

@@ -55,6 +55,8 @@ class SimState:
     vector_stores: dict[str, tuple[Json, dict[str, Json]]] = field(default_factory=dict)
     containers: dict[str, tuple[Json, dict[str, tuple[Json, bytes]]]] = field(default_factory=dict)
     stale_reads: int = 0  # the next N lookups of stored objects answer "not found"
+    ws_frames: list[str] = field(default_factory=list)  # text frames the sockets received
+    sockets_open: int = 0
     started: list[str] = field(default_factory=list)  # paths, as each request's head arrives
 
     max_stored: int = 2_000
@@ -110,6 +112,8 @@ class Ctx:
 
     def __init__(self, sim: SimState) -> None:
         self.sim = sim
+        # Set by the Responses module: a new response for a create body (HTTP or socket).
+        self.produce: Callable[[Json, dict[str, str]], tuple[Json, list[Json]] | Response]
         error = _error
         new_id = _id
 

@@ -105,12 +105,9 @@ def routes(ctx: Ctx) -> list[Route]:
 
         return handler
 
-    @invalid
-    async def create(request: Request) -> Response:
-        rec, err = await record(request)
-        if err:
-            return err
-        body = json.loads(rec.body)
+    def produce(body: Json, rec_headers: dict[str, str]) -> tuple[Json, list[Json]] | Response:
+        """A new response to ``body`` and its stream events (stored unless store: false),
+        or the error Azure answers; for HTTP creates and WebSocket ``response.create``."""
         missing = missing_previous(body) or missing_objects(body)
         if missing:
             return missing
@@ -135,9 +132,9 @@ def routes(ctx: Ctx) -> list[Route]:
         if conv_id:
             sim.conversations[conv_id][1].extend([*items, *resp["output"]])
             resp["conversation"] = {"id": conv_id}
-        _token_details(resp["usage"], rec.headers)
+        _token_details(resp["usage"], rec_headers)
         events = stream_events(resp)
-        delay = float(rec.headers.get("x-sim-delay", sim.delay))
+        delay = float(rec_headers.get("x-sim-delay", sim.delay))
         if body.get("store", True) is not False:
             sim.inputs[resp["id"]] = items
             sim.events[resp["id"]] = events
@@ -148,6 +145,21 @@ def routes(ctx: Ctx) -> list[Route]:
                 sim.ready_at[resp["id"]] = time.time() + span
             sim.responses[resp["id"]] = stored
             sim.forget_oldest()
+        return resp, events
+
+    ctx.produce = produce
+
+    @invalid
+    async def create(request: Request) -> Response:
+        rec, err = await record(request)
+        if err:
+            return err
+        body = json.loads(rec.body)
+        made = produce(body, rec.headers)
+        if isinstance(made, Response):
+            return made
+        resp, events = made
+        delay = float(rec.headers.get("x-sim-delay", sim.delay))
         if body.get("stream"):
             return StreamingResponse(
                 emit(events, delay), media_type="text/event-stream", headers=headers()
