@@ -44,9 +44,29 @@ class QuotaGate:
                 extra={"operation": what, "policy": self.on_state_error, "reason": exc.message},
             )
 
-    async def admit(self, ex: Exchange, tenant_name: str, tenant: TenantConfig, model: str) -> None:
-        """Admit ``ex`` or raise the 429 (or, with ``deny``, the 503) that refuses it."""
+    async def admit(
+        self,
+        ex: Exchange,
+        tenant_name: str,
+        tenant: TenantConfig,
+        model: str,
+        part: str = "all",
+    ) -> None:
+        """Admit ``ex`` or raise the 429 (or, with ``deny``, the 503) that refuses it.
+
+        ``part``: ``all`` the tenant's limits; ``slot`` only a concurrency slot (a
+        WebSocket connection holds one for its life); ``rate`` all but the slot (each
+        ``response.create`` on a socket).
+        """
         scopes = scopes_for(tenant_name, tenant, model)
+        if part == "slot":
+            scopes = [
+                s._replace(rpm=0, tpm=0, tpd=0, tpmonth=0, cost_day=0, cost_month=0)
+                for s in scopes
+                if s.concurrency
+            ]
+        elif part == "rate":
+            scopes = [s._replace(concurrency=0) for s in scopes]
         ex.quota_scopes = scopes
         if not scopes:
             return

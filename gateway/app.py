@@ -38,6 +38,7 @@ from .state import StateBackend
 from .state.keystore import KeyStore, MemoryKeyStore
 from .state.memory import MemoryState
 from .upstream import new_client, safe_request_id
+from .websocket import Sockets
 
 log = logging.getLogger("gateway")
 
@@ -64,22 +65,19 @@ class Dispatch:
         operations: dict[str, Any],
         unknown: Any,
         local: frozenset[str],
-        no_socket: Any,
+        sockets: Any,
     ) -> None:
         self.app = app
         self.table = table
         self.operations = operations
         self.unknown = unknown
-        self.no_socket = no_socket
+        self.sockets = sockets
         self.local = local
         self.state = app.state
         self.router = app.router
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            if _upgrade_to_websocket(scope["headers"]):
-                await self.no_socket(scope, receive, send)
-                return
             path = scope["path"]
             match = self.table.match(scope["method"], scope_segments(scope))
             if match is not None:
@@ -89,15 +87,10 @@ class Dispatch:
             if path not in self.local and not path.startswith("/admin/"):
                 await self.unknown(scope, receive, send)
                 return
+        elif scope["type"] == "websocket":
+            await self.sockets(scope, receive, send)
+            return
         await self.app(scope, receive, send)
-
-
-def _upgrade_to_websocket(headers: list[tuple[bytes, bytes]]) -> bool:
-    """Whether a request is a WebSocket handshake (``Upgrade: websocket``)."""
-    for name, value in headers:  # noqa: SIM110 (every request's path: no generator)
-        if name == b"upgrade" and b"websocket" in value.lower():
-            return True
-    return False
 
 
 def build_state(
@@ -320,4 +313,4 @@ def create_app(
     app.state.metrics = metrics
     app.state.reloader = reloader
     local = frozenset(r.path for r in routes)
-    return Dispatch(app, table, operations, proxy.unknown(table), local, proxy.no_socket())
+    return Dispatch(app, table, operations, proxy.unknown(table), local, Sockets(gateway))

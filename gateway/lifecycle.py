@@ -202,25 +202,7 @@ class Operation:
                 # Cut before Azure reported usage, or a chat stream without a usage chunk:
                 # charged and priced by estimate.
                 ex.estimated_tokens = estimate_tokens(ex.request_bytes, ex.stream_events)
-            try:
-                kinds = _billed_kinds(ex)
-                _price(ex, gw.snap, kinds)  # budgets are charged in money, so before settling
-                ledger = _ledger(ex, gw.snap, kinds)
-                if ex.quota_scopes or ledger:  # only then is there anything to settle
-                    if gw.state_is_local:
-                        await self._settle(ex, ledger)  # never suspends: nothing to shield
-                    else:
-                        await shielded(self._settle(ex, ledger))
-            finally:
-                ex.duration_seconds = time.perf_counter() - ex.started
-                for obs in gw.observers:
-                    _tell(obs.finished, ex)
-
-    async def _settle(self, ex: Exchange, ledger: LedgerEntry | None) -> None:
-        try:
-            await self.gw.gate.settle(ex, ledger)
-        except Exception:
-            log.exception("settling the quota failed", extra={"request_id": ex.request_id})
+            await finish(gw, ex)
 
     async def _fail(self, exc: GatewayError, cycle: _Cycle) -> None:
         ex = cycle.ex
@@ -260,6 +242,32 @@ class Operation:
             )
         if ex.status == 0:
             ex.status = exc.status
+
+
+async def finish(gw: Gateway, ex: Exchange) -> None:
+    """The end of an exchange, once: price it, charge and settle it (lease, tokens, money,
+    ledger), then tell the observers (metrics, access line). For HTTP requests (the
+    owner's ``finally``) and for each response on a WebSocket."""
+    try:
+        kinds = _billed_kinds(ex)
+        _price(ex, gw.snap, kinds)  # budgets are charged in money, so before settling
+        ledger = _ledger(ex, gw.snap, kinds)
+        if ex.quota_scopes or ledger:  # only then is there anything to settle
+            if gw.state_is_local:
+                await _settle(gw, ex, ledger)  # never suspends: nothing to shield
+            else:
+                await shielded(_settle(gw, ex, ledger))
+    finally:
+        ex.duration_seconds = time.perf_counter() - ex.started
+        for obs in gw.observers:
+            _tell(obs.finished, ex)
+
+
+async def _settle(gw: Gateway, ex: Exchange, ledger: LedgerEntry | None) -> None:
+    try:
+        await gw.gate.settle(ex, ledger)
+    except Exception:
+        log.exception("settling the quota failed", extra={"request_id": ex.request_id})
 
 
 def stream_error_event(code: str, message: str, sequence: int | None) -> bytes:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from fnmatch import fnmatchcase
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import parse_qsl, quote, urlencode
 
 from .body import Form, Upstream
@@ -24,6 +24,10 @@ from .errors import BadRequest
 from .routes import Match
 from .routing import Target
 from .validate import dump_json
+
+if TYPE_CHECKING:
+    from .keys import Principal
+    from .runtime import Snapshot
 
 # Request headers Azure and the SDKs use; everything else the client sends is dropped.
 FORWARDED = frozenset(
@@ -144,3 +148,24 @@ def upstream_path(match: Match, query: Query, target: Target) -> str:
     """The upstream path and query for ``target``."""
     deployment = target.deployment if target.deployment else None
     return match.upstream_path(deployment) + query.encoded()
+
+
+def tool_deployments(
+    snap: Snapshot,
+    principal: Principal,
+    tools: list[Any],
+    tool_models: list[tuple[int, Any]],
+    target: Target,
+) -> list[Any] | None:
+    """The tools with each tool's ``model`` mapped to its deployment on ``target``'s
+    resource (None: the resource lacks one)."""
+    tenant = snap.loaded.config.tenants[principal.tenant]
+    new_tools = list(tools)
+    for i, name in tool_models:
+        dep = snap.router.deployment_on(
+            principal.tenant, tenant, name, target.resource, f"tools[{i}].model"
+        )
+        if dep is None:
+            return None
+        new_tools[i] = {**new_tools[i], "model": dep}
+    return new_tools

@@ -16,7 +16,7 @@ from starlette.types import ASGIApp
 
 from .audit import check_mcp_policy
 from .body import Form, Media, body_chunks, media, read_body, read_form, unsupported
-from .errors import BadRequest, GatewayError, MethodNotAllowed, NotFound, UpgradeRequired
+from .errors import BadRequest, GatewayError, MethodNotAllowed, NotFound
 from .exchange import Exchange
 from .forward import Forwarder
 from .keys import Principal
@@ -29,6 +29,7 @@ from .outbound import (
     form_body,
     forwarded_headers,
     json_body,
+    tool_deployments,
     upstream_path,
 )
 from .policy import check_tools
@@ -91,25 +92,6 @@ class Proxy:
             )
 
         return Operation(self.gw, "unknown", handler)
-
-    def no_socket(self) -> Operation:
-        """The endpoint of every WebSocket handshake: 426, so clients fall back to HTTP at
-        once (a 405 or 404 makes some, like Codex CLI, retry for seconds first)."""
-
-        async def handler(request: Incoming, ex: Exchange) -> ASGIApp:
-            path = request.scope["path"]
-            ex.path = path[:200].encode("unicode_escape").decode("ascii")
-            ex.transport = "websocket"
-            with contextlib.suppress(GatewayError):
-                ex.principal = await self.gw.keys.authenticate(
-                    request.scope["headers"], self.gw.snap.keyring
-                )
-            raise UpgradeRequired(
-                f"WebSockets are not served on {ex.path}; use HTTP (the same path and "
-                "operations work over HTTP, streams as server-sent events)."
-            )
-
-        return Operation(self.gw, "websocket", handler)
 
     async def _serve(self, request: Incoming, ex: Exchange) -> ASGIApp:
         match: Match = request.scope["route"]
@@ -333,7 +315,7 @@ class Proxy:
                 if model_routed and (match.prefix != DEPLOYMENTS or "model" in body):
                     out["model"] = target.deployment
                 if tool_models:
-                    new_tools = self._tool_models(snap, principal, tools, tool_models, target)
+                    new_tools = tool_deployments(snap, principal, tools, tool_models, target)
                     if new_tools is None:
                         continue  # this resource lacks a tool's model
                     out["tools"] = new_tools
@@ -354,27 +336,6 @@ class Proxy:
                 code="model_not_on_resource",
             )
         return attempts
-
-    @staticmethod
-    def _tool_models(
-        snap: Snapshot,
-        principal: Principal,
-        tools: list[Any],
-        tool_models: list[tuple[int, Any]],
-        target: Target,
-    ) -> list[Any] | None:
-        """The tools with each tool's ``model`` mapped to its deployment on ``target``'s
-        resource (None: the resource lacks one)."""
-        tenant = snap.loaded.config.tenants[principal.tenant]
-        new_tools = list(tools)
-        for i, name in tool_models:
-            dep = snap.router.deployment_on(
-                principal.tenant, tenant, name, target.resource, f"tools[{i}].model"
-            )
-            if dep is None:
-                return None
-            new_tools[i] = {**new_tools[i], "model": dep}
-        return new_tools
 
     async def _audit_request(
         self,

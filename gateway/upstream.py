@@ -455,6 +455,32 @@ class UpstreamClient:
             site,
         )
 
+    async def ws_connect(
+        self, url: str, headers: list[tuple[str, str]], where: str
+    ) -> aiohttp.ClientWebSocketResponse:
+        """Open an upstream WebSocket (the Responses WebSocket mode, Realtime)."""
+        session = self._sessions(pooled=True)
+        try:
+            return await session.ws_connect(
+                URL(url, encoded=True),
+                headers=headers,
+                autoping=True,
+                compress=0,
+                max_msg_size=64 * 1024 * 1024,
+                timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            log.warning(
+                "upstream refused a socket", extra={"resource": where, "status": exc.status}
+            )
+            error = UpstreamUnavailable(
+                f"The upstream Azure resource refused the socket ({exc.status}).",
+                code="upstream_socket_refused",
+            )
+            raise UpstreamError(error, connect=False) from exc
+        except (*_TRANSPORT_ERRORS, ValueError) as exc:
+            raise UpstreamError(self._map(exc, where), connect=_never_sent(exc)) from exc
+
     def _warm(self, site: _Origin, connector: aiohttp.BaseConnector, n: int) -> None:
         """Open up to ``n`` idle connections to ``site`` in the background (preconnect).
 

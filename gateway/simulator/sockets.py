@@ -28,6 +28,8 @@ def routes(ctx: Ctx) -> list[WebSocketRoute]:
         headers = {k.lower(): v for k, v in ws.headers.items()}
         rec = Recorded("WEBSOCKET", ws.url.path, ws.url.query, headers, b"")
         sim.requests.append(rec)
+        if sim.on_request is not None:
+            sim.on_request(rec)
         auth = headers.get("authorization", "")
         if not (auth.startswith("Bearer sim-token-") or headers.get("api-key") == sim.api_key):
             await ws.close(1008, "invalid credentials")

@@ -1,0 +1,376 @@
+"""WebSockets: the Responses API WebSocket mode, every frame through the HTTP steps.
+
+``GET /openai/v1/responses`` (and ``/openai/responses?api-version=…``) with
+``Upgrade: websocket``. The key is checked at the handshake (401 with the usual JSON
+error, no upgrade) and the connection holds one concurrency slot of its tenant for its
+life (429 at the handshake when none is free). Each client ``response.create`` frame is
+checked like an HTTP create — strict JSON, types, tool and MCP policy (the
+``require_approval`` rewrite included), ownership of every id it names, model
+allowlist and regions, the request and token quotas and money budgets, MCP audit
+records durable before it goes on — and is forwarded as the gateway's serialisation
+with the deployment names rewritten. A refused frame gets an ``error`` frame and the
+connection stays open; nothing goes upstream. The upstream socket opens at the first
+``response.create`` (its model and objects choose the resource, with the gateway's own
+credential); a later frame whose model is not on that resource gets
+``model_not_on_connection_resource``. Server frames are relayed text-exact and in
+order, read on the side: ``response.created`` binds the response to the tenant, the
+terminal events settle the response's tokens, cost and ledger, and tell the observers
+(metrics, one access line per response). Either side closing closes the other.
+
+Every other WebSocket handshake is answered 426 ``websocket_not_served`` (an HTTP
+answer, so clients fall back to HTTP at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import aiohttp
+from starlette.types import Receive, Scope, Send
+
+from .audit import check_mcp_policy
+from .errors import BadRequest, GatewayError, UpgradeRequired
+from .exchange import Exchange
+from .keys import Principal
+from .lifecycle import finish, new_request_id
+from .objects import Refs, owned
+from .outbound import Query, forwarded_headers, tool_deployments
+from .policy import check_tools
+from .routes import PREVIEW, V1
+from .routing import Target
+from .runtime import Gateway
+from .sse import FINAL_TYPES
+from .upstream import UpstreamError, gateway_headers
+from .validate import check_body, dump_json, parse_json, parse_upstream
+
+log = logging.getLogger("gateway.websocket")
+
+SOCKET_PATHS = {V1 + "/responses": V1, PREVIEW + "/responses": PREVIEW}
+
+
+def _frame_error(exc: GatewayError) -> str:
+    """The ``error`` frame of a refused client frame (the shape Azure uses on sockets)."""
+    error = {"type": exc.type, "code": exc.code, "message": exc.message, "param": exc.param}
+    return dump_json({"type": "error", "error": error}).decode()
+
+
+async def deny(scope: Scope, receive: Receive, send: Send, exc: GatewayError, rid: str) -> None:
+    """Answer a handshake with an HTTP error (the ASGI denial response) instead of upgrading."""
+    if (await receive())["type"] != "websocket.connect":
+        return
+    body = exc.body()
+    if "websocket.http.response" in (scope.get("extensions") or {}):
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", rid.encode()),
+            *((k.lower().encode(), v.encode()) for k, v in exc.headers.items()),
+        ]
+        await send(
+            {"type": "websocket.http.response.start", "status": exc.status, "headers": headers}
+        )
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:  # a server without denial responses: a policy close
+        await send({"type": "websocket.close", "code": 1008})
+
+
+class ResponsesSocket:
+    """One client connection in the Responses WebSocket mode."""
+
+    def __init__(self, gw: Gateway, scope: Scope, receive: Receive, send: Send) -> None:
+        self.gw = gw
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.snap = gw.snap
+        self.conn = Exchange(
+            request_id=new_request_id(), operation="responses.socket", method="GET"
+        )
+        self.conn.transport = "websocket"
+        self.conn.api = "responses"
+        self.principal: Principal | None = None
+        self.upstream: aiohttp.ClientWebSocketResponse | None = None
+        self.target: Target | None = None
+        self.pending: list[Exchange] = []  # responses asked for, in order, awaiting their end
+        self.closed = False
+        self._send_lock = asyncio.Lock()
+
+    async def run(self) -> None:
+        gw, conn = self.gw, self.conn
+        for obs in gw.observers:
+            obs.started(conn)
+        try:
+            try:
+                self.principal = await gw.keys.authenticate(
+                    self.scope["headers"], self.snap.keyring
+                )
+                conn.principal = self.principal
+                tenant = self.snap.loaded.config.tenants[self.principal.tenant]
+                await gw.gate.admit(conn, self.principal.tenant, tenant, "", part="slot")
+            except GatewayError as exc:
+                conn.status, conn.error_code = exc.status, exc.code
+                await deny(self.scope, self.receive, self.send, exc, conn.request_id)
+                return
+            if (await self.receive())["type"] != "websocket.connect":
+                return
+            await self.send({"type": "websocket.accept"})
+            conn.status = 101
+            await self._serve()
+        finally:
+            await self._close_upstream()
+            for ex in self.pending:
+                ex.interrupted = True
+                await finish(gw, ex)
+            self.pending.clear()
+            await finish(gw, conn)
+
+    async def _serve(self) -> None:
+        reader: asyncio.Task[None] | None = None
+        try:
+            while True:
+                message = await self.receive()
+                kind = message["type"]
+                if kind == "websocket.disconnect":
+                    return
+                if kind != "websocket.receive":
+                    continue
+                text = message.get("text")
+                if text is None:
+                    await self._send_text(
+                        _frame_error(BadRequest("Send JSON text frames.", code="invalid_frame"))
+                    )
+                    continue
+                self.conn.request_bytes += len(text)
+                try:
+                    out = await self._check(text)
+                except GatewayError as exc:
+                    await self._send_text(_frame_error(exc))
+                    continue
+                if out is None:
+                    continue
+                assert self.upstream is not None
+                if reader is None:
+                    reader = asyncio.ensure_future(self._relay())
+                await self.upstream.send_str(out)
+                if reader.done():
+                    return  # the upstream went away
+        finally:
+            self.closed = True
+            if reader is not None:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await reader
+
+    async def _check(self, text: str) -> str | None:
+        """A client frame, checked; the frame to send upstream (None: nothing to send)."""
+        gw, snap = self.gw, self.snap
+        principal = self.principal
+        assert principal is not None
+        cfg = snap.loaded.config
+        frame = parse_json(text.encode(), cfg.server.max_json_depth)
+        if not isinstance(frame, dict) or frame.get("type") != "response.create":
+            raise BadRequest(
+                "This socket takes 'response.create' frames.", code="unknown_event", param="type"
+            )
+        body = {k: v for k, v in frame.items() if k not in ("type", "stream")}
+        body = check_body(body)
+        tenant = cfg.tenants[principal.tenant]
+        check_tools(principal.tenant, tenant, body.get("tools"))
+        decisions = check_mcp_policy(principal.tenant, tenant.mcp, body.get("tools"))
+        refs = Refs().body(body)
+        ex = Exchange(request_id=new_request_id(), operation="create", method="WS")
+        ex.transport, ex.api, ex.stream = "websocket", "responses", True
+        ex.principal = principal
+        ex.request_bytes = len(text)
+        pinned, _ = await owned(gw.state, principal.tenant, refs)
+        ex.pinned = pinned
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise BadRequest(
+                "Missing required parameter: 'model'.",
+                code="missing_required_parameter",
+                param="model",
+            )
+        ex.model = model
+        targets = snap.router.targets(principal.tenant, tenant, model, pinned)
+        if self.target is not None:
+            targets = tuple(t for t in targets if t.resource == self.target.resource)
+            if not targets:
+                raise BadRequest(
+                    f"Model '{model}' is not served on the resource this connection uses; "
+                    "open another connection for it.",
+                    code="model_not_on_connection_resource",
+                    param="model",
+                )
+        target = targets[0]
+        out = dict(body, model=target.deployment)
+        tools = body.get("tools") or []
+        tool_models = [(i, t["model"]) for i, t in enumerate(tools) if t.get("model") is not None]
+        if tool_models:
+            mapped = tool_deployments(snap, principal, tools, tool_models, target)
+            if mapped is None:
+                raise BadRequest(
+                    "The resource serving this model lacks a model its tools name.",
+                    code="model_not_on_resource",
+                )
+            out["tools"] = mapped
+        ex.target = target
+        await gw.gate.admit(ex, principal.tenant, tenant, model, part="rate")
+        try:
+            if gw.audit.enabled:
+                records = gw.audit.request_records(ex, body, decisions)
+                await gw.audit.write(ex, records, before_forward=True)
+            if self.upstream is None:
+                await self._open(target)
+        except BaseException:
+            await finish(gw, ex)  # gives the admission back
+            raise
+        for obs in gw.observers:
+            obs.started(ex)
+        ex.upstream_started = time.perf_counter()
+        self.pending.append(ex)
+        return dump_json({"type": "response.create", **out}).decode()
+
+    async def _open(self, target: Target) -> None:
+        gw = self.gw
+        auth = await gw.auth_header(self.snap, target.resource)
+        prefix = SOCKET_PATHS[self.scope["path"]]
+        query = Query(self.scope.get("query_string", b""))
+        url = target.endpoint.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+        url += prefix + "/responses" + query.encoded()
+        client = forwarded_headers(
+            self.scope["headers"], self.snap.loaded.config.upstream.forward_headers
+        )
+        headers = gateway_headers(client, self.conn.request_id, auth)
+        try:
+            self.upstream = await gw.http.ws_connect(url, headers, target.resource)
+        except UpstreamError as exc:
+            raise exc.error from exc
+        self.target = target
+        self.conn.target = target
+        self.conn.model = None
+
+    async def _relay(self) -> None:
+        """Upstream frames to the client, text-exact and in order, read on the side."""
+        assert self.upstream is not None
+        code = 1000
+        try:
+            async for msg in self.upstream:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    await self._seen(msg.data)
+                    await self._send_text(msg.data)
+                elif msg.type == aiohttp.WSMsgType.BINARY:
+                    await self.send({"type": "websocket.send", "bytes": msg.data})
+                elif msg.type == aiohttp.WSMsgType.ERROR:
+                    code = 1011
+                    break
+            else:
+                code = self.upstream.close_code or 1000
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("socket relay failed", extra={"request_id": self.conn.request_id})
+            code = 1011
+        if not self.closed:
+            if self.pending:
+                error = GatewayError(
+                    "The upstream socket closed before the response ended.",
+                    code="upstream_socket_closed",
+                )
+                await self._send_text(_frame_error(error))
+            with contextlib.suppress(Exception):
+                await self.send({"type": "websocket.close", "code": 1011 if code >= 1002 else 1000})
+
+    async def _seen(self, text: str) -> None:
+        """What a server frame tells the gateway: the response's id, its end and usage."""
+        if not self.pending:
+            return
+        event = parse_upstream(text.encode())
+        if not isinstance(event, dict):
+            return
+        etype = event.get("type")
+        ex = self.pending[0]
+        response = event.get("response")
+        if etype == "response.created" and isinstance(response, dict):
+            rid = response.get("id")
+            if isinstance(rid, str) and ex.response_id is None:
+                await self._bind(ex, rid)
+            if ex.ttfb_seconds is None:
+                ex.ttfb_seconds = time.perf_counter() - ex.started
+        elif etype in FINAL_TYPES or etype == "error":
+            if isinstance(response, dict):
+                usage = response.get("usage")
+                if isinstance(usage, dict):
+                    ex.usage = usage
+                if self.gw.audit.enabled and isinstance(response.get("output"), list):
+                    records = self.gw.audit.response_records(ex, response["output"])
+                    await self.gw.audit.write(ex, records, before_forward=False)
+            ex.status = 200 if etype != "error" else 400
+            ex.upstream_status = 200
+            ex.upstream_seconds = time.perf_counter() - (ex.upstream_started or ex.started)
+            self.pending.pop(0)
+            await finish(self.gw, ex)
+        ex.stream_events += 1
+
+    async def _bind(self, ex: Exchange, rid: str) -> None:
+        from .state import Binding
+
+        ex.response_id = rid
+        assert ex.principal is not None and ex.target is not None
+        ttl = self.snap.loaded.config.state.response_retention_days * 86400.0
+        binding = Binding(ex.principal.tenant, ex.target.resource, ex.model or "", "response")
+        try:
+            await self.gw.state.bind_response(rid, binding, ttl)
+        except Exception as exc:
+            log.error(
+                "could not bind a response to its tenant",
+                extra={"request_id": ex.request_id, "reason": type(exc).__name__},
+            )
+
+    async def _send_text(self, text: str) -> None:
+        async with self._send_lock:
+            with contextlib.suppress(Exception):
+                await self.send({"type": "websocket.send", "text": text})
+
+    async def _close_upstream(self) -> None:
+        if self.upstream is not None and not self.upstream.closed:
+            with contextlib.suppress(Exception):
+                await self.upstream.close()
+
+
+class Sockets:
+    """The WebSocket entry: the Responses mode where it is served, 426 everywhere else."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope["path"]
+        if path in SOCKET_PATHS and not (
+            SOCKET_PATHS[path] == PREVIEW and b"api-version=" not in scope.get("query_string", b"")
+        ):
+            await ResponsesSocket(self.gw, scope, receive, send).run()
+            return
+        await self.refuse(scope, receive, send)
+
+    async def refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """426 for a socket where none is served, logged as a WebSocket attempt."""
+        ex = Exchange(request_id=new_request_id(), operation="websocket", method="GET")
+        ex.transport = "websocket"
+        ex.path = path = scope["path"][:200].encode("unicode_escape").decode("ascii")
+        for obs in self.gw.observers:
+            obs.started(ex)
+        with contextlib.suppress(GatewayError):
+            ex.principal = await self.gw.keys.authenticate(scope["headers"], self.gw.snap.keyring)
+        exc = UpgradeRequired(
+            f"WebSockets are not served on {path}; use HTTP (the same path and operations "
+            "work over HTTP, streams as server-sent events)."
+        )
+        ex.status, ex.error_code = exc.status, exc.code
+        try:
+            await deny(scope, receive, send, exc, ex.request_id)
+        finally:
+            await finish(self.gw, ex)
