@@ -34,11 +34,11 @@ from .proxy import Proxy
 from .reload import Reloader
 from .routes import ENDPOINTS, RouteTable, scope_segments
 from .runtime import Gateway
+from .sockets import Sockets, quiet_handshake_lines
 from .state import StateBackend
 from .state.keystore import KeyStore, MemoryKeyStore
 from .state.memory import MemoryState
 from .upstream import new_client, safe_request_id
-from .websocket import Sockets
 
 log = logging.getLogger("gateway")
 
@@ -313,4 +313,5 @@ def create_app(
     app.state.metrics = metrics
     app.state.reloader = reloader
     local = frozenset(r.path for r in routes)
+    quiet_handshake_lines()
     return Dispatch(app, table, operations, proxy.unknown(table), local, Sockets(gateway))

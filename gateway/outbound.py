@@ -78,6 +78,10 @@ class Query:
             kept.append((name, value))
         self.pairs = kept
 
+    @staticmethod
+    def raw_pairs_of(raw: bytes) -> list[tuple[str, str]]:
+        return parse_qsl(raw.decode("latin-1"), keep_blank_values=True)
+
     def get(self, name: str) -> str | None:
         for key, value in self.pairs:
             if key == name:

@@ -27,12 +27,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 import aiohttp
 from starlette.types import Receive, Scope, Send
 
 from .audit import check_mcp_policy
-from .errors import BadRequest, GatewayError, UpgradeRequired
+from .errors import BadRequest, GatewayError
 from .exchange import Exchange
 from .keys import Principal
 from .lifecycle import finish, new_request_id
@@ -49,6 +50,7 @@ from .validate import check_body, dump_json, parse_json, parse_upstream
 log = logging.getLogger("gateway.websocket")
 
 SOCKET_PATHS = {V1 + "/responses": V1, PREVIEW + "/responses": PREVIEW}
+INSECURE_KEY = "openai-insecure-api-key."
 
 
 def _frame_error(exc: GatewayError) -> str:
@@ -77,8 +79,28 @@ async def deny(scope: Scope, receive: Receive, send: Send, exc: GatewayError, ri
         await send({"type": "websocket.close", "code": 1008})
 
 
-class ResponsesSocket:
-    """One client connection in the Responses WebSocket mode."""
+def credentials(scope: Scope) -> list[tuple[bytes, bytes]]:
+    """Every key a handshake presents: headers, the ``api-key`` query parameter and the
+    ``openai-insecure-api-key.KEY`` subprotocol browsers use (two different → 401)."""
+    headers = list(scope["headers"])
+    for name, value in Query.raw_pairs_of(scope.get("query_string", b"")):
+        if name.lower() == "api-key":
+            headers.append((b"api-key", value.encode("latin-1", "replace")))
+    for name, value in scope["headers"]:
+        if name == b"sec-websocket-protocol":
+            for proto in value.decode("latin-1").split(","):
+                proto = proto.strip()
+                if proto.startswith(INSECURE_KEY):
+                    headers.append((b"api-key", proto[len(INSECURE_KEY) :].encode("latin-1")))
+    return headers
+
+
+class Socket:
+    """One client connection: authenticated and holding a slot before it is accepted,
+    with everything it started settled when either side closes."""
+
+    operation = "socket"
+    api = "other"
 
     def __init__(self, gw: Gateway, scope: Scope, receive: Receive, send: Send) -> None:
         self.gw = gw
@@ -86,11 +108,9 @@ class ResponsesSocket:
         self.receive = receive
         self.send = send
         self.snap = gw.snap
-        self.conn = Exchange(
-            request_id=new_request_id(), operation="responses.socket", method="GET"
-        )
+        self.conn = Exchange(request_id=new_request_id(), operation=self.operation, method="GET")
         self.conn.transport = "websocket"
-        self.conn.api = "responses"
+        self.conn.api = self.api
         self.principal: Principal | None = None
         self.upstream: aiohttp.ClientWebSocketResponse | None = None
         self.target: Target | None = None
@@ -104,19 +124,20 @@ class ResponsesSocket:
             obs.started(conn)
         try:
             try:
-                self.principal = await gw.keys.authenticate(
-                    self.scope["headers"], self.snap.keyring
-                )
+                creds = credentials(self.scope)
+                self.principal = await gw.keys.authenticate(creds, self.snap.keyring)
                 conn.principal = self.principal
                 tenant = self.snap.loaded.config.tenants[self.principal.tenant]
-                await gw.gate.admit(conn, self.principal.tenant, tenant, "", part="slot")
+                await self.before_accept()
+                await gw.gate.admit(conn, self.principal.tenant, tenant, conn.model or "", "slot")
+                await self.open_at_handshake()
             except GatewayError as exc:
                 conn.status, conn.error_code = exc.status, exc.code
                 await deny(self.scope, self.receive, self.send, exc, conn.request_id)
                 return
             if (await self.receive())["type"] != "websocket.connect":
                 return
-            await self.send({"type": "websocket.accept"})
+            await self.send({"type": "websocket.accept", "subprotocol": self._subprotocol()})
             conn.status = 101
             await self._serve()
         finally:
@@ -126,6 +147,112 @@ class ResponsesSocket:
                 await finish(gw, ex)
             self.pending.clear()
             await finish(gw, conn)
+
+    async def before_accept(self) -> None:
+        """Checks of the handshake itself (the model of a Realtime session)."""
+
+    async def open_at_handshake(self) -> None:
+        """Open the upstream socket before accepting (Realtime); else at the first frame."""
+
+    async def _serve(self) -> None:
+        """Serve the client's frames until either side closes (each kind its own)."""
+
+    def _subprotocol(self) -> str | None:
+        for name, value in self.scope["headers"]:
+            if name == b"sec-websocket-protocol":
+                offered = [p.strip() for p in value.decode("latin-1").split(",")]
+                if "realtime" in offered:
+                    return "realtime"
+        return None
+
+    async def _connect(self, target: Target, path: str, query: str) -> None:
+        """Open the upstream socket to ``target`` with the gateway's own credential."""
+        gw = self.gw
+        auth = await gw.auth_header(self.snap, target.resource)
+        url = target.endpoint.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
+        extra = self.snap.loaded.config.upstream.forward_headers
+        client = forwarded_headers(self.scope["headers"], extra)
+        headers = gateway_headers(client, self.conn.request_id, auth)
+        try:
+            self.upstream = await gw.http.ws_connect(url + path + query, headers, target.resource)
+        except UpstreamError as exc:
+            raise exc.error from exc
+        self.target = target
+        self.conn.target = target
+
+    async def _send_text(self, text: str) -> None:
+        async with self._send_lock:
+            with contextlib.suppress(Exception):
+                await self.send({"type": "websocket.send", "text": text})
+
+    async def _close_upstream(self) -> None:
+        if self.upstream is not None and not self.upstream.closed:
+            with contextlib.suppress(Exception):
+                await self.upstream.close()
+
+    async def _relay(self) -> None:
+        """Upstream frames to the client, unchanged and in order, read on the side."""
+        assert self.upstream is not None
+        code = 1000
+        try:
+            async for msg in self.upstream:
+                if msg.type == aiohttp.WSMsgType.TEXT:
+                    await self._seen(msg.data)
+                    await self._send_text(msg.data)
+                elif msg.type == aiohttp.WSMsgType.BINARY:
+                    async with self._send_lock:
+                        await self.send({"type": "websocket.send", "bytes": msg.data})
+                elif msg.type == aiohttp.WSMsgType.ERROR:
+                    code = 1011
+                    break
+            else:
+                code = self.upstream.close_code or 1000
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("socket relay failed", extra={"request_id": self.conn.request_id})
+            code = 1011
+        if not self.closed:
+            if self.pending or code != 1000:
+                error = GatewayError(
+                    "The upstream socket closed before the response ended."
+                    if self.pending
+                    else "The upstream socket closed.",
+                    code="upstream_socket_closed",
+                )
+                await self._send_text(_frame_error(error))
+            with contextlib.suppress(Exception):
+                await self.send({"type": "websocket.close", "code": 1011 if code >= 1002 else 1000})
+
+    async def _seen(self, text: str) -> None:
+        """What a server frame tells the gateway (each kind of socket reads its own)."""
+
+    async def _ended(self, ex: Exchange, response: Any, ok: bool) -> None:
+        """A response ended: usage, MCP records, then settle it and tell the observers."""
+        if isinstance(response, dict):
+            usage = response.get("usage")
+            if isinstance(usage, dict):
+                ex.usage = usage
+            if self.gw.audit.enabled and isinstance(response.get("output"), list):
+                records = self.gw.audit.response_records(ex, response["output"])
+                await self.gw.audit.write(ex, records, before_forward=False)
+        ex.status = 200 if ok else 400
+        ex.upstream_status = 200
+        ex.upstream_seconds = time.perf_counter() - (ex.upstream_started or ex.started)
+        await finish(self.gw, ex)
+
+    def _new_response(self, model: str | None) -> Exchange:
+        ex = Exchange(request_id=new_request_id(), operation="create", method="WS")
+        ex.transport, ex.api, ex.stream = "websocket", self.api, True
+        ex.principal, ex.model, ex.target = self.principal, model, self.target
+        return ex
+
+
+class ResponsesSocket(Socket):
+    """One client connection in the Responses WebSocket mode."""
+
+    operation = "responses.socket"
+    api = "responses"
 
     async def _serve(self) -> None:
         reader: asyncio.Task[None] | None = None
@@ -181,9 +308,7 @@ class ResponsesSocket:
         check_tools(principal.tenant, tenant, body.get("tools"))
         decisions = check_mcp_policy(principal.tenant, tenant.mcp, body.get("tools"))
         refs = Refs().body(body)
-        ex = Exchange(request_id=new_request_id(), operation="create", method="WS")
-        ex.transport, ex.api, ex.stream = "websocket", "responses", True
-        ex.principal = principal
+        ex = self._new_response(None)
         ex.request_bytes = len(text)
         pinned, _ = await owned(gw.state, principal.tenant, refs)
         ex.pinned = pinned
@@ -235,54 +360,10 @@ class ResponsesSocket:
         return dump_json({"type": "response.create", **out}).decode()
 
     async def _open(self, target: Target) -> None:
-        gw = self.gw
-        auth = await gw.auth_header(self.snap, target.resource)
         prefix = SOCKET_PATHS[self.scope["path"]]
-        query = Query(self.scope.get("query_string", b""))
-        url = target.endpoint.replace("https://", "wss://", 1).replace("http://", "ws://", 1)
-        url += prefix + "/responses" + query.encoded()
-        client = forwarded_headers(
-            self.scope["headers"], self.snap.loaded.config.upstream.forward_headers
-        )
-        headers = gateway_headers(client, self.conn.request_id, auth)
-        try:
-            self.upstream = await gw.http.ws_connect(url, headers, target.resource)
-        except UpstreamError as exc:
-            raise exc.error from exc
-        self.target = target
-        self.conn.target = target
+        query = Query(self.scope.get("query_string", b"")).encoded()
+        await self._connect(target, prefix + "/responses", query)
         self.conn.model = None
-
-    async def _relay(self) -> None:
-        """Upstream frames to the client, text-exact and in order, read on the side."""
-        assert self.upstream is not None
-        code = 1000
-        try:
-            async for msg in self.upstream:
-                if msg.type == aiohttp.WSMsgType.TEXT:
-                    await self._seen(msg.data)
-                    await self._send_text(msg.data)
-                elif msg.type == aiohttp.WSMsgType.BINARY:
-                    await self.send({"type": "websocket.send", "bytes": msg.data})
-                elif msg.type == aiohttp.WSMsgType.ERROR:
-                    code = 1011
-                    break
-            else:
-                code = self.upstream.close_code or 1000
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("socket relay failed", extra={"request_id": self.conn.request_id})
-            code = 1011
-        if not self.closed:
-            if self.pending:
-                error = GatewayError(
-                    "The upstream socket closed before the response ended.",
-                    code="upstream_socket_closed",
-                )
-                await self._send_text(_frame_error(error))
-            with contextlib.suppress(Exception):
-                await self.send({"type": "websocket.close", "code": 1011 if code >= 1002 else 1000})
 
     async def _seen(self, text: str) -> None:
         """What a server frame tells the gateway: the response's id, its end and usage."""
@@ -301,18 +382,8 @@ class ResponsesSocket:
             if ex.ttfb_seconds is None:
                 ex.ttfb_seconds = time.perf_counter() - ex.started
         elif etype in FINAL_TYPES or etype == "error":
-            if isinstance(response, dict):
-                usage = response.get("usage")
-                if isinstance(usage, dict):
-                    ex.usage = usage
-                if self.gw.audit.enabled and isinstance(response.get("output"), list):
-                    records = self.gw.audit.response_records(ex, response["output"])
-                    await self.gw.audit.write(ex, records, before_forward=False)
-            ex.status = 200 if etype != "error" else 400
-            ex.upstream_status = 200
-            ex.upstream_seconds = time.perf_counter() - (ex.upstream_started or ex.started)
             self.pending.pop(0)
-            await finish(self.gw, ex)
+            await self._ended(ex, response, etype != "error")
         ex.stream_events += 1
 
     async def _bind(self, ex: Exchange, rid: str) -> None:
@@ -329,48 +400,3 @@ class ResponsesSocket:
                 "could not bind a response to its tenant",
                 extra={"request_id": ex.request_id, "reason": type(exc).__name__},
             )
-
-    async def _send_text(self, text: str) -> None:
-        async with self._send_lock:
-            with contextlib.suppress(Exception):
-                await self.send({"type": "websocket.send", "text": text})
-
-    async def _close_upstream(self) -> None:
-        if self.upstream is not None and not self.upstream.closed:
-            with contextlib.suppress(Exception):
-                await self.upstream.close()
-
-
-class Sockets:
-    """The WebSocket entry: the Responses mode where it is served, 426 everywhere else."""
-
-    def __init__(self, gw: Gateway) -> None:
-        self.gw = gw
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope["path"]
-        if path in SOCKET_PATHS and not (
-            SOCKET_PATHS[path] == PREVIEW and b"api-version=" not in scope.get("query_string", b"")
-        ):
-            await ResponsesSocket(self.gw, scope, receive, send).run()
-            return
-        await self.refuse(scope, receive, send)
-
-    async def refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """426 for a socket where none is served, logged as a WebSocket attempt."""
-        ex = Exchange(request_id=new_request_id(), operation="websocket", method="GET")
-        ex.transport = "websocket"
-        ex.path = path = scope["path"][:200].encode("unicode_escape").decode("ascii")
-        for obs in self.gw.observers:
-            obs.started(ex)
-        with contextlib.suppress(GatewayError):
-            ex.principal = await self.gw.keys.authenticate(scope["headers"], self.gw.snap.keyring)
-        exc = UpgradeRequired(
-            f"WebSockets are not served on {path}; use HTTP (the same path and operations "
-            "work over HTTP, streams as server-sent events)."
-        )
-        ex.status, ex.error_code = exc.status, exc.code
-        try:
-            await deny(scope, receive, send, exc, ex.request_id)
-        finally:
-            await finish(self.gw, ex)

@@ -57,8 +57,7 @@ def _events_until_end(conn: Any) -> list[Any]:
 @pytest.mark.parametrize(
     "path",
     [
-        "/openai/v1/realtime?model=gpt-4.1",
-        "/openai/realtime?api-version=2025-04-01-preview&deployment=gpt-4.1",
+        "/openai/v1/chat/completions",
         "/openai/v1/files",
         "/openai/responses",  # the preview form needs its api-version
         "/healthz",
