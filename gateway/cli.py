@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -48,6 +49,17 @@ class DrainingServer(uvicorn.Server):
             timer.start()
             return
         super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        """Let open WebSockets end first: each closes with 1001 once its responses are
+        done (the gateway is draining), within the grace period; then uvicorn's own."""
+        if self.gateway is not None:
+            self.gateway.draining = True
+            deadline = time.monotonic() + (self.config.timeout_graceful_shutdown or 30)
+            # Polled: the sockets close on their own watchdogs' ticks.
+            while self.gateway.sockets and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+        await super().shutdown(sockets)
 
 
 def _uvicorn_config(

@@ -248,6 +248,8 @@ class ServerConfig(_Frozen):
     max_upload_bytes: Positive = 512 * 1024 * 1024  # streamed uploads (Files, container files)
     max_json_depth: Annotated[int, Field(gt=0, le=512)] = 128
     body_timeout_seconds: PositiveFloat = 30.0
+    websocket_idle_seconds: PositiveFloat = 600.0  # no frame either way: closed (1000)
+    websocket_max_seconds: PositiveFloat = 3600.0  # Azure's own cap on a connection
     header_timeout_seconds: PositiveFloat = 10.0
     keepalive_timeout_seconds: PositiveFloat = 75.0
     trusted_proxies: tuple[str, ...] = ()

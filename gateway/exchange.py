@@ -107,6 +107,12 @@ class Observer(Protocol):
 
     def finished(self, ex: Exchange) -> None: ...
 
+    def socket_opened(self, ex: Exchange) -> None: ...
+
+    def socket_closed(self, ex: Exchange) -> None: ...
+
+    def socket_frame(self, ex: Exchange, direction: str, size: int) -> None: ...
+
 
 class BaseObserver:
     """No-op implementations of every hook."""
@@ -124,4 +130,13 @@ class BaseObserver:
         return None
 
     def finished(self, ex: Exchange) -> None:
+        return None
+
+    def socket_opened(self, ex: Exchange) -> None:
+        return None
+
+    def socket_closed(self, ex: Exchange) -> None:
+        return None
+
+    def socket_frame(self, ex: Exchange, direction: str, size: int) -> None:
         return None

@@ -300,6 +300,24 @@ class Metrics(BaseObserver):
         self.active_streams = _Family(
             "gauge", "gateway_active_streams", "SSE streams being relayed right now.", registry=r
         )
+        self.websocket_connections = Gauge(
+            "gateway_websocket_connections",
+            "Open client WebSockets per tenant and api (responses, realtime).",
+            ["tenant", "api"],
+            registry=r,
+        )
+        self.websocket_frames = Counter(
+            "gateway_websocket_frames_total",
+            "WebSocket frames relayed, by api and direction (in: from clients, out: to them).",
+            ["api", "direction"],
+            registry=r,
+        )
+        self.websocket_bytes = Counter(
+            "gateway_websocket_bytes_total",
+            "Bytes of the WebSocket frames relayed, by api and direction.",
+            ["api", "direction"],
+            registry=r,
+        )
         self.state_events = Counter(
             "gateway_state_breaker_events_total",
             "State breaker events by kind (tripped, closed, skipped, queued, retried, dropped) "
@@ -434,6 +452,16 @@ class Metrics(BaseObserver):
         for key in targets:
             resource, _, deployment = key.partition("/")
             self.target_state.labels(resource, deployment).set_function(reader(key))
+
+    def socket_opened(self, ex: Exchange) -> None:
+        self.websocket_connections.labels(self.tenant_label(ex.tenant), ex.api).inc()
+
+    def socket_closed(self, ex: Exchange) -> None:
+        self.websocket_connections.labels(self.tenant_label(ex.tenant), ex.api).dec()
+
+    def socket_frame(self, ex: Exchange, direction: str, size: int) -> None:
+        self.websocket_frames.labels(ex.api, direction).inc()
+        self.websocket_bytes.labels(ex.api, direction).inc(size)
 
     def watch_keys(self, used: dict[str, tuple[str, float]]) -> None:
         """``gateway_key_last_used_timestamp_seconds{tenant,key_id}``: when this replica last

@@ -72,11 +72,9 @@ class RealtimeSocket(Socket):
         reader = asyncio.ensure_future(self._relay())
         try:
             while not reader.done():
-                message = await self.receive()
-                if message["type"] == "websocket.disconnect":
+                message = await self._client_message()
+                if message is None:
                     return
-                if message["type"] != "websocket.receive":
-                    continue
                 data = message.get("bytes")
                 if data is not None:
                     await self.upstream.send_bytes(data)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .admission import QuotaGate
 from .apikeys import ApiKeys
@@ -85,6 +85,7 @@ class Gateway:
         self.breakers = breakers
         self.keys = keys
         self.draining = False
+        self.sockets: set[Any] = set()  # open client WebSockets (websocket.Socket)
 
     def swap(self, loaded: LoadedConfig) -> None:
         """Serve new requests with ``loaded`` (an attribute swap: atomic for readers)."""

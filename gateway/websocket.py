@@ -117,6 +117,7 @@ class Socket:
         self.pending: list[Exchange] = []  # responses asked for, in order, awaiting their end
         self.closed = False
         self._send_lock = asyncio.Lock()
+        self.opened = self.last = time.monotonic()
 
     async def run(self) -> None:
         gw, conn = self.gw, self.conn
@@ -139,7 +140,17 @@ class Socket:
                 return
             await self.send({"type": "websocket.accept", "subprotocol": self._subprotocol()})
             conn.status = 101
-            await self._serve()
+            gw.sockets.add(self)
+            for obs in gw.observers:
+                obs.socket_opened(conn)
+            watchdog = asyncio.ensure_future(self._watch())
+            try:
+                await self._serve()
+            finally:
+                watchdog.cancel()
+                gw.sockets.discard(self)
+                for obs in gw.observers:
+                    obs.socket_closed(conn)
         finally:
             await self._close_upstream()
             for ex in self.pending:
@@ -147,6 +158,52 @@ class Socket:
                 await finish(gw, ex)
             self.pending.clear()
             await finish(gw, conn)
+
+    async def _watch(self) -> None:
+        """Close the connection when idle, past its time limit, or draining (1001, once
+        no response is under way)."""
+        server = self.snap.loaded.config.server
+        tick = min(0.5, server.websocket_idle_seconds / 4)
+        while not self.closed:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            if self.gw.draining and not self.pending:
+                await self.close(1001, "the gateway is shutting down")
+            elif now - self.opened > server.websocket_max_seconds:
+                await self.close(1000, "connection time limit reached; reconnect")
+            elif now - self.last > server.websocket_idle_seconds:
+                await self.close(1000, "idle timeout")
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close both sides (from the gateway)."""
+        if self.closed:
+            return
+        self.closed = True
+        async with self._send_lock:
+            with contextlib.suppress(Exception):
+                await self.send({"type": "websocket.close", "code": code, "reason": reason})
+        await self._close_upstream()
+
+    async def _client_message(self) -> dict[str, Any] | None:
+        """The client's next data frame (None: it left, or was closed): counted, and
+        over ``server.max_body_bytes`` closed with 1009."""
+        while True:
+            message = await self.receive()
+            if message["type"] == "websocket.disconnect":
+                return None
+            if message["type"] != "websocket.receive":
+                continue
+            data = message.get("text")
+            if data is None:
+                data = message.get("bytes") or b""
+            size = len(data)
+            self.last = time.monotonic()
+            for obs in self.gw.observers:
+                obs.socket_frame(self.conn, "in", size)
+            if size > self.snap.loaded.config.server.max_body_bytes:
+                await self.close(1009, "frame too large")
+                return None
+            return dict(message)
 
     async def before_accept(self) -> None:
         """Checks of the handshake itself (the model of a Realtime session)."""
@@ -196,6 +253,10 @@ class Socket:
         code = 1000
         try:
             async for msg in self.upstream:
+                self.last = time.monotonic()
+                if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+                    for obs in self.gw.observers:
+                        obs.socket_frame(self.conn, "out", len(msg.data))
                 if msg.type == aiohttp.WSMsgType.TEXT:
                     await self._seen(msg.data)
                     await self._send_text(msg.data)
@@ -258,12 +319,9 @@ class ResponsesSocket(Socket):
         reader: asyncio.Task[None] | None = None
         try:
             while True:
-                message = await self.receive()
-                kind = message["type"]
-                if kind == "websocket.disconnect":
+                message = await self._client_message()
+                if message is None:
                     return
-                if kind != "websocket.receive":
-                    continue
                 text = message.get("text")
                 if text is None:
                     await self._send_text(

@@ -264,3 +264,138 @@ def test_hostile_frames(gw: Server, sim: Sim, tenants: Tenants, ws_url: str) -> 
     attack()
     metrics = httpx.get(gw.url + "/metrics").text
     assert "gateway_inflight_requests 0.0" in metrics
+
+
+def _socket_cfg(identity: Sim, tenants: Tenants, **server: Any) -> dict[str, Any]:
+    cfg = base_config({"swc": identity}, tenants, server=server)
+    cfg["tenants"]["team-a"]["quotas"] = {"max_concurrent_requests": 1}
+    return cfg
+
+
+async def _open(gw: Server, key: str) -> Any:
+    url = gw.url.replace("http://", "ws://") + "/openai/v1/responses"
+    return await websockets.connect(url, additional_headers={"api-key": key})
+
+
+async def _one_response(ws: Any, text: str = "x") -> list[dict[str, Any]]:
+    await ws.send(json.dumps({"type": "response.create", "model": "gpt-4.1", "input": text}))
+    events = []
+    while True:
+        events.append(json.loads(await asyncio.wait_for(ws.recv(), 5)))
+        if events[-1]["type"] in ("response.completed", "error"):
+            return events
+
+
+def _slot_free(gw: Server, key: str, within: float) -> None:
+    deadline = time.monotonic() + within
+    while True:
+        status, _ = _handshake(gw, "/openai/v1/responses", {**HANDSHAKE, "api-key": key})
+        if status == 101:
+            return
+        assert time.monotonic() < deadline, "the slot was not freed"
+        time.sleep(0.05)
+
+
+def test_client_leaving_closes_the_upstream_within_a_second(
+    identity: Sim, tenants: Tenants
+) -> None:
+    key = tenants.key("team-a")
+    with gateway(_socket_cfg(identity, tenants)) as gw:
+
+        async def run() -> None:
+            ws = await _open(gw, key)
+            await _one_response(ws)
+            assert identity.state.sockets_open == 1
+            await ws.close()
+
+        asyncio.run(run())
+        deadline = time.monotonic() + 1
+        while identity.state.sockets_open:
+            assert time.monotonic() < deadline, "the upstream socket stayed open"
+            time.sleep(0.02)
+        _slot_free(gw, key, 1)
+
+
+def test_upstream_leaving_closes_the_client_with_an_error(identity: Sim, tenants: Tenants) -> None:
+    key = tenants.key("team-a")
+    with gateway(_socket_cfg(identity, tenants)) as gw:
+
+        async def run() -> None:
+            ws = await _open(gw, key)
+            await ws.send(
+                json.dumps({"type": "response.create", "model": "gpt-4.1", "input": "sim:close"})
+            )
+            error = json.loads(await asyncio.wait_for(ws.recv(), 5))
+            assert error["type"] == "error" and error["error"]["code"] == "upstream_socket_closed"
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                await asyncio.wait_for(ws.recv(), 5)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1011
+
+        asyncio.run(run())
+        _slot_free(gw, key, 1)
+
+
+@pytest.mark.parametrize(
+    ("server", "code", "reason"),
+    [
+        ({"websocket_idle_seconds": 0.6}, 1000, "idle timeout"),
+        ({"websocket_max_seconds": 0.6, "websocket_idle_seconds": 30}, 1000, "time limit"),
+    ],
+)
+def test_idle_and_time_limits(
+    identity: Sim, tenants: Tenants, server: dict[str, float], code: int, reason: str
+) -> None:
+    key = tenants.key("team-a")
+    with gateway(_socket_cfg(identity, tenants, **server)) as gw:
+
+        async def run() -> None:
+            ws = await _open(gw, key)
+            await _one_response(ws)
+            started = time.monotonic()
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                while True:
+                    await asyncio.wait_for(ws.recv(), 5)
+            assert info.value.rcvd is not None
+            assert info.value.rcvd.code == code and reason in info.value.rcvd.reason
+            assert time.monotonic() - started < 2
+
+        asyncio.run(run())
+        _slot_free(gw, key, 1)
+
+
+def test_frame_over_the_body_limit_is_1009(identity: Sim, tenants: Tenants) -> None:
+    key = tenants.key("team-a")
+    with gateway(_socket_cfg(identity, tenants, max_body_bytes=2000)) as gw:
+
+        async def run() -> None:
+            ws = await _open(gw, key)
+            await ws.send(json.dumps({"type": "response.create", "input": "x" * 3000}))
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                await asyncio.wait_for(ws.recv(), 5)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+
+        asyncio.run(run())
+        assert identity.state.ws_frames == []
+        _slot_free(gw, key, 1)
+
+
+def test_drain_closes_with_1001_after_the_response(identity: Sim, tenants: Tenants) -> None:
+    key = tenants.key("team-a")
+    with gateway(_socket_cfg(identity, tenants)) as gw:
+        gateway_obj = gw.server.config.app.state.gateway
+
+        async def run() -> None:
+            ws = await _open(gw, key)
+            await ws.send(json.dumps({"type": "response.create", "model": "gpt-4.1", "input": "x"}))
+            gateway_obj.draining = True  # mid-response: it ends first
+            events = []
+            with pytest.raises(websockets.ConnectionClosed) as info:
+                while True:
+                    events.append(json.loads(await asyncio.wait_for(ws.recv(), 5)))
+            assert events[-1]["type"] == "response.completed"
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+
+        asyncio.run(run())
+        metrics = httpx.get(gw.url + "/metrics").text
+        assert 'gateway_websocket_frames_total{api="responses",direction="in"}' in metrics
+        assert 'gateway_websocket_connections{api="responses",tenant="team-a"} 0.0' in metrics

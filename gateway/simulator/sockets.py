@@ -52,6 +52,9 @@ def routes(ctx: Ctx) -> list[WebSocketRoute]:
                     await ws.send_text(_error_frame("unknown_event", "Unknown event type."))
                     continue
                 body: Json = {k: v for k, v in frame.items() if k != "type"}
+                if body.get("input") == "sim:close":  # the upstream breaks off (tests)
+                    await ws.close(1011, "simulated failure")
+                    return
                 made = ctx.produce(body, headers)
                 if isinstance(made, Response):
                     error = json.loads(bytes(made.body))["error"]
