@@ -18,17 +18,13 @@ import random
 import time
 
 import httpx
-from common import servers
+from common import rss_kib, servers
 
 PATH = "/openai/v1/responses"
 
 
 def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+    return rss_kib(pid) / 1024
 
 
 def slope(points: list[tuple[float, float]]) -> float:
