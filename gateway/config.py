@@ -115,6 +115,8 @@ class TokenPrices(_Frozen):
     cached_input: NonNegativeFloat | None = None  # default: the input price
     output: NonNegativeFloat
     reasoning: NonNegativeFloat | None = None  # default: the output price
+    audio_input: NonNegativeFloat | None = None  # Realtime audio tokens; default: input
+    audio_output: NonNegativeFloat | None = None  # default: the output price
     hourly: NonNegativeFloat = 0.0  # a fixed cost per hour (PTU), for reports to spread
 
 

@@ -22,18 +22,32 @@ class Cost(NamedTuple):
 
 
 def price_tokens(
-    p: TokenPrices, input_tokens: int, cached: int, output: int, reasoning: int
+    p: TokenPrices,
+    input_tokens: int,
+    cached: int,
+    output: int,
+    reasoning: int,
+    audio_in: int = 0,
+    audio_out: int = 0,
 ) -> float:
-    """The cost of these token counts at prices ``p`` (per 1M tokens)."""
+    """The cost of these token counts at prices ``p`` (per 1M tokens). Audio tokens
+    (Realtime) are part of the input and output counts, priced apart when the table
+    gives ``audio_input``/``audio_output``."""
     cached = min(max(cached, 0), input_tokens)
+    audio_in = min(max(audio_in, 0), input_tokens - cached)
     reasoning = min(max(reasoning, 0), output)
+    audio_out = min(max(audio_out, 0), output - reasoning)
     cached_price = p.input if p.cached_input is None else p.cached_input
     reasoning_price = p.output if p.reasoning is None else p.reasoning
+    audio_in_price = p.input if p.audio_input is None else p.audio_input
+    audio_out_price = p.output if p.audio_output is None else p.audio_output
     total = (
-        (input_tokens - cached) * p.input
+        (input_tokens - cached - audio_in) * p.input
         + cached * cached_price
-        + (output - reasoning) * p.output
+        + audio_in * audio_in_price
+        + (output - reasoning - audio_out) * p.output
         + reasoning * reasoning_price
+        + audio_out * audio_out_price
     )
     return total / 1_000_000
 
@@ -43,5 +57,13 @@ def cost_of(
 ) -> Cost:
     """The cost of one exchange's token ``kinds`` (from usage, or ``estimated``)."""
     p: TokenPrices = price.resources.get(resource or "", price)
-    amount = price_tokens(p, kinds["input"], kinds["cached"], kinds["output"], kinds["reasoning"])
+    amount = price_tokens(
+        p,
+        kinds["input"],
+        kinds["cached"],
+        kinds["output"],
+        kinds["reasoning"],
+        kinds.get("audio_input", 0),
+        kinds.get("audio_output", 0),
+    )
     return Cost(amount, price.currency, estimated)

@@ -208,15 +208,19 @@ def token_kinds(usage: dict[str, Any]) -> dict[str, int]:
         in_details = usage.get("prompt_tokens_details") or {}
         out_details = usage.get("completion_tokens_details") or {}
         tokens_in, tokens_out = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    else:
-        in_details = usage.get("input_tokens_details") or {}
-        out_details = usage.get("output_tokens_details") or {}
+    else:  # Responses (…_tokens_details) and Realtime (…_token_details, with audio)
+        in_details = usage.get("input_tokens_details") or usage.get("input_token_details") or {}
+        out_details = usage.get("output_tokens_details") or usage.get("output_token_details") or {}
         tokens_in, tokens_out = usage.get("input_tokens"), usage.get("output_tokens")
+    if not isinstance(in_details, dict):
+        in_details = {}
+    if not isinstance(out_details, dict):
+        out_details = {}
     return {
         "input": num(tokens_in),
-        "cached": num(in_details.get("cached_tokens") if isinstance(in_details, dict) else 0),
+        "cached": num(in_details.get("cached_tokens")),
         "output": num(tokens_out),
-        "reasoning": num(
-            out_details.get("reasoning_tokens") if isinstance(out_details, dict) else 0
-        ),
+        "reasoning": num(out_details.get("reasoning_tokens")),
+        "audio_input": num(in_details.get("audio_tokens")),
+        "audio_output": num(out_details.get("audio_tokens")),
     }

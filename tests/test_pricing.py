@@ -45,6 +45,28 @@ def test_price_tokens() -> None:
     assert cut.estimated and cut.amount == pytest.approx((100 * 2 + 10 * 8) / 1e6)
 
 
+def test_realtime_audio_tokens_have_their_own_prices() -> None:
+    from gateway.quotas import token_kinds
+
+    usage = {  # Realtime's response.done usage
+        "total_tokens": 30,
+        "input_tokens": 12,
+        "output_tokens": 18,
+        "input_token_details": {"text_tokens": 4, "audio_tokens": 8, "cached_tokens": 2},
+        "output_token_details": {"text_tokens": 6, "audio_tokens": 12},
+    }
+    kinds = token_kinds(usage)
+    assert (kinds["audio_input"], kinds["audio_output"], kinds["cached"]) == (8, 12, 2)
+    p = PriceConfig(
+        currency="EUR", input=1, cached_input=0.5, output=4, audio_input=10, audio_output=20
+    )  # type: ignore[arg-type]
+    expected = (2 * 1 + 2 * 0.5 + 8 * 10 + 6 * 4 + 12 * 20) / 1e6
+    assert cost_of(p, None, kinds).amount == pytest.approx(expected)
+    # Without audio prices, audio tokens cost what text does.
+    plain = PriceConfig(currency="EUR", input=1, output=4)  # type: ignore[arg-type]
+    assert cost_of(plain, None, kinds).amount == pytest.approx((10 * 1 + 2 * 1 + 18 * 4) / 1e6)
+
+
 def test_price_table_is_validated(identity: Sim, tenants: Tenants) -> None:
     cfg = base_config({"swc": identity}, tenants)
     cfg["prices"] = {

@@ -130,7 +130,15 @@ def test_mcp_in_session_update_and_usage_counted(
         {"swc": identity},
         tenants,
         audit={"path": str(tmp_path / "a.jsonl")},
-        prices={"gpt-4o-mini": {"currency": "EUR", "input": 1, "output": 4}},
+        prices={
+            "gpt-4o-mini": {
+                "currency": "EUR",
+                "input": 1,
+                "output": 4,
+                "audio_input": 10,
+                "audio_output": 20,
+            }
+        },
     )
     cfg["tenants"]["team-a"]["mcp"] = {"require_approval": "always"}
     cfg["tenants"]["team-a"]["quotas"] = {"max_concurrent_requests": 1}
@@ -170,5 +178,8 @@ def test_mcp_in_session_update_and_usage_counted(
     assert sent["session"]["tools"][0]["require_approval"] == "always"
     records = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
     assert {"mcp.policy", "mcp.tool"} <= {r["event"] for r in records}
-    assert 'gateway_cost_total{currency="EUR",model="gpt-4o-mini",tenant="team-a"}' in metrics
+    # The simulator's usage: input 4 text + 8 audio, output 6 text + 12 audio.
+    cost = 'gateway_cost_total{currency="EUR",model="gpt-4o-mini",tenant="team-a"} '
+    line = next(ln for ln in metrics.splitlines() if ln.startswith(cost))
+    assert float(line.split()[-1]) == pytest.approx((4 + 8 * 10 + 6 * 4 + 12 * 20) / 1e6)
     assert "gateway_inflight_requests 0.0" in metrics
