@@ -33,6 +33,7 @@ import aiohttp
 from starlette.types import Receive, Scope, Send
 
 from .audit import check_mcp_policy
+from .breaker import OPEN
 from .errors import BadRequest, GatewayError
 from .exchange import Exchange
 from .keys import Principal
@@ -388,26 +389,36 @@ class ResponsesSocket(Socket):
                     code="model_not_on_connection_resource",
                     param="model",
                 )
-        target = targets[0]
-        out = dict(body, model=target.deployment)
+        # Each target that can serve the frame, with the frame as it would go there.
         tools = body.get("tools") or []
         tool_models = [(i, t["model"]) for i, t in enumerate(tools) if t.get("model") is not None]
-        if tool_models:
-            mapped = tool_deployments(snap, principal, tools, tool_models, target)
-            if mapped is None:
-                raise BadRequest(
-                    "The resource serving this model lacks a model its tools name.",
-                    code="model_not_on_resource",
-                )
-            out["tools"] = mapped
-        ex.target = target
+        payloads: list[tuple[Target, dict[str, Any]]] = []
+        for target in targets:
+            if self.upstream is None and gw.breakers.state(target.key) == OPEN:
+                continue
+            out = dict(body, model=target.deployment)
+            if tool_models:
+                mapped = tool_deployments(snap, principal, tools, tool_models, target)
+                if mapped is None:
+                    continue
+                out["tools"] = mapped
+            payloads.append((target, out))
+        if not payloads:
+            raise BadRequest(
+                "No resource serving this model (and not skipped for failing) also deploys "
+                "the models its tools name.",
+                code="model_not_on_resource",
+            )
+        ex.target = payloads[0][0]
         await gw.gate.admit(ex, principal.tenant, tenant, model, part="rate")
         try:
             if gw.audit.enabled:
                 records = gw.audit.request_records(ex, body, decisions)
                 await gw.audit.write(ex, records, before_forward=True)
+            chosen = payloads[0]
             if self.upstream is None:
-                await self._open(target)
+                chosen = await self._open_first(payloads)
+            ex.target = chosen[0]
         except BaseException:
             await finish(gw, ex)  # gives the admission back
             raise
@@ -415,7 +426,25 @@ class ResponsesSocket(Socket):
             obs.started(ex)
         ex.upstream_started = time.perf_counter()
         self.pending.append(ex)
-        return dump_json({"type": "response.create", **out}).decode()
+        return dump_json({"type": "response.create", **chosen[1]}).decode()
+
+    async def _open_first(
+        self, payloads: list[tuple[Target, dict[str, Any]]]
+    ) -> tuple[Target, dict[str, Any]]:
+        """Open the upstream socket on the first target that answers (in priority order;
+        a connect failure is a breaker failure and moves on, as for HTTP)."""
+        breakers = self.gw.breakers
+        for n, (target, out) in enumerate(payloads):
+            try:
+                await self._open(target)
+            except GatewayError:
+                breakers.failure(target.key, None, None)
+                if n == len(payloads) - 1:
+                    raise
+                continue
+            breakers.success(target.key)
+            return target, out
+        raise AssertionError("no payloads")
 
     async def _open(self, target: Target) -> None:
         prefix = SOCKET_PATHS[self.scope["path"]]

@@ -399,3 +399,21 @@ def test_drain_closes_with_1001_after_the_response(identity: Sim, tenants: Tenan
         metrics = httpx.get(gw.url + "/metrics").text
         assert 'gateway_websocket_frames_total{api="responses",direction="in"}' in metrics
         assert 'gateway_websocket_connections{api="responses",tenant="team-a"} 0.0' in metrics
+
+
+def test_first_frame_fails_over_to_the_next_resource(
+    identity: Sim, sim2: Sim, tenants: Tenants
+) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    cfg = base_config({"swc": identity, "frc": sim2}, tenants)
+    cfg["resources"]["swc"]["endpoint"] = f"http://127.0.0.1:{dead}"
+    with gateway(cfg) as gw:
+        a = _client(gw, tenants.key("team-a"))
+        with a.responses.connect() as conn:
+            conn.response.create(model="gpt-4.1", input="hi")
+            assert _events_until_end(conn)[-1].type == "response.completed"
+    assert [json.loads(f)["model"] for f in sim2.state.ws_frames] == ["dep-41-frc"]
