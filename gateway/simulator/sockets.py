@@ -24,10 +24,11 @@ def _error_frame(code: str, message: str, param: str | None = None) -> str:
 
 
 def routes(ctx: Ctx) -> list[WebSocketRoute]:
-    """The Responses WebSocket mode on both path forms."""
+    """The Responses WebSocket mode and Realtime, on both path forms each."""
     sim = ctx.sim
 
-    async def responses_socket(ws: WebSocket) -> None:
+    async def handshake(ws: WebSocket) -> dict[str, str] | None:
+        """Record the handshake and check its credential (None: refused, closed)."""
         headers = {k.lower(): v for k, v in ws.headers.items()}
         rec = Recorded("WEBSOCKET", ws.url.path, ws.url.query, headers, b"")
         sim.requests.append(rec)
@@ -36,6 +37,12 @@ def routes(ctx: Ctx) -> list[WebSocketRoute]:
         auth = headers.get("authorization", "")
         if not (auth.startswith("Bearer sim-token-") or headers.get("api-key") == sim.api_key):
             await ws.close(1008, "invalid credentials")
+            return None
+        return headers
+
+    async def responses_socket(ws: WebSocket) -> None:
+        headers = await handshake(ws)
+        if headers is None:
             return
         await ws.accept()
         sim.sockets_open += 1
@@ -68,14 +75,8 @@ def routes(ctx: Ctx) -> list[WebSocketRoute]:
             sim.sockets_open -= 1
 
     async def realtime_socket(ws: WebSocket) -> None:
-        headers = {k.lower(): v for k, v in ws.headers.items()}
-        rec = Recorded("WEBSOCKET", ws.url.path, ws.url.query, headers, b"")
-        sim.requests.append(rec)
-        if sim.on_request is not None:
-            sim.on_request(rec)
-        auth = headers.get("authorization", "")
-        if not (auth.startswith("Bearer sim-token-") or headers.get("api-key") == sim.api_key):
-            await ws.close(1008, "invalid credentials")
+        headers = await handshake(ws)
+        if headers is None:
             return
         deployment = ws.query_params.get("model") or ws.query_params.get("deployment")
         if not deployment:
