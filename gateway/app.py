@@ -93,6 +93,19 @@ class Dispatch:
         await self.app(scope, receive, send)
 
 
+LAG_INTERVAL = 0.25
+
+
+async def _measure_loop_lag(gateway: Gateway, metrics: Metrics) -> None:
+    """Every ``LAG_INTERVAL``: how late the loop woke this timer (``gateway.loop_lag``)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        before = loop.time()
+        await asyncio.sleep(LAG_INTERVAL)
+        gateway.loop_lag = max(0.0, loop.time() - before - LAG_INTERVAL)
+        metrics.loop_lag.set(gateway.loop_lag)
+
+
 def build_state(
     loaded: LoadedConfig, metrics: Metrics | None = None
 ) -> tuple[StateBackend, BreakerStore | None, KeyStore]:
@@ -237,6 +250,7 @@ def create_app(
         if connect is not None:
             await connect()
         key_refresher = asyncio.create_task(gateway.keys.run())
+        lag_meter = asyncio.create_task(_measure_loop_lag(gateway, metrics))
         refresher = None
         if shared is not None:
             targets = lambda: [t.key for t in gateway.snap.router.all_targets()]  # noqa: E731
@@ -244,7 +258,7 @@ def create_app(
         try:
             yield {"gateway": gateway}
         finally:
-            for task in (watcher, refresher, key_refresher):
+            for task in (watcher, refresher, key_refresher, lag_meter):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):

@@ -26,6 +26,7 @@ from .exchange import Exchange
 from .pricing import cost_of
 from .quotas import MICRO, estimate_tokens, ratelimit_headers
 from .runtime import client_address
+from .server import RECEIVED
 from .state import LedgerEntry
 from .upstream import safe_request_id
 from .validate import dump_json
@@ -103,15 +104,22 @@ async def shielded(coro: Coroutine[Any, Any, None]) -> None:
 def new_exchange(incoming: Incoming, operation: str, snap: Snapshot) -> Exchange:
     """The exchange record of one request."""
     headers = incoming.headers
-    client = incoming.scope.get("client")
+    scope = incoming.scope
+    client = scope.get("client")
     peer = client[0] if client else None
-    return Exchange(
+    ex = Exchange(
         request_id=safe_request_id(headers.get("x-request-id")) or new_request_id(),
         operation=operation,
         method=incoming.method,
         client=client_address(peer, headers.get("x-forwarded-for"), snap),
         traceparent=headers.get("traceparent"),
     )
+    # The clock starts when the server read the request's first byte, not when this
+    # handler got its turn: a saturated worker shows in its own figures.
+    received = (scope.get("extensions") or {}).get(RECEIVED)
+    if isinstance(received, dict) and isinstance(received.get("at"), float):
+        ex.started = received["at"]
+    return ex
 
 
 def error_headers(exc: GatewayError, ex: Exchange, length: int) -> list[tuple[bytes, bytes]]:

@@ -300,6 +300,12 @@ class Metrics(BaseObserver):
         self.active_streams = _Family(
             "gauge", "gateway_active_streams", "SSE streams being relayed right now.", registry=r
         )
+        self.loop_lag = Gauge(
+            "gateway_event_loop_lag_seconds",
+            "How late the event loop ran a timer at its last check (every 0.25 s): the time "
+            "a ready request waits before the worker gets to it.",
+            registry=r,
+        )
         self.websocket_connections = Gauge(
             "gateway_websocket_connections",
             "Open client WebSockets per tenant and api (responses, realtime).",

@@ -85,6 +85,7 @@ class Gateway:
         self.breakers = breakers
         self.keys = keys
         self.draining = False
+        self.loop_lag = 0.0  # seconds, measured by app._measure_loop_lag
         self.sockets: set[Any] = set()  # open client WebSockets (websocket.Socket)
 
     def swap(self, loaded: LoadedConfig) -> None:

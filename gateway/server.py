@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -85,6 +86,8 @@ class CoalescingTransport:
 
 
 CLIENT_GONE = "gateway.client_gone"
+# ASGI extension: {"at": time.perf_counter()} when the request's first byte was read.
+RECEIVED = "gateway.received"
 
 
 class ClientGone:
@@ -178,7 +181,8 @@ def protocol_with_header_timeout(seconds: float) -> type[HttpToolsProtocol]:
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self.scope["extensions"] = {CLIENT_GONE: self._gone_ext}
+            received: dict[object, object] = {"at": time.perf_counter()}  # the clock starts
+            self.scope["extensions"] = {CLIENT_GONE: self._gone_ext, RECEIVED: received}
             self._head_open = True
 
         def on_headers_complete(self) -> None:
