@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install --quiet --disable-pip-version-check .
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt .
 exec .venv/bin/gateway demo "$@"
