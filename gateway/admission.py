@@ -13,6 +13,9 @@ from .state import LedgerEntry, StateBackend
 from .state.guard import StateSkipped
 
 log = logging.getLogger("gateway.quotas")
+# How long a request's charge marker lives (requests without a response id): long
+# enough for a settle's retry, short enough not to fill Redis.
+REQUEST_MARKER_SECONDS = 120.0
 
 
 class QuotaGate:
@@ -109,16 +112,14 @@ class QuotaGate:
         lease = ex.request_id if ex.leased else None
         if lease is None and tokens <= 0 and cost <= 0 and ledger is None:
             return
+        # Charged once per response id (a background response's later retrieves), or per
+        # request: a settle tried again (its answer read late, ``state/guard.py``) is a no-op.
+        once, ttl = ex.response_id, self.retention
+        if once is None:
+            once, ttl = f"rq:{ex.request_id}", REQUEST_MARKER_SECONDS
         try:
             settled = await self.state.settle(
-                scopes,
-                lease,
-                max(tokens, 0),
-                windows(),
-                ex.response_id,
-                self.retention,
-                cost,
-                ledger,
+                scopes, lease, max(tokens, 0), windows(), once, ttl, cost, ledger
             )
         except StateError as exc:
             self._state_failed("settle", exc)

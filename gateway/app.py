@@ -36,6 +36,7 @@ from .routes import ENDPOINTS, RouteTable, scope_segments
 from .runtime import Gateway
 from .sockets import Sockets, quiet_handshake_lines
 from .state import StateBackend
+from .state.guard import GuardedState
 from .state.keystore import KeyStore, MemoryKeyStore
 from .state.memory import MemoryState
 from .upstream import new_client, safe_request_id
@@ -113,7 +114,6 @@ def build_state(
     target breakers are shared (None: per process), and where runtime keys live."""
     st = loaded.config.state
     if st.backend == "redis":
-        from .state.guard import GuardedState
         from .state.redis import RedisState
 
         assert loaded.redis_url is not None
@@ -214,6 +214,8 @@ def create_app(
         breakers=breakers,
         keys=ApiKeys(key_store),
     )
+    if isinstance(state, GuardedState):  # a late loop is told from a silent Redis by it
+        state.watch_loop(lambda: gateway.loop_lag)
     metrics.watch_targets(breakers, [t.key for t in gateway.snap.router.all_targets()])
     metrics.watch_keys(gateway.keys.used)
     proxy = Proxy(gateway)

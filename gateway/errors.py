@@ -154,6 +154,10 @@ class StateError(ServiceUnavailable):
     code = "state_unavailable"
 
 
+class StateTimeout(StateError):
+    """The state store did not answer within its timeout (silent, or read late)."""
+
+
 class UpstreamTimeout(GatewayError):
     status = 504
     type = "timeout_error"

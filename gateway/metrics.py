@@ -326,7 +326,8 @@ class Metrics(BaseObserver):
         )
         self.state_events = Counter(
             "gateway_state_breaker_events_total",
-            "State breaker events by kind (tripped, closed, skipped, queued, retried, dropped) "
+            "State breaker events by kind (tripped, closed, skipped, queued, retried, dropped; "
+            "late: a call whose answer the event loop read late, tried again, not tripped) "
             "and operation.",
             ["event", "operation"],
             registry=r,

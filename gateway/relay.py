@@ -19,7 +19,7 @@ from .exchange import Exchange
 from .lifecycle import chat_error_chunk, chunk_sender, stream_error_event
 from .objects import output_containers
 from .quotas import ratelimit_headers
-from .server import CLIENT_GONE, ClientGone
+from .server import CLIENT_GONE, BodyWriter, ClientGone, direct_writer
 from .sse import SseTap
 from .upstream import UpstreamResponse, response_headers
 from .validate import parse_upstream
@@ -185,6 +185,7 @@ class StreamRelay(_UpstreamRelay):
         # Only Responses and chat streams have a terminal event to miss.
         self.checks_end = ex.api != "other"
         self.tap = SseTap(self._on_event if gw.audit.enabled else None, ex.api)
+        self._bound = False  # the response id (once seen) is bound
         ex.stream = True
 
     def _on_event(self, event: dict[str, Any]) -> None:
@@ -205,7 +206,7 @@ class StreamRelay(_UpstreamRelay):
             for obs in gw.observers:
                 obs.stream_started(ex)
             await send({"type": "http.response.start", "status": resp.status, "headers": headers})
-            await self._relay(send)
+            await self._relay(scope, send)
         except asyncio.CancelledError:
             if self._was_client_gone():
                 return  # the upstream is closed below
@@ -221,22 +222,12 @@ class StreamRelay(_UpstreamRelay):
             if ex.pending_audit:
                 await self._flush_audit()
 
-    async def _relay(self, send: Send) -> None:
-        ex, resp, tap = self.ex, self.upstream, self.tap
-        middle = chunk_sender(send)
-        bound = False
+    async def _relay(self, scope: Scope, send: Send) -> None:
+        resp, tap = self.upstream, self.tap
         try:
-            async for chunk in resp.chunks():
-                tap.feed(chunk)
-                if not bound and tap.response_id is not None:
-                    bound = True
-                    if self.keeper.creates == "response":
-                        await self.keeper.bind("response", tap.response_id)
-                if ex.pending_audit:
-                    await self._flush_audit()
-                await middle({"type": "http.response.body", "body": chunk, "more_body": True})
-                if ex.ttfb_seconds is None:
-                    ex.ttfb_seconds = time.perf_counter() - ex.started
+            writer = direct_writer(scope)
+            if writer is None or not await self._pumped(writer):
+                await self._iterated(send)
         except GatewayError as exc:
             self._broke_off("upstream_stream_interrupted", f"{exc.code}")
             message = f"The upstream stream broke off ({exc.message})"
@@ -253,6 +244,56 @@ class StreamRelay(_UpstreamRelay):
             return
         await send({"type": "http.response.body", "body": b""})
 
+    def _has_work(self) -> bool:
+        """Whether something must be done before the bytes just read go on: the response
+        id bound (a client may retrieve it at once), audit records written first."""
+        return (not self._bound and self.tap.response_id is not None) or bool(self.ex.pending_audit)
+
+    async def _work(self) -> None:
+        if not self._bound and self.tap.response_id is not None:
+            self._bound = True
+            if self.keeper.creates == "response":
+                await self.keeper.bind("response", self.tap.response_id)
+        if self.ex.pending_audit:
+            await self._flush_audit()
+
+    async def _iterated(self, send: Send) -> None:
+        """The relay over aiohttp's body stream: a task step per upstream read."""
+        ex, tap = self.ex, self.tap
+        middle = chunk_sender(send)
+        async for chunk in self.upstream.chunks():
+            tap.feed(chunk)
+            if self._has_work():
+                await self._work()
+            await middle({"type": "http.response.body", "body": chunk, "more_body": True})
+            if ex.ttfb_seconds is None:
+                ex.ttfb_seconds = time.perf_counter() - ex.started
+
+    async def _pumped(self, writer: BodyWriter) -> bool:
+        """The relay on the direct path (``pump``): reads go to the client in the loop
+        turn that made them; this task wakes only for work, a slow client or the end.
+        False when the upstream connection cannot be pumped (then ``_iterated``)."""
+        loop = asyncio.get_running_loop()
+        direct = _Direct(self, writer, loop.create_future())
+        pump = self.upstream.pump(direct)
+        if pump is None:
+            return False
+        while True:
+            await direct.wake
+            direct.wake = loop.create_future()
+            if self._has_work():
+                await self._work()
+            if direct.held:
+                held, direct.held = direct.held, []
+                direct.write(held[0] if len(held) == 1 else b"".join(held))
+            if direct.done:
+                if direct.error is not None:
+                    raise self.upstream.failure(direct.error)
+                return True
+            if writer.paused:
+                await writer.drain()
+            pump.resume()
+
     def _broke_off(self, code: str, reason: str) -> None:
         self.ex.interrupted = True
         self.ex.error_code = code
@@ -266,3 +307,46 @@ class StreamRelay(_UpstreamRelay):
             return chat_error_chunk(code, message)
         seq = (self.tap.last_sequence or 0) + 1
         return stream_error_event(code, message, seq)
+
+
+class _Direct:
+    """What a pump hands a stream relay: bytes written at once unless there is work
+    (then held, the upstream paused, the relay's task woken), and the end."""
+
+    __slots__ = ("_relay", "_writer", "done", "error", "held", "wake")
+
+    def __init__(self, relay: StreamRelay, writer: BodyWriter, wake: asyncio.Future[None]) -> None:
+        self._relay = relay
+        self._writer = writer
+        self.wake = wake
+        self.held: list[bytes] = []
+        self.done = False
+        self.error: BaseException | None = None
+
+    def data(self, chunk: bytes) -> bool:
+        relay = self._relay
+        relay.tap.feed(chunk)
+        if self.held or relay._has_work():
+            self.held.append(chunk)
+            self._wake()
+            return False
+        if self.write(chunk):
+            return True
+        self._wake()  # the client is slow: the relay waits for its buffer to drain
+        return False
+
+    def write(self, chunk: bytes) -> bool:
+        more = self._writer.write(chunk)
+        ex = self._relay.ex
+        if ex.ttfb_seconds is None:
+            ex.ttfb_seconds = time.perf_counter() - ex.started
+        return more
+
+    def ended(self, error: BaseException | None) -> None:
+        self.done = True
+        self.error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        if not self.wake.done():
+            self.wake.set_result(None)

@@ -78,6 +78,11 @@ class CoalescingTransport:
         self._head = None
         self._t.abort()
 
+    def raw(self) -> asyncio.Transport:
+        """The transport itself, a held head sent first (for writes that need no holding)."""
+        self._flush()
+        return self._t
+
     def get_write_buffer_size(self) -> int:
         return self._t.get_write_buffer_size() + len(self._head or b"")
 
@@ -86,6 +91,8 @@ class CoalescingTransport:
 
 
 CLIENT_GONE = "gateway.client_gone"
+# ASGI extension: {"writer": DirectWriters}, chunked body writes straight to the transport.
+DIRECT = "gateway.direct"
 # ASGI extension: {"at": time.perf_counter()} when the request's first byte was read.
 RECEIVED = "gateway.received"
 
@@ -120,6 +127,69 @@ class ClientGone:
         callbacks, self._callbacks = self._callbacks, set()
         for callback in callbacks:
             callback()
+
+
+class BodyWriter:
+    """A started chunked response's body, written to the connection's transport at once.
+
+    For a relay at token rate: one ``write`` per upstream read, no ``send`` coroutine.
+    The relay still starts and ends the response through ASGI ``send`` (uvicorn keeps
+    its own state); in between, ``write`` frames each piece as an HTTP chunk. ``write``
+    returns False when the client's buffer is over its high-water mark: the caller stops
+    reading its source and awaits ``drain``.
+    """
+
+    __slots__ = ("_flow", "_t")
+
+    def __init__(self, transport: asyncio.Transport, flow: Any) -> None:
+        self._t = transport
+        self._flow = flow
+
+    def write(self, data: bytes) -> bool:
+        t = self._t
+        if not t.is_closing():
+            t.write(b"%x\r\n%b\r\n" % (len(data), data))
+        return not self._flow.write_paused
+
+    @property
+    def paused(self) -> bool:
+        return bool(self._flow.write_paused)
+
+    async def drain(self) -> None:
+        await self._flow.drain()
+
+
+class DirectWriters:
+    """The ASGI extension ``gateway.direct`` (its ``writer``), one per connection."""
+
+    __slots__ = ("_protocol",)
+
+    def __init__(self, protocol: HttpToolsProtocol) -> None:
+        self._protocol = protocol
+
+    def __call__(self, scope: Any) -> BodyWriter | None:
+        """A writer for ``scope``'s response once started chunked; None otherwise."""
+        cycle = self._protocol.cycle
+        if (
+            cycle is None
+            or cycle.scope is not scope
+            or not cycle.response_started
+            or cycle.response_complete
+            or cycle.disconnected
+            or cycle.chunked_encoding is not True
+            or scope.get("method") == "HEAD"
+        ):
+            return None
+        t = cycle.transport
+        raw = t.raw() if isinstance(t, CoalescingTransport) else t
+        return BodyWriter(raw, cycle.flow)
+
+
+def direct_writer(scope: Any) -> BodyWriter | None:
+    """The direct body writer for ``scope``'s started response, when the server has one."""
+    ext = (scope.get("extensions") or {}).get(DIRECT)
+    writers = ext.get("writer") if isinstance(ext, dict) else None
+    return writers(scope) if isinstance(writers, DirectWriters) else None
 
 
 def tune_gc(freeze: bool, thresholds: tuple[int, int, int]) -> None:
@@ -168,6 +238,7 @@ def protocol_with_header_timeout(seconds: float) -> type[HttpToolsProtocol]:
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             self._gone = ClientGone()
             self._gone_ext: dict[object, object] = {"hook": self._gone}  # ASGI: a dict each
+            self._direct_ext: dict[object, object] = {"writer": DirectWriters(self)}
             coalescing = CoalescingTransport(transport, asyncio.get_running_loop())
             super().connection_made(coalescing)  # type: ignore[arg-type]
             self._arm()
@@ -182,7 +253,11 @@ def protocol_with_header_timeout(seconds: float) -> type[HttpToolsProtocol]:
         def on_message_begin(self) -> None:
             super().on_message_begin()
             received: dict[object, object] = {"at": time.perf_counter()}  # the clock starts
-            self.scope["extensions"] = {CLIENT_GONE: self._gone_ext, RECEIVED: received}
+            self.scope["extensions"] = {
+                CLIENT_GONE: self._gone_ext,
+                RECEIVED: received,
+                DIRECT: self._direct_ext,
+            }
             self._head_open = True
 
         def on_headers_complete(self) -> None:

@@ -43,13 +43,44 @@ class SseTap:
         self.response_id: str | None = None
         self.usage: dict[str, Any] | None = None
         self.final_type: str | None = None
-        self.last_sequence: int | None = None
+        self._sequence: int | None = None
+        self._undecoded: bytes | None = None  # the last delta's data, sequence not read yet
         self.events = 0
+
+    @property
+    def last_sequence(self) -> int | None:
+        """The ``sequence_number`` of the last event (a delta's is read only when asked)."""
+        if self._undecoded is not None:
+            data, self._undecoded = self._undecoded, None
+            at = data.rfind(b'"sequence_number"')
+            if at >= 0 and (found := _SEQUENCE.match(data, at)) is not None:
+                self._sequence = int(found.group(1))
+        return self._sequence
 
     def feed(self, chunk: bytes) -> None:
         """Read one chunk of the stream."""
         if self.disabled:
             return
+        # The bulk of a Responses stream: a chunk that is one whole delta event,
+        # ``event: response.….delta\ndata: {"type":"response.….delta",…}\n\n``, told
+        # from its ``event:`` line and the start of its data; nothing split or decoded.
+        if (
+            chunk.endswith(b"\n\n")
+            and chunk.startswith(b"event: ")
+            and not self._pending
+            and not self._data
+            and chunk.count(b"\n") == 3
+        ):
+            nl = chunk.find(b"\n")
+            if (
+                chunk.endswith(b".delta", 7, nl)
+                and chunk.startswith(b"data: ", nl + 1)
+                and b'.delta"' in chunk[nl + 7 : nl + 87]
+                and self._kind == "responses"
+            ):
+                self.events += 1
+                self._undecoded = chunk
+                return
         if not self._pending and chunk.endswith(b"\n"):
             lines = chunk[:-1].split(b"\n")  # the usual chunk: whole lines, nothing held
         else:
@@ -93,7 +124,7 @@ class SseTap:
             self._chat_chunk(data)
             return
         if b'.delta"' in data[:80]:
-            self._delta_sequence(data)
+            self._undecoded = data
             return
         event = parse_upstream(data)
         if isinstance(event, dict):
@@ -110,17 +141,11 @@ class SseTap:
         if isinstance(chunk, dict) and isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
 
-    def _delta_sequence(self, data: bytes) -> None:
-        """``sequence_number`` of an event that is not decoded (a delta), found by search."""
-        at = data.rfind(b'"sequence_number"')
-        if at >= 0 and (found := _SEQUENCE.match(data, at)) is not None:
-            self.last_sequence = int(found.group(1))
-
     def observe(self, event: Event) -> None:
         """Take note of one decoded event."""
         seq = event.get("sequence_number")
         if isinstance(seq, int):
-            self.last_sequence = seq
+            self._sequence, self._undecoded = seq, None
         etype = event.get("type")
         response = event.get("response")
         if isinstance(response, dict):

@@ -54,6 +54,7 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from .pump import Pump, Receiver
 
 HOP_BY_HOP = frozenset(
     {
@@ -113,7 +114,9 @@ class UpstreamResponse:
         "_client",
         "_closed",
         "_drop",
+        "_handler",
         "_payload",
+        "_pump",
         "_release",
         "_site",
         "headers",
@@ -133,6 +136,7 @@ class UpstreamResponse:
         client: UpstreamClient,
         where: str,
         site: _Origin,
+        handler: ResponseHandler | None = None,
     ) -> None:
         self.status = status
         self.raw_headers = raw_headers
@@ -145,12 +149,30 @@ class UpstreamResponse:
         self._body: bytes | None = None
         self.where = where
         self._site = site
+        self._handler = handler  # aiohttp's protocol on our own request path, else None
+        self._pump: Pump | None = None
         site.busy += 1
         client.in_use += 1
 
     def chunks(self) -> AsyncIterator[bytes]:
         """The body's bytes as they arrive, never re-chunked."""
         return _Chunks(self._payload, self.where)
+
+    def pump(self, receiver: Receiver) -> Pump | None:
+        """Hand the rest of the body to ``receiver`` as it arrives (``pump.Pump``);
+        None where the connection is not ours to take over (then read ``chunks``)."""
+        handler = self._handler
+        if handler is None or handler.transport is None or self._pump is not None:
+            return None
+        self._pump = Pump(
+            handler, self._payload, handler.transport, receiver, self._client.read_timeout
+        )
+        self._pump.start()
+        return self._pump
+
+    def failure(self, exc: BaseException) -> GatewayError:
+        """What a pump's error (``Receiver.ended``) means for the client."""
+        return _mapped(exc, self.where)
 
     async def read(self) -> bytes:
         """The whole body (read once, kept for later calls)."""
@@ -166,6 +188,8 @@ class UpstreamResponse:
         if self._closed:
             return
         self._closed = True
+        if self._pump is not None:
+            self._pump.restore()
         self._client.in_use -= 1
         self._site.busy -= 1
         if self._payload.at_eof():
@@ -293,6 +317,7 @@ class UpstreamClient:
     def __init__(self, cfg: UpstreamConfig) -> None:
         self.limit = cfg.max_connections
         self.in_use = 0
+        self.read_timeout = cfg.read_timeout
         self._ssl = ssl_context(cfg)
         self._timeout = aiohttp.ClientTimeout(
             total=None,
@@ -453,6 +478,7 @@ class UpstreamClient:
             self,
             where,
             site,
+            protocol,
         )
 
     async def ws_connect(

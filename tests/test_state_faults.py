@@ -1,17 +1,25 @@
-"""A black-holed Redis (SIGSTOP: connections hang, nothing refuses) and its recovery."""
+"""A black-holed Redis (SIGSTOP: connections hang, nothing refuses) and its recovery;
+a healthy Redis behind a late event loop, which is not an outage."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import statistics
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from harness import RedisServer, Sim, Tenants, base_config, gateway
+from redis.asyncio.connection import AbstractConnection
+
+from gateway.keys import hash_key, new_key
 
 URL = "/openai/v1/responses"
 
@@ -107,3 +115,65 @@ def test_black_holed_redis(identity: Sim, tenants: Tenants, tmp_path: Path) -> N
 
 def _post_get(url: str, key: str, rid: str) -> httpx.Response:
     return httpx.get(f"{url}{URL}/{rid}", headers={"api-key": key}, timeout=30)
+
+
+def test_late_loop_is_not_an_outage(
+    identity: Sim, tenants: Tenants, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A healthy Redis behind a starved event loop: its answer arrives at once, the loop
+    reads it late, past the 0.2 s timeout. That is no outage: no request passes without
+    its quota, none is counted twice, the breaker stays closed, every charge lands once.
+
+    The loop is starved (blocked 0.3 s, as by a burst of work) right after every fifth
+    Redis command is sent, so that each starvation finds a command in flight.
+    """
+    sent = [0]
+    send = AbstractConnection.send_packed_command
+
+    async def send_then_starve(self: AbstractConnection, *args: Any, **kw: Any) -> None:
+        await send(self, *args, **kw)
+        sent[0] += 1
+        if sent[0] % 5 == 0:
+            asyncio.get_running_loop().call_soon(time.sleep, 0.3)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", send_then_starve)
+    redis = RedisServer(str(tmp_path)).start()
+    cfg = base_config(
+        {"swc": identity},
+        tenants,
+        state={"backend": "redis", "url_env": "REDIS_URL", "on_state_error": "allow"},
+    )
+    cfg["tenants"]["team-a"]["quotas"] = {"requests_per_minute": 20}
+    admin = new_key()
+    cfg["admin"] = {"key_sha256": hash_key(admin)}
+    key = tenants.key("team-a")
+    body = {"model": "gpt-4.1", "input": "x"}
+    day = datetime.now(UTC).date().isoformat()
+    results: list[httpx.Response] = []
+    try:
+        with gateway(cfg, {"REDIS_URL": redis.url}) as gw:
+            began = time.monotonic()
+            with ThreadPoolExecutor(4) as pool:
+                results = list(pool.map(lambda _: _post(gw.url, key, body), range(32)))
+            took = time.monotonic() - began
+            metrics = httpx.get(gw.url + "/metrics").text
+            usage = httpx.get(
+                gw.url + "/admin/usage",
+                headers={"api-key": admin},
+                params={"from": day, "to": day, "tenant": "team-a"},
+            ).json()
+    finally:
+        redis.stop()
+    codes = [r.status_code for r in results]
+    assert set(codes) <= {200, 429}, codes
+    assert sent[0] > 50  # the starvation did happen, many times
+    assert 'gateway_state_breaker_events_total{event="late",operation="admit"}' in metrics
+    assert 'gateway_state_breaker_events_total{event="tripped"' not in metrics
+    # Every admission was Redis's: none passed unchecked (on_state_error: allow would
+    # have let it), none was counted twice. The bucket refills 1/3 request a second.
+    assert "gateway_state_errors_total{" not in metrics
+    assert 20 <= codes.count(200) <= 20 + int(took / 3) + 1, (codes.count(200), took)
+    answered = [r.json()["usage"] for r in results if r.status_code == 200]
+    assert len(usage) == 1 and usage[0]["requests"] == len(answered)  # each charged once
+    assert usage[0]["input_tokens"] == sum(u["input_tokens"] for u in answered)
+    assert usage[0]["output_tokens"] == sum(u["output_tokens"] for u in answered)

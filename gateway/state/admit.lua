@@ -1,7 +1,7 @@
 -- Admit one request against every quota scope, atomically.
 -- KEYS, per scope (7 each): request bucket, token bucket, day counter, month counter,
---       leases, money day counter, money month counter
--- ARGV: now, lease id, lease ttl, day ttl, month ttl, scope count,
+--       leases, money day counter, money month counter; then the admission marker
+-- ARGV: now, lease id, lease ttl, day ttl, month ttl, scope count, marker ttl (ms),
 --       then per scope: rpm, tpm, tokens/day, tokens/month, max concurrent,
 --       budget/day, budget/month (millionths of the currency)
 -- Returns {allowed, reason, retry_after, limit_req, remaining_req, reset_req,
@@ -12,6 +12,12 @@ local lease_ttl = tonumber(ARGV[3])
 local day_ttl = tonumber(ARGV[4])
 local month_ttl = tonumber(ARGV[5])
 local n = tonumber(ARGV[6])
+local marker = KEYS[n * 7 + 1]
+
+-- The same admission again (its first answer was read too late): the same answer,
+-- nothing counted twice.
+local seen = redis.call('GET', marker)
+if seen then return cjson.decode(seen) end
 
 local function level(key, cap)
   local v = redis.call('HMGET', key, 'l', 't')
@@ -28,7 +34,7 @@ end
 local first = nil
 local levels = {}
 for i = 0, n - 1 do
-  local k, a = i * 7, 6 + i * 7
+  local k, a = i * 7, 7 + i * 7
   local rpm, tpm = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   local tpd, tpmo, conc = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
   local cpd, cpmo = tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7])
@@ -66,7 +72,7 @@ for i = 0, n - 1 do
 end
 
 for i = 0, n - 1 do
-  local k, a = i * 7, 6 + i * 7
+  local k, a = i * 7, 7 + i * 7
   local rpm, tpm, conc = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 5])
   if rpm > 0 then save(KEYS[k + 1], levels[i][1] - 1, rpm) end
   if conc > 0 then
@@ -74,4 +80,5 @@ for i = 0, n - 1 do
     redis.call('PEXPIRE', KEYS[k + 5], math.ceil(lease_ttl * 2000))
   end
 end
+if first ~= nil then redis.call('SET', marker, cjson.encode(first), 'PX', ARGV[7]) end
 return first

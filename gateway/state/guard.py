@@ -12,8 +12,14 @@
   dropped and counted) and written by a drainer task once the breaker closes, in
   order. A binding waiting in the queue is also kept on this replica and answered
   from there, so a response created during an outage is never a 404 here.
-- A retried settle may charge twice if Redis applied the first attempt but its
-  answer was lost; the charge-once marker prevents this for background responses.
+- **A late loop is not a silent Redis**: a burst that keeps the event loop busy makes
+  Redis's answers be read after the timeout although Redis answered at once. A call
+  that timed out while the loop was late (the call took a quarter longer than the
+  timeout, or the loop's measured lag is over a quarter of it) is tried again at once
+  on connections of its own with a long timeout (``RedisState.patient``); only if that
+  fails too is the breaker tripped. Every call is safe to repeat: an admission's answer
+  is kept under its lease id (``admit.lua``), a settle charges once per response or
+  request id (``settle.lua``'s marker), the rest are reads and plain writes.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from ..errors import StateError
+from ..errors import StateError, StateTimeout
 from ..quotas import Admission, QuotaScope, Windows
 from . import Binding, LedgerEntry, Settled, StateBackend
 from .redis import binding_key, settle_tenant, tenant_key
@@ -39,12 +45,13 @@ class StateSkipped(StateError):
     """The breaker is open: the call was not attempted."""
 
 
+Op = Callable[[StateBackend], Awaitable[T]]
+
+
 class _Queued:
     __slots__ = ("key", "op", "shard", "what")
 
-    def __init__(
-        self, what: str, op: Callable[[], Awaitable[Any]], key: str | None, shard: str
-    ) -> None:
+    def __init__(self, what: str, op: Op[Any], key: str | None, shard: str) -> None:
         self.what = what
         self.op = op
         self.key = key
@@ -64,6 +71,11 @@ class GuardedState:
         shard_of: Callable[[str], str] | None = None,
     ) -> None:
         self.inner = inner
+        self._lag: Callable[[], float] = lambda: 0.0
+        # The same store with a long timeout, for calls whose answer the loop read late.
+        patient = getattr(inner, "patient", None)
+        self._patient: Callable[[], StateBackend] | None = patient
+        self._timeout: float = getattr(inner, "timeout", 0.0)
         self.breaker_seconds = breaker_seconds
         self.queue_size = queue_size
         self._on_event = on_event
@@ -89,7 +101,29 @@ class GuardedState:
         if self._on_event is not None:
             self._on_event(kind, operation)
 
-    async def _call(self, what: str, op: Callable[[], Awaitable[T]], shard: str) -> T:
+    def watch_loop(self, lag: Callable[[], float]) -> None:
+        """Where the event loop's measured lag (seconds) is read."""
+        self._lag = lag
+
+    def _late(self, elapsed: float) -> bool:
+        """Whether a timeout may be the event loop's lateness rather than the store's."""
+        if self._patient is None or not self._timeout:
+            return False
+        return elapsed > self._timeout * 1.25 or self._lag() > self._timeout * 0.25
+
+    async def _attempt(self, what: str, op: Op[T]) -> T:
+        started = time.monotonic()
+        try:
+            return await op(self.inner)
+        except StateTimeout:
+            if not self._late(time.monotonic() - started):
+                raise
+            assert self._patient is not None
+        result = await op(self._patient())  # raises if the store is silent after all
+        self._event("late", what)
+        return result
+
+    async def _call(self, what: str, op: Op[T], shard: str) -> T:
         probe = False
         until = self._open.get(shard)
         if until is not None:
@@ -99,7 +133,7 @@ class GuardedState:
             self._probing.add(shard)
             probe = True
         try:
-            result = await op()
+            result = await self._attempt(what, op)
         except StateError as exc:
             if shard not in self._open:
                 reason = repr(exc.__cause__)[:300]
@@ -156,8 +190,8 @@ class GuardedState:
     # -- the backend interface ------------------------------------------------
 
     async def bind_response(self, response_id: str, binding: Binding, ttl: float) -> None:
-        async def op() -> None:
-            await self.inner.bind_response(response_id, binding, ttl)
+        async def op(state: StateBackend) -> None:
+            await state.bind_response(response_id, binding, ttl)
 
         shard = self._shard_of(binding_key(response_id))
         try:
@@ -171,13 +205,13 @@ class GuardedState:
         if local is not None and local[1] > time.monotonic():
             return local[0]
         shard = self._shard_of(binding_key(response_id))
-        return await self._call("lookup", lambda: self.inner.get_binding(response_id), shard)
+        return await self._call("lookup", lambda state: state.get_binding(response_id), shard)
 
     async def delete_binding(self, response_id: str) -> None:
         self._local.pop(response_id, None)
 
-        async def op() -> None:
-            await self.inner.delete_binding(response_id)
+        async def op(state: StateBackend) -> None:
+            await state.delete_binding(response_id)
 
         shard = self._shard_of(binding_key(response_id))
         try:
@@ -190,7 +224,7 @@ class GuardedState:
     ) -> Admission:
         shard = self._shard_of(tenant_key(scopes[0].tenant)) if scopes else "redis"
         return await self._call(
-            "admit", lambda: self.inner.admit(scopes, lease, lease_ttl, w), shard
+            "admit", lambda state: state.admit(scopes, lease, lease_ttl, w), shard
         )
 
     async def settle(
@@ -204,8 +238,8 @@ class GuardedState:
         cost: int = 0,
         ledger: LedgerEntry | None = None,
     ) -> Settled:
-        async def op() -> Settled:
-            return await self.inner.settle(scopes, lease, tokens, w, once, ttl, cost, ledger)
+        async def op(state: StateBackend) -> Settled:
+            return await state.settle(scopes, lease, tokens, w, once, ttl, cost, ledger)
 
         shard = self._shard_of(tenant_key(settle_tenant(scopes, ledger)))
         try:
@@ -226,7 +260,7 @@ class GuardedState:
 
     async def usage(self, tenant: str, day: str) -> dict[tuple[str, str], dict[str, int]]:
         shard = self._shard_of(tenant_key(tenant))
-        return await self._call("usage", lambda: self.inner.usage(tenant, day), shard)
+        return await self._call("usage", lambda state: state.usage(tenant, day), shard)
 
     async def ping(self) -> None:
         """Raise while any node is skipped; else ping (a failed ping trips no breaker)."""

@@ -22,8 +22,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeout
 
-from ..errors import StateError
+from ..errors import StateError, StateTimeout
 from ..quotas import REASONS, Admission, QuotaScope, Windows
 from . import Binding, LedgerEntry, Settled, ledger_increments
 from .keystore import RedisKeyStore
@@ -50,17 +51,24 @@ def tenant_key(tenant: str) -> str:
     return f"gw:{{{tenant}}}:"
 
 
+# How long an admission's answer is kept under its lease id: a retry of the same admit
+# (its answer was read late, see guard.py) gets that answer instead of a second count.
+ADMIT_MARKER_SECONDS = 15.0
+
+
 def admit_call(
     scopes: list[QuotaScope], lease: str, lease_ttl: float, w: Windows
 ) -> tuple[list[str], list[Any]]:
     """KEYS and ARGV of one ``admit.lua`` call."""
     keys: list[str] = []
     args: list[Any] = [w.now, lease, lease_ttl, w.day_left, w.month_left, len(scopes)]
+    args.append(int(ADMIT_MARKER_SECONDS * 1000))
     for s in scopes:
         b = _base(s)
         keys += [f"{b}:rq", f"{b}:tk", f"{b}:d:{w.day}", f"{b}:m:{w.month}", f"{b}:lease"]
         keys += [f"{b}:cd:{w.day}", f"{b}:cm:{w.month}"]
         args += [s.rpm, s.tpm, s.tpd, s.tpmonth, s.concurrency, s.cost_day, s.cost_month]
+    keys.append(f"{tenant_key(scopes[0].tenant)}adm:{lease}" if scopes else "gw:adm:-")
     return keys, args
 
 
@@ -117,6 +125,9 @@ class RedisState:
 
     def __init__(self, url: str, timeout: float = 0.2, mode: str = "single") -> None:
         self.mode = mode
+        self.url = url
+        self.timeout = timeout
+        self._patient: RedisState | None = None
         self._client: Any
         if mode == "cluster":
             self._client = RedisCluster.from_url(
@@ -140,6 +151,14 @@ class RedisState:
         self._admit = self._client.register_script(_script("admit.lua"))
         self._settle = self._client.register_script(_script("settle.lua"))
 
+    def patient(self) -> RedisState:
+        """The same store on connections of its own with a timeout ten times as long
+        (at least 2 s): where a call that timed out is tried again when the event loop,
+        not Redis, was late (``guard.py``)."""
+        if self._patient is None:
+            self._patient = RedisState(self.url, max(2.0, self.timeout * 10), self.mode)
+        return self._patient
+
     def shard(self, key: str) -> str:
         """The node that serves ``key`` (one name for a single server): the breaker's unit."""
         if self.mode != "cluster":
@@ -161,6 +180,10 @@ class RedisState:
     async def _call(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
         try:
             return await op()
+        except RedisTimeout as exc:
+            raise StateTimeout(
+                f"The gateway's state store did not answer in time ({what})."
+            ) from exc
         except (RedisError, OSError, RuntimeError) as exc:
             # RuntimeError: the cluster client wrote on a connection its own topology
             # refresh had just closed.
@@ -264,4 +287,6 @@ class RedisState:
         await self._call("ping", self._client.ping)
 
     async def aclose(self) -> None:
+        if self._patient is not None:
+            await self._patient.aclose()
         await self._client.aclose()

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from gateway.errors import StateError
+from gateway.errors import StateError, StateTimeout
 from gateway.quotas import Admission, windows
 from gateway.state import Binding, Settled
 from gateway.state.guard import GuardedState, StateSkipped
@@ -120,3 +120,74 @@ def test_only_one_probe_at_a_time() -> None:
         await guard.aclose()
 
     asyncio.run(scenario())
+
+
+class Late(MemoryState):
+    """Times out like a Redis whose answer was read ``took`` seconds late (``late``
+    calls), or like a silent one (``silent``); its ``patient`` twin answers unless silent."""
+
+    timeout = 0.2
+
+    def __init__(self, took: float, silent: bool = False) -> None:
+        super().__init__()
+        self.took, self.silent = took, silent
+        self.late = 1
+        self.twin: Late | None = None
+
+    def patient(self) -> Late:
+        if self.twin is None:
+            self.twin = Late(0.0, self.silent)
+            self.twin.late = 1 if self.silent else 0
+            self.twin._buckets = self._buckets  # one store, two connections
+        return self.twin
+
+    async def admit(self, *a: Any) -> Admission:
+        if self.late:
+            self.late -= 1
+            await asyncio.sleep(self.took)
+            raise StateTimeout("did not answer in time")
+        return await super().admit(*a)
+
+
+def _scopes() -> list[Any]:
+    from gateway.quotas import QuotaScope
+
+    return [QuotaScope("t", "", 10, 0, 0, 0, 0)]
+
+
+def test_a_timeout_read_late_is_tried_again_not_tripped() -> None:
+    events: list[tuple[str, str]] = []
+
+    async def main() -> None:
+        inner = Late(took=0.3)  # the answer came after 0.3 s: the loop was late
+        g = GuardedState(inner, on_event=lambda k, w: events.append((k, w)))
+        adm = await g.admit(_scopes(), "lease-1", 300, windows())
+        assert adm.allowed and not g.is_open
+        assert ("late", "admit") in events and not any(k == "tripped" for k, _ in events)
+
+    asyncio.run(main())
+
+
+def test_a_late_loop_by_its_measured_lag() -> None:
+    async def main() -> None:
+        g = GuardedState(Late(took=0.2))  # on time, but the loop's lag says it was late
+        g.watch_loop(lambda: 0.12)
+        assert (await g.admit(_scopes(), "lease-1", 300, windows())).allowed
+
+    asyncio.run(main())
+
+
+def test_a_silent_store_on_a_punctual_loop_trips_at_once() -> None:
+    async def main() -> None:
+        inner = Late(took=0.2)
+        g = GuardedState(inner)
+        with pytest.raises(StateTimeout):
+            await g.admit(_scopes(), "lease-1", 300, windows())
+        assert g.is_open and inner.twin is None  # no second try: nothing suggested lateness
+        late_and_silent = Late(took=0.3, silent=True)
+        g = GuardedState(late_and_silent)
+        with pytest.raises(StateTimeout):
+            await g.admit(_scopes(), "lease-1", 300, windows())
+        assert g.is_open  # the patient try failed too: an outage after all
+
+    asyncio.run(main())
