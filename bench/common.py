@@ -56,13 +56,18 @@ def wait_ready(url: str, timeout: float = 20) -> None:
 
 @contextmanager
 def process(
-    args: list[str], env: dict[str, str] | None = None, pids: list[int] | None = None
+    args: list[str],
+    env: dict[str, str] | None = None,
+    pids: list[int] | None = None,
+    output: Path | None = None,
 ) -> Iterator[None]:
+    """``gateway`` with ``args``; its stdout and stderr to ``output`` (a file) or nowhere."""
+    sink = open(output, "ab") if output is not None else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", *args],
         env={**os.environ, **(env or {})},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=sink,
+        stderr=sink,
     )
     if pids is not None:
         pids.append(proc.pid)
@@ -71,6 +76,8 @@ def process(
     finally:
         proc.terminate()
         proc.wait(10)
+        if output is not None:
+            sink.close()  # type: ignore[union-attr]
 
 
 @contextmanager
@@ -78,10 +85,16 @@ def servers(
     extra_config: dict[str, object] | None = None,
     pids: list[int] | None = None,
     upstream: str | None = None,
+    production: bool = False,
+    code: str | None = None,
 ) -> Iterator[tuple[str, str, str]]:
     """(upstream URL, gateway URL, gateway key); ``pids`` gets the gateway's process id.
 
     The upstream is the simulator, started here, unless ``upstream`` names one.
+    ``production``: as production runs it, access log at INFO (a line per request,
+    written to a file) and the audit trail on (a file sink); else logs at WARNING.
+    ``code``: a directory holding another version's ``gateway`` package (a checkout of an
+    earlier commit), run instead of the installed one: an A/B in one run.
     """
     sim_port, gw_port = free_port(), free_port()
     sim_url = upstream or f"http://127.0.0.1:{sim_port}"
@@ -105,6 +118,8 @@ def servers(
         cfg["tenants"]["bench"]["quotas"] = extra.pop("quotas")  # type: ignore[index]
     cfg.update(extra)
     with tempfile.TemporaryDirectory() as tmp:
+        if production:
+            cfg["audit"] = {"path": str(Path(tmp) / "audit.jsonl")}
         path = Path(tmp) / "gateway.yaml"
         path.write_text(yaml.safe_dump(cfg))
         simulate = ["simulate", "--port", str(sim_port)]
@@ -120,10 +135,11 @@ def servers(
                     "--port",
                     str(gw_port),
                     "--log-level",
-                    "WARNING",
+                    "INFO" if production else "WARNING",
                 ],
-                {"BENCH_SIM_KEY": "sim-api-key"},
+                {"BENCH_SIM_KEY": "sim-api-key", **({"PYTHONPATH": code} if code else {})},
                 pids,
+                Path(tmp) / "gateway.log" if production else None,
             ),
         ):
             sim, gw = sim_url, f"http://127.0.0.1:{gw_port}"

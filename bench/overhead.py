@@ -160,11 +160,19 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds; medians reported")
+    ap.add_argument(
+        "--production",
+        action="store_true",
+        help="the gateway as production runs it: access log at INFO, audit trail on",
+    )
     args = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed (apt-get install wrk)")
     pids: list[int] = []
-    with tempfile.TemporaryDirectory() as tmpdir, servers(pids=pids) as (sim, gw, key):
+    with (
+        tempfile.TemporaryDirectory() as tmpdir,
+        servers(pids=pids, production=args.production) as (sim, gw, key),
+    ):
         tmp = Path(tmpdir)
         gw_pid = pids[-1]
         with nginx(sim, tmp) as ngx:
@@ -177,6 +185,7 @@ def main() -> None:
             print(
                 f"wrk, non-streaming create, {args.seconds:g} s per case, one worker each, "
                 f"median of {args.repeat} interleaved rounds"
+                + (", gateway with INFO access log and audit on" if args.production else "")
             )
             rounds_one: dict[str, list[WrkResult]] = {name: [] for name, _, _ in targets}
             rounds_many: dict[str, list[WrkResult]] = {name: [] for name, _, _ in targets}

@@ -16,6 +16,10 @@ installed, nginx (one worker, ``proxy_pass``, ``proxy_buffering off``). Per targ
 - streams completed (``response.completed`` seen) out of those opened.
 
     python bench/tokens.py [--streams 200 500] [--rate 50] [--seconds 10] [--repeat 2]
+                           [--before DIR]
+
+``--before DIR`` adds a second gateway run from the ``gateway`` package in DIR (e.g.
+``git worktree add /tmp/before <commit>``): before and after in the same run.
 
 CPU per event is the figure that matters: latency on a shared 2-core VM is noisy (the
 upstream and the client share the cores with the target), CPU time is not.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import multiprocessing
@@ -259,14 +264,19 @@ def wave(target: str, url: str, key: str, pid: int, n: int, ramp: float) -> Wave
 
 
 @contextmanager
-def _targets(upstream: str) -> Iterator[list[tuple[str, str, str, int]]]:
+def _targets(upstream: str, before: str | None) -> Iterator[list[tuple[str, str, str, int]]]:
     pids: list[int] = []
     with (
         tempfile.TemporaryDirectory() as tmp,
         servers(pids=pids, upstream=upstream) as (_, gw, key),
+        servers(pids=pids, upstream=upstream, code=before)
+        if before
+        else contextlib.nullcontext(("", "", "")) as (_, old, old_key),
         nginx(upstream, Path(tmp)) as ngx,
     ):
-        targets = [("gateway", gw, key, pids[-1])]
+        targets = [("gateway", gw, key, pids[0])]
+        if before:
+            targets.append(("before", old, old_key, pids[1]))
         if ngx is not None:
             master = int((Path(tmp) / "nginx.pid").read_text())
             targets.append(("nginx", ngx, "-", master))
@@ -280,6 +290,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10, help="length of each stream")
     ap.add_argument("--ramp", type=float, default=2.0, help="seconds over which streams open")
     ap.add_argument("--repeat", type=int, default=2, help="rounds per target; medians reported")
+    ap.add_argument("--before", help="a directory with an earlier gateway package, run too")
     args = ap.parse_args()
     port = free_port()
     up = multiprocessing.Process(
@@ -288,7 +299,7 @@ def main() -> None:
     up.start()
     results: list[Wave] = []
     try:
-        with _targets(f"http://127.0.0.1:{port}") as targets:
+        with _targets(f"http://127.0.0.1:{port}", args.before) as targets:
             for _, url, key, pid in targets:
                 wave("warm-up", url, key, pid, 20, 0.0)
             for n in args.streams:
