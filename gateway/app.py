@@ -218,6 +218,7 @@ def create_app(
         state.watch_loop(lambda: gateway.loop_lag)
     metrics.watch_targets(breakers, [t.key for t in gateway.snap.router.all_targets()])
     metrics.watch_keys(gateway.keys.used)
+    gateway.batches.metrics = metrics
     proxy = Proxy(gateway)
 
     reloader = None
@@ -253,6 +254,7 @@ def create_app(
             await connect()
         key_refresher = asyncio.create_task(gateway.keys.run())
         lag_meter = asyncio.create_task(_measure_loop_lag(gateway, metrics))
+        gateway.batches.start()
         refresher = None
         if shared is not None:
             targets = lambda: [t.key for t in gateway.snap.router.all_targets()]  # noqa: E731
@@ -265,6 +267,7 @@ def create_app(
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
+            await gateway.batches.stop()
             await breakers.aclose()
             if tracing is not None:
                 await asyncio.to_thread(tracing.shutdown)

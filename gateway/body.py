@@ -144,6 +144,13 @@ class Part:
             )
         self.value += data
 
+    def replace(self, spool: IO[bytes], size: int) -> None:
+        """Send ``spool`` (``size`` bytes) instead of the file part as it arrived."""
+        if self.spool is not None:
+            self.spool.close()
+        self.spool = spool
+        self.size = size
+
     def text(self) -> str:
         try:
             return self.value.decode("utf-8")

@@ -103,6 +103,9 @@ class TargetConfig(_Frozen):
     deployment: str
     priority: Annotated[int, Field(ge=0)] | None = None  # lower first; default: list order
     weight: PositiveFloat = 1.0  # share of traffic within its priority group
+    # A GlobalBatch/DataZoneBatch deployment: only batch lines go to it, never interactive
+    # traffic (not even when every interactive target is down).
+    batch: bool = False
 
 
 NonNegativeFloat = Annotated[float, Field(ge=0)]
@@ -118,6 +121,11 @@ class TokenPrices(_Frozen):
     audio_input: NonNegativeFloat | None = None  # Realtime audio tokens; default: input
     audio_output: NonNegativeFloat | None = None  # default: the output price
     hourly: NonNegativeFloat = 0.0  # a fixed cost per hour (PTU), for reports to spread
+    # Batch jobs: their own prices, or the token prices times ``batch_discount``.
+    batch_input: NonNegativeFloat | None = None
+    batch_cached_input: NonNegativeFloat | None = None
+    batch_output: NonNegativeFloat | None = None
+    batch_discount: Annotated[float, Field(ge=0, le=1)] = 0.5
 
 
 class PriceConfig(TokenPrices):
@@ -325,6 +333,10 @@ class AuditConfig(_Frozen):
         return self.sinks
 
 
+class BatchesConfig(_Frozen):
+    poll_seconds: PositiveFloat = 15.0  # the watcher's interval (backoff to 60 s per batch)
+
+
 class UsageConfig(_Frozen):
     ledger: bool = True  # per tenant x model x UTC day, in the state backend
     retention_days: Positive = 400
@@ -408,6 +420,7 @@ class Config(_Frozen):
     breaker: BreakerConfig = BreakerConfig()
     prices: dict[str, PriceConfig] = {}
     usage: UsageConfig = UsageConfig()
+    batches: BatchesConfig = BatchesConfig()
     tracing: TracingConfig = TracingConfig()
     admin: AdminConfig = AdminConfig()
     server: ServerConfig = ServerConfig()

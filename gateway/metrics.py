@@ -377,6 +377,25 @@ class Metrics(BaseObserver):
             ["tenant", "model", "currency"],
             registry=r,
         )
+        self.batch_lines = Counter(
+            "gateway_batch_lines_total",
+            "Lines of batch jobs: checked at upload (outcome uploaded), and in completed "
+            "batches' output (charged, or failed: no usage).",
+            ["tenant", "outcome"],
+            registry=r,
+        )
+        self.batch_charged_total = Counter(
+            "gateway_batch_charged_total",
+            "Completed batch jobs charged (once each, whichever replica saw them complete).",
+            ["tenant", "model"],
+            registry=r,
+        )
+        self.batch_tokens = Counter(
+            "gateway_batch_tokens_total",
+            "Tokens of charged batch jobs, by kind (input, cached, output, reasoning).",
+            ["tenant", "model", "kind"],
+            registry=r,
+        )
         self.budget_warnings = Counter(
             "gateway_budget_warnings_total",
             "Charges that crossed a money budget's soft threshold (budgets.warn_at).",
@@ -438,6 +457,30 @@ class Metrics(BaseObserver):
 
     def state_failed(self, operation: str) -> None:
         self.state_errors.labels(operation).inc()
+
+    def batch_uploaded(self, tenant: str, lines: int) -> None:
+        self.child(self.batch_lines, self.tenant_label(tenant), "uploaded").inc(lines)
+
+    def batch_charged(
+        self,
+        tenant: str,
+        model: str,
+        kinds: dict[str, int],
+        lines: int,
+        failed: int,
+        cost: Any,
+    ) -> None:
+        """A completed batch charged: its lines, tokens and cost."""
+        t, m = self.tenant_label(tenant), self.model_label(model)
+        self.child(self.batch_charged_total, t, m).inc()
+        self.child(self.batch_lines, t, "charged").inc(lines - failed)
+        if failed:
+            self.child(self.batch_lines, t, "failed").inc(failed)
+        for kind in ("input", "cached", "output", "reasoning"):
+            if kinds.get(kind):
+                self.child(self.batch_tokens, t, m, kind).inc(kinds[kind])
+        if cost is not None and cost.amount:
+            self.cost.labels(t, m, cost.currency).inc(cost.amount)
 
     def state_event(self, event: str, operation: str) -> None:
         self.state_events.labels(event, operation).inc()

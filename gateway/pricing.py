@@ -52,11 +52,37 @@ def price_tokens(
     return total / 1_000_000
 
 
+def batch_prices(p: TokenPrices) -> TokenPrices:
+    """The prices of a batch job's tokens: ``batch_input``/``batch_cached_input``/
+    ``batch_output`` where given, else the interactive price times ``batch_discount``."""
+    d = p.batch_discount
+    cached = p.input if p.cached_input is None else p.cached_input
+    reasoning = p.output if p.reasoning is None else p.reasoning
+    output = p.output * d if p.batch_output is None else p.batch_output
+    return p.model_copy(
+        update={
+            "input": p.input * d if p.batch_input is None else p.batch_input,
+            "cached_input": cached * d if p.batch_cached_input is None else p.batch_cached_input,
+            "output": output,
+            "reasoning": reasoning * d if p.batch_output is None else p.batch_output,
+            "audio_input": None,
+            "audio_output": None,
+        }
+    )
+
+
 def cost_of(
-    price: PriceConfig, resource: str | None, kinds: dict[str, int], estimated: bool = False
+    price: PriceConfig,
+    resource: str | None,
+    kinds: dict[str, int],
+    estimated: bool = False,
+    batch: bool = False,
 ) -> Cost:
-    """The cost of one exchange's token ``kinds`` (from usage, or ``estimated``)."""
+    """The cost of one exchange's token ``kinds`` (from usage, or ``estimated``); of a
+    batch job's at the batch prices."""
     p: TokenPrices = price.resources.get(resource or "", price)
+    if batch:
+        p = batch_prices(p)
     amount = price_tokens(
         p,
         kinds["input"],

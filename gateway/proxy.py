@@ -15,6 +15,7 @@ from typing import Any
 from starlette.types import ASGIApp
 
 from .audit import check_mcp_policy
+from .batch_lines import BatchFile, check_batch_file
 from .body import Form, Media, body_chunks, media, read_body, read_form, unsupported
 from .errors import BadRequest, GatewayError, MethodNotAllowed, NotFound
 from .exchange import Exchange
@@ -48,6 +49,7 @@ OWNER_PARAM = {
     "conversation": "conversation_id",
     "vector_store": "vector_store_id",
     "container": "container_id",
+    "batch": "batch_id",
 }
 
 
@@ -113,9 +115,16 @@ class Proxy:
                 decisions = check_mcp_policy(principal.tenant, tenant.mcp, body.get("tools"))
             pinned, bindings = await owned(self.gw.state, principal.tenant, parsed.refs.refs)
             ex.pinned = pinned
-            targets = self._route(snap, principal, match, parsed, ex, bindings)
+            batch = await self._batch_file(snap, principal, tenant, ep, parsed, ex)
+            if batch is not None:
+                targets: tuple[Target, ...] = (batch.target._replace(deployment=""),)
+            else:
+                targets = self._route(snap, principal, match, parsed, ex, bindings)
             attempts = self._outbound(snap, principal, request, match, parsed, targets)
             await self.gw.gate.admit(ex, principal.tenant, tenant, ex.model or "")
+            if ep.creates == "batch":
+                file_id = body.get("input_file_id") if body is not None else None
+                await self.gw.batches.admit(ex, tenant, bindings, file_id)
             if body is not None:
                 await self._audit_request(ex, body, decisions, attempts)
             deleted = parsed.refs.refs[0].id if ep.deletes else None
@@ -238,6 +247,41 @@ class Proxy:
             elif name not in FREE_TEXT and name not in FREE_FORM:
                 parsed.refs.tokens(value, name)
 
+    async def _batch_file(
+        self,
+        snap: Snapshot,
+        principal: Principal,
+        tenant: Any,
+        ep: Any,
+        parsed: Parsed,
+        ex: Exchange,
+    ) -> BatchFile | None:
+        """A ``purpose=batch`` upload: every line checked, the file rebuilt from them, and
+        sent to the resource of the batch deployment its lines resolve to."""
+        form = parsed.form
+        if ep.operation != "files.create" or form is None or form.field("purpose") != "batch":
+            return None
+        files = [p for p in form.parts if p.spool is not None]
+        if len(files) != 1 or files[0].name != "file":
+            raise BadRequest(
+                "A batch upload has exactly one file part, named 'file'.",
+                code="invalid_form",
+                param="file",
+            )
+        checked = await check_batch_file(snap, self.gw.state, principal.tenant, tenant, files[0])
+        if ex.pinned is not None and ex.pinned != checked.target.resource:
+            checked.spool.close()
+            raise BadRequest(
+                "The objects this upload names live on another resource than the batch "
+                "deployment its lines run on.",
+                code="objects_on_different_resources",
+            )
+        files[0].replace(checked.spool, checked.size)
+        ex.model = checked.model
+        if self.gw.batches.metrics is not None:
+            self.gw.batches.metrics.batch_uploaded(principal.tenant, checked.lines)
+        return checked
+
     # -- route and outbound -------------------------------------------------
 
     def _route(
@@ -269,8 +313,8 @@ class Proxy:
         if model:
             ex.model = model
             return snap.router.targets(principal.tenant, tenant, model, ex.pinned)
-        if ep.route == "object":
-            ex.model = bindings[0].model or None
+        if ep.route == "object" or (ep.creates == "batch" and bindings):
+            ex.model = bindings[0].model or None  # a batch's model: its input file's
         resource = ex.pinned or snap.router.home(principal.tenant, tenant)
         res = snap.loaded.config.resources.get(resource)
         if res is None:

@@ -135,6 +135,8 @@ class JsonRelay(_UpstreamRelay):
         await keeper.created(body)
         if keeper.lists is not None:
             raw = await keeper.only_mine(body) or raw
+        if self.ex.operation.startswith("batches."):
+            await gw.batches.observe(ex, body)
         if gw.audit.enabled and isinstance(body.get("output"), list):
             records = gw.audit.response_records(ex, body["output"])
             await gw.audit.write(ex, records, before_forward=False)

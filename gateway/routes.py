@@ -34,7 +34,7 @@ DEPLOYMENTS = "/openai/deployments/{deployment}"
 
 Route = Literal["model", "form", "object", "home"]
 Body = Literal["json", "form", "upload", "none"]
-Kind = Literal["response", "file", "conversation", "vector_store", "container"]
+Kind = Literal["response", "file", "conversation", "vector_store", "container", "batch"]
 # Whose shapes an endpoint speaks: its body checks and its stream framing (Responses
 # events ending in response.completed; chat chunks ending in [DONE]; anything else,
 # relayed without a terminal check).
@@ -164,6 +164,11 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     _object("GET", CNTR + "/files/{file_id}", "containers.files.retrieve", "container"),
     _object("DELETE", CNTR + "/files/{file_id}", "containers.files.delete", "container"),
     _object("GET", CNTR + "/files/{file_id}/content", "containers.files.content", "container"),
+    # Batch jobs (their input file: POST /files with purpose=batch, checked line by line)
+    Endpoint("POST", "/batches", "batches.create", "home", creates="batch"),
+    Endpoint("GET", "/batches", "batches.list", "home", "none", lists="batch"),
+    _object("GET", "/batches/{batch_id}", "batches.retrieve", "batch"),
+    _object("POST", "/batches/{batch_id}/cancel", "batches.cancel", "batch"),
     # Model endpoints beside Responses
     _model("/chat/completions", "chat.completions", api="chat"),
     _model("/completions", "completions", api="chat"),

@@ -49,8 +49,9 @@ class Router:
     def __init__(self, config: Config, rng: random.Random | None = None) -> None:
         self._config = config
         self._rng = rng or random.Random()
-        self._targets: dict[str, tuple[Target, ...]] = {
-            model: tuple(
+
+        def resolved(model: str, batch: bool) -> tuple[Target, ...]:
+            return tuple(
                 Target(
                     t.resource,
                     config.resources[t.resource].endpoint,
@@ -59,10 +60,13 @@ class Router:
                     i if t.priority is None else t.priority,
                     t.weight,
                 )
-                for i, t in enumerate(targets)
+                for i, t in enumerate(config.models[model])
+                if t.batch is batch
             )
-            for model, targets in config.models.items()
-        }
+
+        # Interactive targets, and batch deployments apart: neither ever serves the other.
+        self._targets = {m: resolved(m, False) for m in config.models}
+        self._batch = {m: resolved(m, True) for m in config.models}
 
     def all_targets(self) -> list[Target]:
         """Every configured target once (for metrics and shared breaker state)."""
@@ -84,6 +88,46 @@ class Router:
                 code="model_not_found",
                 param="model",
             )
+        if not targets:
+            raise BadRequest(
+                f"Model '{model}' has only batch deployments on this gateway; send it in a "
+                "batch job (POST /openai/v1/batches).",
+                code="model_batch_only",
+                param="model",
+            )
+        return self._allowed(tenant_name, tenant, model, targets, pinned)
+
+    def batch_targets(
+        self, tenant_name: str, tenant: TenantConfig, model: str, where: str = "model"
+    ) -> tuple[Target, ...]:
+        """The batch deployments of ``model`` the tenant may use, in priority order."""
+        check_model(tenant_name, tenant, model, where)
+        targets = self._batch.get(model)
+        if targets is None:
+            raise NotFound(
+                f"The model '{model}' does not exist on this gateway.",
+                code="model_not_found",
+                param=where,
+            )
+        if not targets:
+            raise BadRequest(
+                f"Model '{model}' has no batch deployment on this gateway; batch jobs run "
+                "only on deployments marked batch: true.",
+                code="model_not_batch",
+                param=where,
+            )
+        allowed = self._allowed(tenant_name, tenant, model, targets, None, where)
+        return tuple(sorted(allowed, key=lambda t: t.priority))
+
+    def _allowed(
+        self,
+        tenant_name: str,
+        tenant: TenantConfig,
+        model: str,
+        targets: tuple[Target, ...],
+        pinned: str | None,
+        where: str = "model",
+    ) -> tuple[Target, ...]:
         allowed = tuple(t for t in targets if region_allowed(tenant, t.region))
         if not allowed:
             raise Forbidden(
@@ -91,7 +135,7 @@ class Router:
                 f"{', '.join(sorted({t.region for t in targets}))}, and tenant '{tenant_name}' "
                 f"is pinned to regions {', '.join(tenant.regions or ())} (data residency).",
                 code="region_not_allowed",
-                param="model",
+                param=where,
             )
         if pinned is not None:
             allowed = tuple(t for t in allowed if t.resource == pinned)

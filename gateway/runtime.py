@@ -87,6 +87,9 @@ class Gateway:
         self.draining = False
         self.loop_lag = 0.0  # seconds, measured by app._measure_loop_lag
         self.sockets: set[Any] = set()  # open client WebSockets (websocket.Socket)
+        from .batches import BatchDesk
+
+        self.batches = BatchDesk(self)
 
     def swap(self, loaded: LoadedConfig) -> None:
         """Serve new requests with ``loaded`` (an attribute swap: atomic for readers)."""

@@ -58,6 +58,10 @@ class SimState:
     ws_frames: list[str] = field(default_factory=list)  # text frames the sockets received
     sockets_open: int = 0
     started: list[str] = field(default_factory=list)  # paths, as each request's head arrives
+    batches: dict[str, Json] = field(default_factory=dict)
+    batch_started: dict[str, float] = field(default_factory=dict)
+    batch_seconds: float = 1.0  # validating → in_progress → completed, in about this long
+    batch_deployments: frozenset[str] | None = None  # None: every deployment takes batches
 
     max_stored: int = 2_000
 

@@ -104,6 +104,22 @@ class StateBackend(Protocol):
     async def usage(self, tenant: str, day: str) -> dict[tuple[str, str], dict[str, int]]:
         """The ledger of ``tenant`` for UTC ``day`` (YYYYMMDD): (model, resource) -> field -> n."""
 
+    async def charged(self, tenant: str, once: str) -> bool:
+        """Whether a settle with the charge-once marker ``once`` has charged already."""
+
+    async def batch_open(self, batch_id: str) -> None:
+        """Register a batch for the watcher (until ``batch_done``)."""
+
+    async def batch_done(self, batch_id: str) -> None:
+        """A batch reached a terminal status: the watcher stops looking at it."""
+
+    async def open_batches(self) -> list[str]:
+        """The registered batches not yet done."""
+
+    async def lease(self, name: str, holder: str, ttl: float) -> bool:
+        """Take or keep the lease ``name`` for ``holder`` for ``ttl`` seconds; False when
+        another holder has it."""
+
     async def ping(self) -> None:
         """Raise ``StateError`` if the backend cannot be reached."""
 

@@ -248,6 +248,26 @@ class GuardedState:
             self._enqueue(_Queued("settle", op, None, shard))
             return Settled(False)
 
+    async def charged(self, tenant: str, once: str) -> bool:
+        shard = self._shard_of(tenant_key(tenant))
+        return await self._call("charged", lambda state: state.charged(tenant, once), shard)
+
+    async def batch_open(self, batch_id: str) -> None:
+        shard = self._shard_of("gw:{batches}:open")
+        await self._call("batches", lambda state: state.batch_open(batch_id), shard)
+
+    async def batch_done(self, batch_id: str) -> None:
+        shard = self._shard_of("gw:{batches}:open")
+        await self._call("batches", lambda state: state.batch_done(batch_id), shard)
+
+    async def open_batches(self) -> list[str]:
+        shard = self._shard_of("gw:{batches}:open")
+        return await self._call("batches", lambda state: state.open_batches(), shard)
+
+    async def lease(self, name: str, holder: str, ttl: float) -> bool:
+        shard = self._shard_of("gw:{batches}:open")
+        return await self._call("lease", lambda state: state.lease(name, holder, ttl), shard)
+
     async def connect(self) -> None:
         """Connect the inner backend early, if it can; a failure is left to the breaker."""
         connect = getattr(self.inner, "connect", None)

@@ -42,6 +42,7 @@ class MemoryState:
         self._counters: dict[tuple[str, str, str], int] = {}
         self._leases: dict[tuple[str, str], dict[str, float]] = {}
         self._charged: OrderedDict[str, float] = OrderedDict()
+        self._batches: dict[str, None] = {}
         self._windows: tuple[str, str] = ("", "")
         self._ledger: dict[tuple[str, str], dict[tuple[str, str], dict[str, int]]] = {}
 
@@ -207,6 +208,21 @@ class MemoryState:
     async def usage(self, tenant: str, day: str) -> dict[tuple[str, str], dict[str, int]]:
         row = self._ledger.get((tenant, day), {})
         return {key: dict(fields) for key, fields in row.items()}
+
+    async def charged(self, tenant: str, once: str) -> bool:
+        return self._charged.get(once, 0) > time.time()
+
+    async def batch_open(self, batch_id: str) -> None:
+        self._batches[batch_id] = None
+
+    async def batch_done(self, batch_id: str) -> None:
+        self._batches.pop(batch_id, None)
+
+    async def open_batches(self) -> list[str]:
+        return list(self._batches)
+
+    async def lease(self, name: str, holder: str, ttl: float) -> bool:
+        return True  # one replica: it always holds it
 
     async def ping(self) -> None:
         return None

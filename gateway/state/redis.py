@@ -51,6 +51,17 @@ def tenant_key(tenant: str) -> str:
     return f"gw:{{{tenant}}}:"
 
 
+# Batches the watcher polls (one set, in the {batches} slot with the watcher's lease).
+_OPEN_BATCHES = "gw:{batches}:open"
+_LEASE = """
+local v = redis.call('GET', KEYS[1])
+if v == false or v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"""
+
 # How long an admission's answer is kept under its lease id: a retry of the same admit
 # (its answer was read late, see guard.py) gets that answer instead of a second count.
 ADMIT_MARKER_SECONDS = 15.0
@@ -150,6 +161,7 @@ class RedisState:
             )
         self._admit = self._client.register_script(_script("admit.lua"))
         self._settle = self._client.register_script(_script("settle.lua"))
+        self._lease = self._client.register_script(_LEASE)
 
     def patient(self) -> RedisState:
         """The same store on connections of its own with a timeout ten times as long
@@ -285,6 +297,28 @@ class RedisState:
 
     async def ping(self) -> None:
         await self._call("ping", self._client.ping)
+
+    async def charged(self, tenant: str, once: str) -> bool:
+        key = f"{tenant_key(tenant)}charged:{once}"
+        return bool(await self._call("charged", lambda: self._client.exists(key)))
+
+    async def batch_open(self, batch_id: str) -> None:
+        await self._call("batches", lambda: self._client.sadd(_OPEN_BATCHES, batch_id))
+
+    async def batch_done(self, batch_id: str) -> None:
+        await self._call("batches", lambda: self._client.srem(_OPEN_BATCHES, batch_id))
+
+    async def open_batches(self) -> list[str]:
+        raw = await self._call("batches", lambda: self._client.smembers(_OPEN_BATCHES))
+        return sorted(m if isinstance(m, str) else m.decode() for m in raw)
+
+    async def lease(self, name: str, holder: str, ttl: float) -> bool:
+        """One atomic script: take the lease if free, extend it if ours."""
+        key = f"gw:{{batches}}:lease:{name}"
+        got = await self._call(
+            "lease", lambda: self._lease(keys=[key], args=[holder, int(ttl * 1000)])
+        )
+        return bool(got)
 
     async def aclose(self) -> None:
         if self._patient is not None:
