@@ -206,7 +206,10 @@ def test_line_checks(setup: tuple[Server, Sim, str], tenants: Tenants) -> None:
         "mixed_batch_deployments",
         "line 2",
     )
-    dup = b'{"custom_id":"a","method":"POST","url":"/v1/responses","body":{"model":"gpt-4.1","model":"o3"}}'
+    dup = (
+        b'{"custom_id":"a","method":"POST","url":"/v1/responses",'
+        b'"body":{"model":"gpt-4.1","model":"o3"}}'
+    )
     refused([dup], 400, "duplicate_key", "line 1")
     refused(
         [_line(1, {"model": "gpt-4.1"}, url="/v1/images/generations")],
