@@ -41,8 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.batches")
 
 TERMINAL = frozenset({"completed", "failed", "cancelled", "expired"})
-WATCH_SECONDS = 15.0  # the watcher's first poll interval (then backoff per batch, to 60 s)
-LEASE_SECONDS = 45.0
 
 
 class BatchDesk:
@@ -250,7 +248,8 @@ class BatchDesk:
         while True:
             await asyncio.sleep(self._poll_seconds())
             try:
-                if not await self.gw.state.lease("batch-watcher", self.replica, LEASE_SECONDS):
+                lease = self.gw.snap.loaded.config.batches.lease_seconds
+                if not await self.gw.state.lease("batch-watcher", self.replica, lease):
                     continue
                 await self.poll(due)
             except (StateError, GatewayError) as exc:

@@ -335,6 +335,7 @@ class AuditConfig(_Frozen):
 
 class BatchesConfig(_Frozen):
     poll_seconds: PositiveFloat = 15.0  # the watcher's interval (backoff to 60 s per batch)
+    lease_seconds: PositiveFloat = 45.0  # the watcher's lease: another replica takes over after
 
 
 class UsageConfig(_Frozen):

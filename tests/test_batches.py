@@ -7,14 +7,16 @@ import json
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from harness import Server, Sim, Tenants, base_config, gateway
+from harness import GatewayProcess, Server, Sim, Tenants, base_config, gateway
 
 from gateway.keys import hash_key, new_key
+from gateway.simulator import IDENTITY_HEADER
 
 PRICES = {"currency": "EUR", "input": 2.0, "cached_input": 0.5, "output": 8.0}
 BATCH_DEPLOYMENT = "dep-41-batch"
@@ -34,6 +36,7 @@ def _config(sim: Sim, tenants: Tenants, admin: str) -> dict[str, Any]:
     }
     cfg["admin"] = {"key_sha256": hash_key(admin)}
     cfg["server"] = {"max_body_bytes": 256 * 1024}  # one line's limit too
+    cfg["batches"] = {"poll_seconds": 0.2}
     return cfg
 
 
@@ -235,14 +238,25 @@ def test_another_tenant_sees_nothing(setup: tuple[Server, Sim, str], tenants: Te
     gw, _, _ = setup
     a, b = tenants.key("team-a"), tenants.key("team-b")
     with openai.OpenAI(base_url=gw.url + "/openai/v1/", api_key=a, max_retries=0) as client:
+        fails = json.dumps(
+            {
+                "custom_id": "sim-fail-1",
+                "method": "POST",
+                "url": "/v1/responses",
+                "body": {"model": "gpt-4.1", "input": "y"},
+            }
+        ).encode()
         upload = client.files.create(
-            file=("in.jsonl", _jsonl([_line(1, {"model": "gpt-4.1", "input": "x"})])),
+            file=("in.jsonl", _jsonl([_line(1, {"model": "gpt-4.1", "input": "x"}), fails])),
             purpose="batch",
         )
         batch = client.batches.create(
             input_file_id=upload.id, endpoint="/v1/responses", completion_window="24h"
         )
         done = _wait_done(client, batch.id)
+        assert done.error_file_id and done.output_file_id
+        errors = client.files.content(done.error_file_id).read()  # the owner can read it
+        assert b"sim-fail-1" in errors
     h = {"api-key": b}
     v1 = gw.url + "/openai/v1"
     for path in (
@@ -250,6 +264,8 @@ def test_another_tenant_sees_nothing(setup: tuple[Server, Sim, str], tenants: Te
         f"/files/{upload.id}",
         f"/files/{done.output_file_id}",
         f"/files/{done.output_file_id}/content",
+        f"/files/{done.error_file_id}",
+        f"/files/{done.error_file_id}/content",
     ):
         assert httpx.get(v1 + path, headers=h).status_code == 404, path
     assert httpx.post(v1 + f"/batches/{batch.id}/cancel", headers=h).status_code == 404
@@ -276,3 +292,110 @@ def test_cancel(setup: tuple[Server, Sim, str], tenants: Tenants) -> None:
             input_file_id=upload.id, endpoint="/v1/responses", completion_window="24h"
         )
         assert client.batches.cancel(batch.id).status == "cancelling"
+
+
+def _peak_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_a_200_mb_batch_file_is_checked_as_it_streams(
+    identity: Sim, tenants: Tenants, tmp_path: Path
+) -> None:
+    """The file is never held whole: the gateway's peak memory barely moves while a
+    200 MB file of 25,000 lines is uploaded, checked line by line and sent on."""
+    identity.state.batch_deployments = frozenset({BATCH_DEPLOYMENT})
+    cfg = _config(identity, tenants, new_key())
+    env = {"IDENTITY_ENDPOINT": f"{identity.url}/msi/token", "IDENTITY_HEADER": IDENTITY_HEADER}
+    path = tmp_path / "big.jsonl"
+    filler = "lorem ipsum " * 700  # ~8 KB of input per line
+    with open(path, "wb") as f:
+        for i in range(25_000):
+            f.write(_line(i, {"model": "gpt-4.1", "input": f"{i} {filler}"}) + b"\n")
+    size = path.stat().st_size
+    assert size > 200_000_000
+    gw = GatewayProcess(cfg, str(tmp_path), env).start()
+    try:
+        assert gw.proc is not None
+        pid = gw.proc.pid
+        # Warm the request path up so the peak below is about the file, not imports.
+        small = _upload_to(
+            gw.url, tenants.key("team-a"), _jsonl([_line(1, {"model": "gpt-4.1", "input": "x"})])
+        )
+        assert small.status_code == 200, small.text
+        before = _rss_kib(pid)
+        with open(path, "rb") as f:
+            r = httpx.post(
+                gw.url + "/openai/v1/files",
+                headers={"api-key": tenants.key("team-a")},
+                files={"file": ("big.jsonl", f, "application/jsonl")},
+                data={"purpose": "batch"},
+                timeout=300,
+            )
+        peak = _peak_rss_kib(pid)
+    finally:
+        gw.stop()
+    assert r.status_code == 200, r.text[:300]
+    stored = identity.state.files[r.json()["id"]][1]
+    assert stored.count(b"\n") == 25_000 and b'"model":"dep-41-batch"' in stored[:20_000]
+    grew = (peak - before) / 1024
+    print(f"200 MB batch file: gateway RSS {before / 1024:.0f} MiB, peak +{grew:.1f} MiB")
+    assert grew < 48, f"the gateway's memory grew {grew:.0f} MiB for a {size >> 20} MiB file"
+
+
+def _upload_to(url: str, key: str, content: bytes) -> httpx.Response:
+    return httpx.post(
+        url + "/openai/v1/files",
+        headers={"api-key": key},
+        files={"file": ("in.jsonl", content, "application/jsonl")},
+        data={"purpose": "batch"},
+        timeout=30,
+    )
+
+
+def test_the_watcher_charges_a_batch_nobody_retrieves(
+    setup: tuple[Server, Sim, str], tenants: Tenants
+) -> None:
+    gw, _, admin = setup
+    with openai.OpenAI(
+        base_url=gw.url + "/openai/v1/", api_key=tenants.key("team-a"), max_retries=0
+    ) as client:
+        upload = client.files.create(
+            file=("in.jsonl", _jsonl([_line(1, {"model": "gpt-4.1", "input": "x"})])),
+            purpose="batch",
+        )
+        client.batches.create(
+            input_file_id=upload.id, endpoint="/v1/responses", completion_window="24h"
+        )
+    deadline = time.monotonic() + 10  # completes after 0.3 s; the watcher polls every 0.2 s
+    while time.monotonic() < deadline and not _ledger(gw, admin, "team-a"):
+        time.sleep(0.1)
+    rows = _ledger(gw, admin, "team-a")
+    assert len(rows) == 1 and rows[0]["requests"] == 1 and rows[0]["input_tokens"] > 0
+
+
+def test_a_batch_the_budget_cannot_cover_is_refused(identity: Sim, tenants: Tenants) -> None:
+    cfg = _config(identity, tenants, new_key())
+    cfg["tenants"]["team-a"]["budgets"] = {"currency": "EUR", "per_day": 0.000001}
+    with (
+        gateway(cfg) as gw,
+        openai.OpenAI(
+            base_url=gw.url + "/openai/v1/", api_key=tenants.key("team-a"), max_retries=0
+        ) as client,
+    ):
+        text = "many words " * 2000
+        upload = client.files.create(
+            file=("in.jsonl", _jsonl([_line(1, {"model": "gpt-4.1", "input": text})])),
+            purpose="batch",
+        )
+        with pytest.raises(openai.RateLimitError) as err:
+            client.batches.create(
+                input_file_id=upload.id, endpoint="/v1/responses", completion_window="24h"
+            )
+    assert err.value.code == "budget_exceeded" and "day budget" in err.value.message
+    assert identity.state.batches == {}  # nothing reached Azure

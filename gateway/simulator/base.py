@@ -62,6 +62,8 @@ class SimState:
     batch_started: dict[str, float] = field(default_factory=dict)
     batch_seconds: float = 1.0  # validating → in_progress → completed, in about this long
     batch_deployments: frozenset[str] | None = None  # None: every deployment takes batches
+    content_delays: int = 0  # the next N file downloads each wait ``content_delay`` first
+    content_delay: float = 0.0
 
     max_stored: int = 2_000
 

@@ -6,7 +6,8 @@ body}``; it is ``validating``, then ``in_progress``, then ``completed`` (about
 each with its ``usage``) and an error file (the lines that failed). The status moves
 on when a batch is read, so no background task is needed. Lines whose ``body.model``
 is not in ``SimState.batch_deployments`` (when that is set) fail as Azure fails lines
-for a deployment that is not a batch deployment.
+for a deployment that is not a batch deployment; so do lines whose ``custom_id`` starts
+with ``sim-fail`` (for error files on demand).
 """
 
 from __future__ import annotations
@@ -75,8 +76,10 @@ def routes(ctx: Ctx) -> list[Route]:
             body = line.get("body") or {}
             model = body.get("model")
             rid = _id("batch_req")
-            if line.get("url") not in URLS or (
-                sim.batch_deployments is not None and model not in sim.batch_deployments
+            if (
+                line.get("url") not in URLS
+                or (sim.batch_deployments is not None and model not in sim.batch_deployments)
+                or str(line.get("custom_id")).startswith("sim-fail")  # a line the model fails
             ):
                 error = {"code": "invalid_deployment", "message": f"No batch deployment {model}"}
                 record = {"id": rid, "custom_id": line.get("custom_id"), "response": None}

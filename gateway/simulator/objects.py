@@ -5,6 +5,7 @@ wrong resource fails here as it would on Azure."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -66,8 +67,17 @@ def routes(ctx: Ctx) -> list[Route]:
         if fid not in sim.files:
             return missing("file", fid)
         content = sim.files[fid][1]
+        delay = 0.0
+        if sim.content_delays > 0:
+            sim.content_delays -= 1
+            delay = sim.content_delay
 
         async def chunks() -> AsyncIterator[bytes]:
+            if delay:
+                yield content[:1]  # the answer has begun; the rest comes late
+                await asyncio.sleep(delay)
+                yield content[1:]
+                return
             for start in range(0, len(content), 65536):
                 yield content[start : start + 65536]
 
