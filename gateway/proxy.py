@@ -259,7 +259,16 @@ class Proxy:
         """A ``purpose=batch`` upload: every line checked, the file rebuilt from them, and
         sent to the resource of the batch deployment its lines resolve to."""
         form = parsed.form
-        if ep.operation != "files.create" or form is None or form.field("purpose") != "batch":
+        if ep.operation != "files.create" or form is None:
+            return None
+        purpose = form.field("purpose")
+        if purpose is not None and purpose != "batch" and purpose.strip().lower() == "batch":
+            raise BadRequest(
+                f"purpose '{purpose[:20]}' is not 'batch'; send purpose=batch exactly.",
+                code="invalid_value",
+                param="purpose",
+            )
+        if purpose != "batch":
             return None
         files = [p for p in form.parts if p.spool is not None]
         if len(files) != 1 or files[0].name != "file":

@@ -220,6 +220,14 @@ def test_line_checks(setup: tuple[Server, Sim, str], tenants: Tenants) -> None:
         "invalid_batch_line",
         "line 1",
     )
+    for purpose in ("Batch", " batch"):  # read another way upstream, never unchecked
+        r = httpx.post(
+            gw.url + "/openai/v1/files",
+            headers={"api-key": key},
+            files={"file": ("in.jsonl", b"{}\n", "application/jsonl")},
+            data={"purpose": purpose},
+        )
+        assert r.status_code == 400 and r.json()["error"]["param"] == "purpose"
     empty = _upload(gw, key, b"\n\n")
     assert empty.status_code == 400 and empty.json()["error"]["code"] == "empty_batch_file"
     huge = _line(1, {"model": "gpt-4.1", "input": "x" * (300 * 1024)})
