@@ -28,6 +28,7 @@ from .config import LoadedConfig
 from .credentials import TokenProvider, build_credential
 from .errors import GatewayError, MethodNotAllowed
 from .exchange import Observer
+from .headers import safe_request_id
 from .logs import AccessLog
 from .metrics import Metrics
 from .proxy import Proxy
@@ -39,7 +40,7 @@ from .state import StateBackend
 from .state.guard import GuardedState
 from .state.keystore import KeyStore, MemoryKeyStore
 from .state.memory import MemoryState
-from .upstream import new_client, safe_request_id
+from .upstream import new_client
 
 log = logging.getLogger("gateway")
 

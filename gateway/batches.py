@@ -25,10 +25,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .errors import BadRequest, GatewayError, RateLimited, StateError, UpstreamUnavailable
+from .headers import gateway_headers
 from .pricing import cost_of
 from .quotas import MICRO, scopes_for, token_kinds, windows
 from .state import Binding, LedgerEntry
-from .upstream import gateway_headers
 from .validate import parse_upstream
 
 if TYPE_CHECKING:

@@ -20,12 +20,13 @@ from starlette.types import ASGIApp
 from .breaker import OPEN, capacity_429, retry_after_seconds
 from .errors import GatewayError, RateLimited, ServiceUnavailable
 from .exchange import Exchange
+from .headers import gateway_headers
 from .objects import Keeper
 from .outbound import Outbound, Query
 from .relay import JsonRelay, RawRelay, StreamRelay
 from .routes import Match
 from .runtime import Gateway, Snapshot
-from .upstream import RETRYABLE_STATUS, UpstreamError, UpstreamResponse, gateway_headers
+from .upstream import RETRYABLE_STATUS, UpstreamError, UpstreamResponse
 from .validate import parse_upstream
 
 log = logging.getLogger("gateway.forward")

@@ -23,12 +23,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ClientClosed, GatewayError, InternalError
 from .exchange import Exchange
+from .headers import safe_request_id
 from .pricing import cost_of
 from .quotas import MICRO, estimate_tokens, ratelimit_headers
 from .runtime import client_address
 from .server import RECEIVED
 from .state import LedgerEntry
-from .upstream import safe_request_id
 from .validate import dump_json
 
 if TYPE_CHECKING:

@@ -16,12 +16,13 @@ from starlette.types import Receive, Scope, Send
 
 from .errors import GatewayError
 from .exchange import Exchange
+from .headers import response_headers
 from .lifecycle import chat_error_chunk, chunk_sender, stream_error_event
 from .objects import output_containers
 from .quotas import ratelimit_headers
 from .server import CLIENT_GONE, BodyWriter, ClientGone, direct_writer
 from .sse import SseTap
-from .upstream import UpstreamResponse, response_headers
+from .upstream import UpstreamResponse
 from .validate import parse_upstream
 
 if TYPE_CHECKING:

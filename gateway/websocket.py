@@ -36,6 +36,7 @@ from .audit import check_mcp_policy
 from .breaker import OPEN
 from .errors import BadRequest, GatewayError
 from .exchange import Exchange
+from .headers import gateway_headers
 from .keys import Principal
 from .lifecycle import finish, new_request_id
 from .objects import Refs, owned
@@ -45,7 +46,7 @@ from .routes import PREVIEW, V1
 from .routing import Target
 from .runtime import Gateway
 from .sse import FINAL_TYPES
-from .upstream import UpstreamError, gateway_headers
+from .upstream import UpstreamError
 from .validate import check_body, dump_json, parse_json, parse_upstream
 
 log = logging.getLogger("gateway.websocket")
