@@ -184,10 +184,13 @@ class RedisState:
     async def connect(self) -> None:
         """Learn the cluster's topology before the first request (no-op for one server).
 
-        Left to the first commands, concurrent requests race redis-py's initialisation.
+        Left to the first commands, concurrent requests race redis-py's initialisation
+        (the patient twin's too: its first use is a burst of retries).
         """
         if self.mode == "cluster":
             await self._call("connect", self._client.initialize)
+            patient = self.patient()
+            await patient._call("connect", patient._client.initialize)
 
     async def _call(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
         try:
