@@ -29,6 +29,7 @@ from .headers import gateway_headers
 from .pricing import cost_of
 from .quotas import MICRO, scopes_for, token_kinds, windows
 from .state import Binding, LedgerEntry
+from .upstream import UpstreamError
 from .validate import parse_upstream
 
 if TYPE_CHECKING:
@@ -59,7 +60,10 @@ class BatchDesk:
         items = body.get("data") if body.get("object") == "list" else [body]
         for item in items if isinstance(items, list) else []:
             if isinstance(item, dict) and item.get("object") == "batch":
-                await self.seen(item)
+                try:
+                    await self.seen(item)
+                except StateError as exc:  # the answer goes out; the watcher comes back
+                    log.warning("batch not recorded", extra={"reason": exc.message})
 
     async def admit(self, ex: Exchange, tenant: Any, bindings: list[Binding], file_id: Any) -> None:
         """Before a batch is created: its input file must be a checked batch file, and the
@@ -124,7 +128,13 @@ class BatchDesk:
                     await self.gw.state.bind_response(fid, bound, self._ttl())
         status = batch.get("status")
         if status == "completed" and isinstance(batch.get("output_file_id"), str):
-            await self.charge(bid, binding, batch)
+            try:
+                await self.charge(bid, binding, batch)
+            except (GatewayError, UpstreamError) as exc:
+                # The client's answer does not depend on it: the batch stays registered
+                # and the watcher (or the next retrieve) charges it.
+                log.warning("batch not charged yet", extra={"batch_id": bid, "reason": str(exc)})
+                return
         if status in TERMINAL:
             await self.gw.state.batch_done(bid)
 
@@ -252,7 +262,7 @@ class BatchDesk:
                 if not await self.gw.state.lease("batch-watcher", self.replica, lease):
                     continue
                 await self.poll(due)
-            except (StateError, GatewayError) as exc:
+            except (StateError, GatewayError, UpstreamError) as exc:
                 log.warning("batch watcher", extra={"reason": type(exc).__name__})
             except Exception:
                 log.exception("batch watcher failed")

@@ -407,3 +407,33 @@ def test_a_batch_the_budget_cannot_cover_is_refused(identity: Sim, tenants: Tena
             )
     assert err.value.code == "budget_exceeded" and "day budget" in err.value.message
     assert identity.state.batches == {}  # nothing reached Azure
+
+
+def test_a_charge_that_fails_does_not_fail_the_retrieve(identity: Sim, tenants: Tenants) -> None:
+    """Azure fails the output download: the client still gets its batch, and the next
+    retrieve charges it (once)."""
+    identity.state.batch_seconds = 0.2
+    admin = new_key()
+    cfg = _config(identity, tenants, admin)
+    cfg["batches"] = {"poll_seconds": 3600}  # no watcher in the way: retrieves only
+    with (
+        gateway(cfg) as gw,
+        openai.OpenAI(
+            base_url=gw.url + "/openai/v1/", api_key=tenants.key("team-a"), max_retries=0
+        ) as client,
+    ):
+        upload = client.files.create(
+            file=("in.jsonl", _jsonl([_line(1, {"model": "gpt-4.1", "input": "x"})])),
+            purpose="batch",
+        )
+        batch = client.batches.create(
+            input_file_id=upload.id, endpoint="/v1/responses", completion_window="24h"
+        )
+        time.sleep(0.4)
+        identity.state.fail_queue[:] = [0, 500]  # the retrieve passes, the download fails
+        assert client.batches.retrieve(batch.id).status == "completed"
+        assert _ledger(gw, admin, "team-a") == []
+        client.batches.retrieve(batch.id)
+        rows = _ledger(gw, admin, "team-a")
+        client.batches.retrieve(batch.id)
+        assert rows == _ledger(gw, admin, "team-a") and rows[0]["requests"] == 1
