@@ -46,7 +46,9 @@ class Pump(asyncio.Protocol):
     """The upstream connection's protocol while a streamed answer is pumped."""
 
     __slots__ = (
+        "_clock",
         "_ended",
+        "_feed",
         "_handler",
         "_last",
         "_loop",
@@ -72,7 +74,9 @@ class Pump(asyncio.Protocol):
         self._receiver = receiver
         self._timeout = timeout
         self._loop = asyncio.get_running_loop()
-        self._last = self._loop.time()
+        self._clock = self._loop.time
+        self._feed = handler.data_received
+        self._last = self._clock()
         self._paused = False
         self._ended = False
         self._timer: asyncio.TimerHandle | None = None
@@ -111,10 +115,21 @@ class Pump(asyncio.Protocol):
 
     # asyncio.Protocol: everything still goes through aiohttp's protocol first.
 
-    def data_received(self, data: bytes) -> None:
-        self._last = self._loop.time()
-        self._handler.data_received(data)
-        self._deliver()
+    def data_received(self, data: bytes) -> None:  # the hot path: one call per upstream read
+        self._last = self._clock()
+        self._feed(data)
+        if self._ended:
+            return
+        payload = self._payload
+        try:
+            chunk = payload.read_nowait(-1)
+        except Exception as exc:
+            self._end(exc)
+            return
+        if chunk and not self._receiver.data(chunk):
+            self.pause()
+        if payload.at_eof():
+            self._end(None)
 
     def eof_received(self) -> None:
         self._handler.eof_received()

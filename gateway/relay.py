@@ -316,33 +316,37 @@ class _Direct:
     """What a pump hands a stream relay: bytes written at once unless there is work
     (then held, the upstream paused, the relay's task woken), and the end."""
 
-    __slots__ = ("_relay", "_writer", "done", "error", "held", "wake")
+    __slots__ = ("_put", "_relay", "_started", "_tap", "_writer", "done", "error", "held", "wake")
 
     def __init__(self, relay: StreamRelay, writer: BodyWriter, wake: asyncio.Future[None]) -> None:
         self._relay = relay
+        self._tap = relay.tap
         self._writer = writer
+        self._put = writer.write
+        self._started = False  # something was written (the first write times ttfb)
         self.wake = wake
         self.held: list[bytes] = []
         self.done = False
         self.error: BaseException | None = None
 
-    def data(self, chunk: bytes) -> bool:
-        relay = self._relay
-        relay.tap.feed(chunk)
-        if self.held or relay._has_work():
+    def data(self, chunk: bytes) -> bool:  # the hot path: one call per upstream read
+        self._tap.feed(chunk)
+        if self.held or self._relay._has_work():
             self.held.append(chunk)
             self._wake()
             return False
-        if self.write(chunk):
+        if self._put(chunk) if self._started else self.write(chunk):
             return True
         self._wake()  # the client is slow: the relay waits for its buffer to drain
         return False
 
     def write(self, chunk: bytes) -> bool:
-        more = self._writer.write(chunk)
-        ex = self._relay.ex
-        if ex.ttfb_seconds is None:
-            ex.ttfb_seconds = time.perf_counter() - ex.started
+        more = self._put(chunk)
+        if not self._started:
+            self._started = True
+            ex = self._relay.ex
+            if ex.ttfb_seconds is None:
+                ex.ttfb_seconds = time.perf_counter() - ex.started
         return more
 
     def ended(self, error: BaseException | None) -> None:
