@@ -149,6 +149,11 @@ def ratelimit_headers(adm: Admission) -> dict[str, str]:
     return h
 
 
+def _money(amount: float) -> str:
+    """An amount as people write it: cents, or as many digits as a small budget needs."""
+    return f"{amount:.2f}" if amount >= 1 or amount == 0 else f"{amount:.6f}".rstrip("0")
+
+
 def refusal(
     adm: Admission, tenant: str, scopes: list[QuotaScope] | None = None, currency: str = ""
 ) -> RateLimited:
@@ -165,7 +170,7 @@ def refusal(
         limit = (scope.cost_day if day else scope.cost_month) / MICRO
         which = f" for model '{scope.model}'" if scope.model else ""
         return RateLimited(
-            f"Tenant '{tenant}' has spent its budget of {limit:.2f} {currency}{which} for this "
+            f"Tenant '{tenant}' has spent its budget of {_money(limit)} {currency}{which} for this "
             f"{'day' if day else 'month'} (UTC); it resets in {int(retry)} s. Ask your "
             "platform team to raise it.",
             code="insufficient_quota",

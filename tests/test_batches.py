@@ -437,3 +437,29 @@ def test_a_charge_that_fails_does_not_fail_the_retrieve(identity: Sim, tenants: 
         rows = _ledger(gw, admin, "team-a")
         client.batches.retrieve(batch.id)
         assert rows == _ledger(gw, admin, "team-a") and rows[0]["requests"] == 1
+
+
+def test_a_charged_batch_spends_the_budget(identity: Sim, tenants: Tenants) -> None:
+    """The batch's cost lands in the budget's money counters: once it is charged, the
+    tenant's interactive requests meet the spent day budget."""
+    identity.state.batch_seconds = 0.2
+    cfg = _config(identity, tenants, new_key())
+    cfg["prices"]["gpt-4.1"] = {"currency": "EUR", "input": 2.0, "output": 800.0}
+    cfg["tenants"]["team-a"]["budgets"] = {"currency": "EUR", "per_day": 0.001}
+    key = tenants.key("team-a")
+    with (
+        gateway(cfg) as gw,
+        openai.OpenAI(base_url=gw.url + "/openai/v1/", api_key=key, max_retries=0) as client,
+    ):
+        upload = client.files.create(
+            file=("in.jsonl", _jsonl([_line(1, {"model": "gpt-4.1", "input": "x"})])),
+            purpose="batch",
+        )  # input estimate ~30 tokens at 1 EUR/1M: fits the budget
+        batch = client.batches.create(
+            input_file_id=upload.id, endpoint="/v1/responses", completion_window="24h"
+        )
+        done = _wait_done(client, batch.id)  # charged: 5 output tokens at 400 EUR/1M
+        assert done.status == "completed"
+        with pytest.raises(openai.RateLimitError) as err:
+            client.responses.create(model="gpt-4.1", input="x")
+    assert "budget" in err.value.message
