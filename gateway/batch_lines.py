@@ -53,6 +53,9 @@ class BatchFile:
     estimated_tokens: int  # input tokens, about: body bytes / 4
     spool: IO[bytes]
     size: int
+    # The MCP content of its lines, for the audit trail: (line, custom_id, the line's MCP
+    # tools and MCP input items, the policy's rewrites).
+    mcp: list[tuple[int, str, dict[str, Any], list[dict[str, Any]]]]
 
 
 def _at(line: int, exc: GatewayError) -> GatewayError:
@@ -80,6 +83,7 @@ async def check_batch_file(
     chosen: Target | None = None
     model_of_file = ""
     count = estimated = size = 0
+    mcp: list[tuple[int, str, dict[str, Any], list[dict[str, Any]]]] = []
     try:
         number = 0
         while raw := src.readline(limit + 2):
@@ -97,11 +101,14 @@ async def check_batch_file(
             if not text.strip():
                 continue
             try:
-                line, target, model = await _check_line(
+                line, target, model, decisions = await _check_line(
                     snap, state, tenant_name, tenant, text, server.max_json_depth
                 )
             except GatewayError as exc:
                 raise _at(number, exc) from None
+            content = _mcp_content(line["body"])
+            if content or decisions:
+                mcp.append((number, line["custom_id"], content, decisions))
             if chosen is None:
                 chosen, model_of_file = target, model
             elif (target.resource, target.deployment) != (chosen.resource, chosen.deployment):
@@ -131,7 +138,23 @@ async def check_batch_file(
         out.close()
         raise
     out.seek(0)
-    return BatchFile(chosen, model_of_file, count, estimated, out, size)
+    return BatchFile(chosen, model_of_file, count, estimated, out, size, mcp)
+
+
+def _mcp_content(body: dict[str, Any]) -> dict[str, Any]:
+    """A line body's MCP tools and MCP input items (what the audit trail records)."""
+    out: dict[str, Any] = {}
+    tools = [t for t in body.get("tools") or [] if isinstance(t, dict) and t.get("type") == "mcp"]
+    if tools:
+        out["tools"] = tools
+    items = body.get("input")
+    if isinstance(items, list):
+        mcp_items = [
+            i for i in items if isinstance(i, dict) and str(i.get("type", "")).startswith("mcp_")
+        ]
+        if mcp_items:
+            out["input"] = mcp_items
+    return out
 
 
 async def _check_line(
@@ -141,8 +164,9 @@ async def _check_line(
     tenant: TenantConfig,
     text: bytes,
     depth: int,
-) -> tuple[dict[str, Any], Target, str]:
-    """One line checked as the request it holds: (the line to upload, target, model)."""
+) -> tuple[dict[str, Any], Target, str, list[dict[str, Any]]]:
+    """One line checked as the request it holds: (the line to upload, target, model, the
+    MCP policy's rewrites)."""
     line = parse_json(text, depth)
     if not isinstance(line, dict):
         raise BadRequest("A batch line must be a JSON object.", code="invalid_batch_line")
@@ -193,7 +217,7 @@ async def _check_line(
         )
     try:
         check_tools(tenant_name, tenant, body.get("tools"))
-        check_mcp_policy(tenant_name, tenant.mcp, body.get("tools"))  # rewrites in place
+        decisions = check_mcp_policy(tenant_name, tenant.mcp, body.get("tools"))  # rewrites
         if body.get("tools") and any(
             isinstance(t, dict) and t.get("model") is not None for t in body["tools"]
         ):
@@ -217,4 +241,4 @@ async def _check_line(
             code="objects_on_different_resources",
             param="body",
         )
-    return {**line, "body": {**body, "model": target.deployment}}, target, model
+    return {**line, "body": {**body, "model": target.deployment}}, target, model, decisions

@@ -127,6 +127,8 @@ class Proxy:
                 await self.gw.batches.admit(ex, tenant, bindings, file_id)
             if body is not None:
                 await self._audit_request(ex, body, decisions, attempts)
+            if batch is not None and batch.mcp:
+                await self._audit_batch(ex, batch, attempts)
             deleted = parsed.refs.refs[0].id if ep.deletes else None
             keeper = Keeper(
                 self.gw,
@@ -389,6 +391,21 @@ class Proxy:
                 code="model_not_on_resource",
             )
         return attempts
+
+    async def _audit_batch(self, ex: Exchange, batch: BatchFile, attempts: list[Outbound]) -> None:
+        """The MCP content of a batch file's lines, durable before the file goes upstream
+        (Azure runs those tools later, with no request of the tenant's to audit then)."""
+        audit = self.gw.audit
+        if not audit.enabled:
+            return
+        ex.target = attempts[0].target
+        records = []
+        for number, custom_id, content, decisions in batch.mcp:
+            for rec in audit.request_records(ex, content, decisions):
+                line = {"batch_line": number, "custom_id": audit.redactor.value(custom_id)}
+                records.append({**rec, **line})
+        ex.target = None
+        await audit.write(ex, records, before_forward=True)
 
     async def _audit_request(
         self,

@@ -463,3 +463,52 @@ def test_a_charged_batch_spends_the_budget(identity: Sim, tenants: Tenants) -> N
         with pytest.raises(openai.RateLimitError) as err:
             client.responses.create(model="gpt-4.1", input="x")
     assert "budget" in err.value.message
+
+
+def test_mcp_in_batch_lines_is_audited_before_the_upload(
+    identity: Sim, tenants: Tenants, tmp_path: Path
+) -> None:
+    """Azure runs a batch's MCP tools later: their records are durable before the file
+    goes up, each naming its line and custom_id, the tools' secrets never written."""
+    audit = tmp_path / "audit.jsonl"
+    cfg = _config(identity, tenants, new_key())
+    cfg["audit"] = {"path": str(audit)}
+    on_disk: list[bool] = []
+
+    def check(rec: Any) -> None:
+        if rec.path.endswith("/files") and rec.method == "POST":
+            text = audit.read_text() if audit.exists() else ""
+            on_disk.append('"event":"mcp.tool"' in text and '"custom_id":"with-mcp"' in text)
+
+    identity.state.on_request = check
+    secret = "Bearer mcp-secret-in-a-batch-line"
+    tool = {
+        "type": "mcp",
+        "server_label": "docs",
+        "server_url": "https://mcp.example.com/docs",
+        "require_approval": "never",
+        "headers": {"Authorization": secret},
+    }
+    line = json.dumps(
+        {
+            "custom_id": "with-mcp",
+            "method": "POST",
+            "url": "/v1/responses",
+            "body": {"model": "gpt-4.1", "input": "x", "tools": [tool]},
+        }
+    ).encode()
+    with gateway(cfg) as gw:
+        r = _upload(
+            gw, tenants.key("team-a"), _jsonl([_line(1, {"model": "gpt-4.1", "input": "y"}), line])
+        )
+    assert r.status_code == 200, r.text
+    assert on_disk == [True]
+    text = audit.read_text()
+    assert secret not in text
+    recs = [json.loads(x) for x in text.splitlines()]
+    tools = [x for x in recs if x["event"] == "mcp.tool"]
+    assert len(tools) == 1 and tools[0]["batch_line"] == 2
+    assert tools[0]["require_approval"] == "always" and tools[0]["header_names"] == [
+        "Authorization"
+    ]
+    assert any(x["event"] == "mcp.policy" and x["batch_line"] == 2 for x in recs)
