@@ -118,18 +118,7 @@ class Pump(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:  # the hot path: one call per upstream read
         self._last = self._clock()
         self._feed(data)
-        if self._ended:
-            return
-        payload = self._payload
-        try:
-            chunk = payload.read_nowait(-1)
-        except Exception as exc:
-            self._end(exc)
-            return
-        if chunk and not self._receiver.data(chunk):
-            self.pause()
-        if payload.at_eof():
-            self._end(None)
+        self._deliver()
 
     def eof_received(self) -> None:
         self._handler.eof_received()
