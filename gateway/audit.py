@@ -19,9 +19,10 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .audit_sinks import AuditWriteError, Sink
-from .config import McpPolicyConfig
+from .config import McpPolicyConfig, TenantConfig
 from .errors import Forbidden, ServiceUnavailable
 from .exchange import Exchange
+from .policy import check_tools
 from .sse import FINAL_TYPES
 
 log = logging.getLogger("gateway.audit")
@@ -134,6 +135,14 @@ def _server(item: dict[str, Any]) -> Record:
         "server_url": redact_url(item.get("server_url")),
         "connector_id": item.get("connector_id"),
     }
+
+
+def check_tool_policy(tenant_name: str, tenant: TenantConfig, tools: Any) -> list[Record]:
+    """The whole tool policy of one request (HTTP, socket frame, Realtime session, batch
+    line): the tenant's tool types (403 ``tool_not_allowed``), then its MCP servers and
+    approval rule (``check_mcp_policy``); the MCP policy's rewrites as audit records."""
+    check_tools(tenant_name, tenant, tools)
+    return check_mcp_policy(tenant_name, tenant.mcp, tools)
 
 
 def check_mcp_policy(tenant_name: str, policy: McpPolicyConfig, tools: Any) -> list[Record]:

@@ -19,12 +19,11 @@ import tempfile
 from dataclasses import dataclass
 from typing import IO, Any
 
-from .audit import check_mcp_policy
+from .audit import check_tool_policy
 from .body import Part
 from .config import TenantConfig
 from .errors import BadRequest, GatewayError, PayloadTooLarge
 from .objects import Refs, owned
-from .policy import check_tools
 from .routing import Target
 from .runtime import Snapshot
 from .state import StateBackend
@@ -216,8 +215,7 @@ async def _check_line(
             param="body.model",
         )
     try:
-        check_tools(tenant_name, tenant, body.get("tools"))
-        decisions = check_mcp_policy(tenant_name, tenant.mcp, body.get("tools"))  # rewrites
+        decisions = check_tool_policy(tenant_name, tenant, body.get("tools"))  # rewrites MCP
         if body.get("tools") and any(
             isinstance(t, dict) and t.get("model") is not None for t in body["tools"]
         ):

@@ -14,7 +14,7 @@ from typing import Any
 
 from starlette.types import ASGIApp
 
-from .audit import check_mcp_policy
+from .audit import check_tool_policy
 from .batch_lines import BatchFile, check_batch_file
 from .body import Form, Media, body_chunks, media, read_body, read_form, unsupported
 from .errors import BadRequest, GatewayError, MethodNotAllowed, NotFound
@@ -33,7 +33,6 @@ from .outbound import (
     tool_deployments,
     upstream_path,
 )
-from .policy import check_tools
 from .routes import DEPLOYMENTS, Match, RouteTable, scope_segments
 from .routing import Target
 from .runtime import Gateway, Snapshot
@@ -111,8 +110,7 @@ class Proxy:
             body = parsed.json
             decisions: list[dict[str, Any]] = []
             if body is not None:
-                check_tools(principal.tenant, tenant, body.get("tools"))
-                decisions = check_mcp_policy(principal.tenant, tenant.mcp, body.get("tools"))
+                decisions = check_tool_policy(principal.tenant, tenant, body.get("tools"))
             pinned, bindings = await owned(self.gw.state, principal.tenant, parsed.refs.refs)
             ex.pinned = pinned
             batch = await self._batch_file(snap, principal, tenant, ep, parsed, ex)

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 from typing import Any
 
-from .audit import check_mcp_policy
+from .audit import check_tool_policy
 from .errors import BadRequest, GatewayError, NotFound
 from .outbound import Query
 from .routes import PREVIEW, V1
@@ -131,7 +131,7 @@ class RealtimeSocket(Socket):
                     )
                 node["model"] = dep
         tools = session.get("tools")
-        decisions = check_mcp_policy(principal.tenant, tenant.mcp, tools)
+        decisions = check_tool_policy(principal.tenant, tenant, tools)
         if self.gw.audit.enabled and isinstance(tools, list):
             ex = self._new_response(self.conn.model)
             records = self.gw.audit.request_records(ex, {"tools": tools}, decisions)
@@ -143,7 +143,7 @@ class RealtimeSocket(Socket):
         tenant = self.snap.loaded.config.tenants[principal.tenant]
         response = frame.get("response")
         if isinstance(response, dict) and isinstance(response.get("tools"), list):
-            check_mcp_policy(principal.tenant, tenant.mcp, response["tools"])
+            check_tool_policy(principal.tenant, tenant, response["tools"])
             frame["response"] = response
         ex = self._new_response(self.conn.model)
         await self.gw.gate.admit(ex, principal.tenant, tenant, self.conn.model or "", "rate")

@@ -32,7 +32,7 @@ from typing import Any
 import aiohttp
 from starlette.types import Receive, Scope, Send
 
-from .audit import check_mcp_policy
+from .audit import check_tool_policy
 from .breaker import OPEN
 from .errors import BadRequest, GatewayError
 from .exchange import Exchange
@@ -41,7 +41,6 @@ from .keys import Principal
 from .lifecycle import finish, new_request_id
 from .objects import Refs, owned
 from .outbound import Query, forwarded_headers, tool_deployments
-from .policy import check_tools
 from .routes import PREVIEW, V1
 from .routing import Target
 from .runtime import Gateway
@@ -365,8 +364,7 @@ class ResponsesSocket(Socket):
         body = {k: v for k, v in frame.items() if k not in ("type", "stream")}
         body = check_body(body)
         tenant = cfg.tenants[principal.tenant]
-        check_tools(principal.tenant, tenant, body.get("tools"))
-        decisions = check_mcp_policy(principal.tenant, tenant.mcp, body.get("tools"))
+        decisions = check_tool_policy(principal.tenant, tenant, body.get("tools"))
         refs = Refs().body(body)
         ex = self._new_response(None)
         ex.request_bytes = len(text)

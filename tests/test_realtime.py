@@ -183,3 +183,30 @@ def test_mcp_in_session_update_and_usage_counted(
     line = next(ln for ln in metrics.splitlines() if ln.startswith(cost))
     assert float(line.split()[-1]) == pytest.approx((4 + 8 * 10 + 6 * 4 + 12 * 20) / 1e6)
     assert "gateway_inflight_requests 0.0" in metrics
+
+
+def test_the_tenants_tool_types_apply_to_realtime(identity: Sim, tenants: Tenants) -> None:
+    """The tool-type allowlist holds on a Realtime socket as on HTTP: an MCP tool in a
+    session.update or a response.create of a tenant allowed only functions is refused
+    with an error frame and never reaches Azure."""
+    cfg = base_config({"swc": identity}, tenants)
+    cfg["tenants"]["team-a"]["tools"] = {"allowed": ["function"]}
+    mcp = {"type": "mcp", "server_label": "d", "server_url": "https://mcp.example/sse"}
+    with gateway(cfg) as gw:
+
+        async def run() -> None:
+            url = _ws(gw) + "/openai/v1/realtime?model=gpt-4o-mini"
+            headers = {"api-key": tenants.key("team-a")}
+            async with websockets.connect(url, additional_headers=headers) as ws:
+                assert json.loads(await ws.recv())["type"] == "session.created"
+                for frame in (
+                    {"type": "session.update", "session": {"tools": [mcp]}},
+                    {"type": "response.create", "response": {"tools": [mcp]}},
+                ):
+                    await ws.send(json.dumps(frame))
+                    error = json.loads(await ws.recv())
+                    assert error["type"] == "error", error
+                    assert error["error"]["code"] == "tool_not_allowed"
+
+        asyncio.run(run())
+    assert all("mcp.example" not in f for f in identity.state.ws_frames)
