@@ -80,14 +80,7 @@ class Router:
         self, tenant_name: str, tenant: TenantConfig, model: str, pinned: str | None = None
     ) -> tuple[Target, ...]:
         """Targets for ``model`` in fallback order, filtered by allowlist, region and pin."""
-        check_model(tenant_name, tenant, model)
-        targets = self._targets.get(model)
-        if targets is None:
-            raise NotFound(
-                f"The model '{model}' does not exist on this gateway.",
-                code="model_not_found",
-                param="model",
-            )
+        targets = self._known(self._targets, tenant_name, tenant, model, "model")
         if not targets:
             raise BadRequest(
                 f"Model '{model}' has only batch deployments on this gateway; send it in a "
@@ -101,14 +94,7 @@ class Router:
         self, tenant_name: str, tenant: TenantConfig, model: str, where: str = "model"
     ) -> tuple[Target, ...]:
         """The batch deployments of ``model`` the tenant may use, in priority order."""
-        check_model(tenant_name, tenant, model, where)
-        targets = self._batch.get(model)
-        if targets is None:
-            raise NotFound(
-                f"The model '{model}' does not exist on this gateway.",
-                code="model_not_found",
-                param=where,
-            )
+        targets = self._known(self._batch, tenant_name, tenant, model, where)
         if not targets:
             raise BadRequest(
                 f"Model '{model}' has no batch deployment on this gateway; batch jobs run "
@@ -118,6 +104,28 @@ class Router:
             )
         allowed = self._allowed(tenant_name, tenant, model, targets, None, where)
         return tuple(sorted(allowed, key=lambda t: t.priority))
+
+    @staticmethod
+    def _known(
+        table: dict[str, tuple[Target, ...]],
+        tenant_name: str,
+        tenant: TenantConfig,
+        model: str,
+        where: str,
+        named: bool = False,
+    ) -> tuple[Target, ...]:
+        """``model``'s targets in ``table`` once the tenant may use it; 404 if unknown
+        (``named``: the model came from ``where``, not the request's own ``model``)."""
+        check_model(tenant_name, tenant, model, where)
+        targets = table.get(model)
+        if targets is None:
+            named_in = f" named in {where}" if named else ""
+            raise NotFound(
+                f"The model '{model}'{named_in} does not exist on this gateway.",
+                code="model_not_found",
+                param=where,
+            )
+        return targets
 
     def _allowed(
         self,
@@ -171,14 +179,7 @@ class Router:
         self, tenant_name: str, tenant: TenantConfig, model: str, resource: str, where: str
     ) -> str | None:
         """The deployment of an extra model (a tool's, a header's) on ``resource``."""
-        check_model(tenant_name, tenant, model, where)
-        targets = self._targets.get(model)
-        if targets is None:
-            raise NotFound(
-                f"The model '{model}' named in {where} does not exist on this gateway.",
-                code="model_not_found",
-                param=where,
-            )
+        targets = self._known(self._targets, tenant_name, tenant, model, where, named=True)
         for t in targets:
             if t.resource == resource and region_allowed(tenant, t.region):
                 return t.deployment
