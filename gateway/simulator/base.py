@@ -10,6 +10,7 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from ..body import media, read_form
 from ..errors import BadRequest, GatewayError
@@ -246,3 +247,12 @@ class Ctx:
         self.missing = missing
         self.handler = handler
         self.form = form
+
+    def on_both(self, path: str, fn: Callable[..., Any], methods: list[str]) -> list[Route]:
+        """Routes for ``fn`` (recorded, authenticated: ``handler``) on ``path`` under the
+        v1 prefix and the ``?api-version=`` prefix."""
+        handler = self.handler
+        return [
+            Route(prefix + path, handler(fn), methods=methods)
+            for prefix in ("/openai/v1", "/openai")
+        ]

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
-from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -163,13 +161,9 @@ def routes(ctx: Ctx) -> list[Route]:
         return ok(batch)
 
     out: list[Route] = []
-
-    def add(path: str, fn: Callable[..., Any], methods: list[str]) -> None:
-        for prefix in ("/openai/v1", "/openai"):
-            out.append(Route(prefix + path, ctx.handler(fn), methods=methods))
-
-    add("/batches", create, ["POST"])
-    add("/batches", listing, ["GET"])
-    add("/batches/{batch_id}", one, ["GET"])
-    add("/batches/{batch_id}/cancel", one, ["POST"])
+    add = ctx.on_both
+    out += add("/batches", create, ["POST"])
+    out += add("/batches", listing, ["GET"])
+    out += add("/batches/{batch_id}", one, ["GET"])
+    out += add("/batches/{batch_id}/cancel", one, ["POST"])
     return out

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
@@ -27,7 +27,6 @@ def routes(ctx: Ctx) -> list[Route]:
     ok = ctx.ok
     listing = ctx.listing
     missing = ctx.missing
-    handler = ctx.handler
     form = ctx.form
 
     # -- files ---------------------------------------------------------------
@@ -278,31 +277,27 @@ def routes(ctx: Ctx) -> list[Route]:
         return ok(files[fid][0])
 
     out: list[Route] = []
-
-    def add(path: str, fn: Callable[..., Any], methods: list[str]) -> None:
-        for prefix in ("/openai/v1", "/openai"):
-            out.append(Route(prefix + path, handler(fn), methods=methods))
-
-    add("/files", file_create, ["POST"])
-    add("/files", file_list, ["GET"])
-    add("/files/{file_id}", file_get, ["GET"])
-    add("/files/{file_id}", file_delete, ["DELETE"])
-    add("/files/{file_id}/content", file_content, ["GET"])
-    add("/conversations", conv_create, ["POST"])
-    add("/conversations/{conversation_id}", conv_get, ["GET", "POST"])
-    add("/conversations/{conversation_id}", conv_delete, ["DELETE"])
-    add("/conversations/{conversation_id}/items", conv_items, ["GET", "POST"])
-    add("/conversations/{conversation_id}/items/{item_id}", conv_item, ["GET", "DELETE"])
-    add("/vector_stores", vs_create, ["POST"])
-    add("/vector_stores", vs_list, ["GET"])
-    add("/vector_stores/{vector_store_id}", vs_one, ["GET", "POST", "DELETE"])
-    add("/vector_stores/{vector_store_id}/files", vs_files, ["GET", "POST"])
-    add("/vector_stores/{vector_store_id}/files/{file_id}", vs_file_one, ["GET", "DELETE"])
-    add("/vector_stores/{vector_store_id}/search", vs_search, ["POST"])
-    add("/containers", cntr_create, ["POST"])
-    add("/containers", cntr_list, ["GET"])
-    add("/containers/{container_id}", cntr_one, ["GET", "DELETE"])
-    add("/containers/{container_id}/files", cntr_files, ["GET"])
-    add("/containers/{container_id}/files/{file_id}", cntr_files, ["GET"])
-    add("/containers/{container_id}/files/{file_id}/content", cntr_files, ["GET"])
+    add = ctx.on_both
+    out += add("/files", file_create, ["POST"])
+    out += add("/files", file_list, ["GET"])
+    out += add("/files/{file_id}", file_get, ["GET"])
+    out += add("/files/{file_id}", file_delete, ["DELETE"])
+    out += add("/files/{file_id}/content", file_content, ["GET"])
+    out += add("/conversations", conv_create, ["POST"])
+    out += add("/conversations/{conversation_id}", conv_get, ["GET", "POST"])
+    out += add("/conversations/{conversation_id}", conv_delete, ["DELETE"])
+    out += add("/conversations/{conversation_id}/items", conv_items, ["GET", "POST"])
+    out += add("/conversations/{conversation_id}/items/{item_id}", conv_item, ["GET", "DELETE"])
+    out += add("/vector_stores", vs_create, ["POST"])
+    out += add("/vector_stores", vs_list, ["GET"])
+    out += add("/vector_stores/{vector_store_id}", vs_one, ["GET", "POST", "DELETE"])
+    out += add("/vector_stores/{vector_store_id}/files", vs_files, ["GET", "POST"])
+    out += add("/vector_stores/{vector_store_id}/files/{file_id}", vs_file_one, ["GET", "DELETE"])
+    out += add("/vector_stores/{vector_store_id}/search", vs_search, ["POST"])
+    out += add("/containers", cntr_create, ["POST"])
+    out += add("/containers", cntr_list, ["GET"])
+    out += add("/containers/{container_id}", cntr_one, ["GET", "DELETE"])
+    out += add("/containers/{container_id}/files", cntr_files, ["GET"])
+    out += add("/containers/{container_id}/files/{file_id}", cntr_files, ["GET"])
+    out += add("/containers/{container_id}/files/{file_id}/content", cntr_files, ["GET"])
     return out
