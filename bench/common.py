@@ -10,14 +10,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 import yaml
 
 from gateway.keys import hash_key, new_key
+
+T = TypeVar("T")
 
 BODY = {"model": "gpt-4.1", "input": "benchmark the gateway overhead please"}
 
@@ -191,6 +194,30 @@ def timed_ttfb(
         return first or 0.0
 
     return one
+
+
+async def read_post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """A bench upstream reads one request (head and body); a GET (a readiness check) is
+    answered 404 here and False returned."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    await reader.readexactly(length)
+    if head.startswith(b"GET"):
+        writer.write(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+        return False
+    return True
+
+
+def run_loop(coro: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` on uvloop when installed: a load generator must not be the bottleneck."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 def pct(values: list[float], q: float) -> float:

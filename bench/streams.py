@@ -25,11 +25,10 @@ import multiprocessing
 import re
 import statistics
 import time
-from collections.abc import Coroutine
-from typing import Any, NamedTuple, TypeVar
+from typing import NamedTuple, TypeVar
 
 import aiohttp
-from common import cpu_seconds, free_port, servers
+from common import cpu_seconds, free_port, read_post, run_loop, servers
 from soak import rss_mb
 
 PATH = "/openai/v1/responses"
@@ -48,14 +47,7 @@ def upstream_main(port: int, events: int, interval: float) -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                await reader.readexactly(length)
-                if head.startswith(b"GET"):  # readiness checks
-                    writer.write(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                if not await read_post(reader, writer):
                     continue
                 writer.write(
                     b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
@@ -85,7 +77,7 @@ def upstream_main(port: int, events: int, interval: float) -> None:
         async with server:
             await server.serve_forever()
 
-    run(serve())  # uvloop, like the client: the load generator must not be the bottleneck
+    run_loop(serve())  # uvloop, like the client: the load generator must not be the bottleneck
 
 
 class Stats:
@@ -147,15 +139,6 @@ async def wave(url: str, key: str, n: int, pid: int | None, ramp: float) -> tupl
     return stats, rss
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run`` on uvloop when it is installed (the client must not be the bottleneck)."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
-
-
 def pct(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] * 1000
 
@@ -197,12 +180,12 @@ def main() -> None:
     try:
         with servers(pids=pids, upstream=f"http://127.0.0.1:{port}") as (direct, gw, key):
             pid = pids[-1]
-            run(wave(gw, key, 20, None, 0.0))  # warm up
+            run_loop(wave(gw, key, 20, None, 0.0))  # warm up
             for _ in range(args.repeat):
-                direct_stats, _ = run(wave(direct, "-", n, None, args.ramp))
+                direct_stats, _ = run_loop(wave(direct, "-", n, None, args.ramp))
                 idle = rss_mb(pid)
                 cpu0 = cpu_seconds(pid)
-                via, busy = run(wave(gw, key, n, pid, args.ramp))
+                via, busy = run_loop(wave(gw, key, n, pid, args.ramp))
                 cpu = cpu_seconds(pid) - cpu0
                 rounds.append(Round(direct_stats, via, (busy - idle) * 1024 / n, cpu / n * 1e6))
     finally:

@@ -43,7 +43,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
-from common import free_port, servers
+from common import free_port, read_post, run_loop, servers
 from overhead import nginx
 
 PATH = "/openai/v1/responses"
@@ -67,14 +67,7 @@ def upstream_main(port: int, rate: float, seconds: float) -> None:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                await reader.readexactly(length)
-                if head.startswith(b"GET"):
-                    writer.write(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                if not await read_post(reader, writer):
                     continue
                 rid = f"resp_{time.monotonic_ns():x}{id(writer):x}"
                 writer.write(
@@ -126,7 +119,7 @@ def upstream_main(port: int, rate: float, seconds: float) -> None:
             await server.serve_forever()
         ticker.cancel()
 
-    _run(serve())
+    run_loop(serve())
 
 
 _STAMP = re.compile(rb'"t":([0-9.]+)')
@@ -193,16 +186,8 @@ async def _wave(port: int, key: str, n: int, ramp: float) -> dict[str, list[floa
 
 def client_main(port: int, key: str, n: int, ramp: float, path: str) -> None:
     gc.disable()  # the load generator's pauses must not be measured as delays
-    out = _run(_wave(port, key, n, ramp))
+    out = run_loop(_wave(port, key, n, ramp))
     Path(path).write_text(json.dumps(out))
-
-
-def _run(coro):  # type: ignore[no-untyped-def]
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 def _user_system(pid: int) -> tuple[float, float]:
