@@ -81,8 +81,7 @@ class BatchDesk:
         if budgets is None or price is None or price.currency != budgets.currency:
             return
         assert ex.principal is not None
-        path = f"/openai/v1/files/{file_id}"
-        info = parse_upstream(b"".join([c async for c in self._get(file.resource, path)]))
+        info = await self._get_json(file.resource, f"/openai/v1/files/{file_id}")
         size = info.get("bytes") if isinstance(info, dict) else None
         tokens = size // 4 if isinstance(size, int) else 0
         kinds = {"input": tokens, "cached": 0, "output": 0, "reasoning": 0}
@@ -158,17 +157,14 @@ class BatchDesk:
             micro = round(cost.amount * MICRO)
         ledger = None
         if cfg.usage.ledger:
-            ledger = LedgerEntry(
+            ledger = LedgerEntry.of(
                 binding.tenant,
                 binding.model,
                 binding.resource,
-                kinds["input"],
-                kinds["cached"],
-                kinds["output"],
-                kinds["reasoning"],
-                round((cost.amount if cost else 0.0) * MICRO),
+                kinds,
+                cost.amount if cost else 0.0,
                 False,
-                cfg.usage.retention_days * 86400.0,
+                cfg.usage.retention_days,
             )
         scopes = [s._replace(tpm=0) for s in scopes]  # not the per-minute bucket
         settled = await gw.state.settle(
@@ -239,6 +235,10 @@ class BatchDesk:
         finally:
             resp.close()
 
+    async def _get_json(self, resource: str, path: str) -> Any:
+        """A GET on ``resource`` whose answer is a JSON object (parsed), or None."""
+        return parse_upstream(b"".join([c async for c in self._get(resource, path)]))
+
     def _poll_seconds(self) -> float:
         return self.gw.snap.loaded.config.batches.poll_seconds
 
@@ -278,10 +278,7 @@ class BatchDesk:
             if binding is None:
                 await self.gw.state.batch_done(bid)
                 continue
-            raw = b"".join(
-                [c async for c in self._get(binding.resource, f"/openai/v1/batches/{bid}")]
-            )
-            body = parse_upstream(raw)
+            body = await self._get_json(binding.resource, f"/openai/v1/batches/{bid}")
             if isinstance(body, dict):
                 await self.seen(body)
             due[bid] = (now + interval, min(interval * 2, 60.0))

@@ -25,7 +25,7 @@ from .errors import ClientClosed, GatewayError, InternalError
 from .exchange import Exchange
 from .headers import safe_request_id
 from .pricing import cost_of
-from .quotas import MICRO, estimate_tokens, ratelimit_headers
+from .quotas import estimate_tokens, ratelimit_headers
 from .runtime import client_address
 from .server import RECEIVED
 from .state import LedgerEntry
@@ -327,17 +327,15 @@ def _ledger(ex: Exchange, snap: Snapshot, kinds: dict[str, int] | None) -> Ledge
     usage = snap.loaded.config.usage
     if not usage.ledger or ex.tenant is None or kinds is None:
         return None
-    return LedgerEntry(
+    resource = ex.target.resource if ex.target else ""
+    return LedgerEntry.of(
         ex.tenant,
         ex.model or "",
-        ex.target.resource if ex.target else "",
-        kinds["input"],
-        kinds["cached"],
-        kinds["output"],
-        kinds["reasoning"],
-        round((ex.cost or 0.0) * MICRO),
+        resource,
+        kinds,
+        ex.cost or 0.0,
         not ex.usage,
-        usage.retention_days * 86400.0,
+        usage.retention_days,
     )
 
 

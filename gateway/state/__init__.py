@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
+from ..quotas import MICRO
+
 if TYPE_CHECKING:
     from ..quotas import Admission, QuotaScope, Windows
 
@@ -39,6 +41,31 @@ class LedgerEntry(NamedTuple):
     cost: int  # millionths of the price's currency
     estimated: bool
     ttl: float  # how long the day's row is kept
+
+    @classmethod
+    def of(
+        cls,
+        tenant: str,
+        model: str,
+        resource: str,
+        kinds: dict[str, int],
+        cost: float,
+        estimated: bool,
+        retention_days: float,
+    ) -> LedgerEntry:
+        """The entry of token ``kinds`` and ``cost`` (in the currency's units)."""
+        return cls(
+            tenant,
+            model,
+            resource,
+            kinds["input"],
+            kinds["cached"],
+            kinds["output"],
+            kinds["reasoning"],
+            round(cost * MICRO),
+            estimated,
+            retention_days * 86400.0,
+        )
 
 
 LEDGER_FIELDS = (
