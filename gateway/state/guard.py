@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 from ..errors import StateError, StateTimeout
 from ..quotas import Admission, QuotaScope, Windows
 from . import Binding, LedgerEntry, Settled, StateBackend
-from .redis import binding_key, settle_tenant, tenant_key
+from .redis import OPEN_BATCHES, binding_key, settle_tenant, tenant_key
 
 log = logging.getLogger("gateway.state")
 T = TypeVar("T")
@@ -253,19 +253,19 @@ class GuardedState:
         return await self._call("charged", lambda state: state.charged(tenant, once), shard)
 
     async def batch_open(self, batch_id: str) -> None:
-        shard = self._shard_of("gw:{batches}:open")
+        shard = self._shard_of(OPEN_BATCHES)
         await self._call("batches", lambda state: state.batch_open(batch_id), shard)
 
     async def batch_done(self, batch_id: str) -> None:
-        shard = self._shard_of("gw:{batches}:open")
+        shard = self._shard_of(OPEN_BATCHES)
         await self._call("batches", lambda state: state.batch_done(batch_id), shard)
 
     async def open_batches(self) -> list[str]:
-        shard = self._shard_of("gw:{batches}:open")
+        shard = self._shard_of(OPEN_BATCHES)
         return await self._call("batches", lambda state: state.open_batches(), shard)
 
     async def lease(self, name: str, holder: str, ttl: float) -> bool:
-        shard = self._shard_of("gw:{batches}:open")
+        shard = self._shard_of(OPEN_BATCHES)
         return await self._call("lease", lambda state: state.lease(name, holder, ttl), shard)
 
     async def connect(self) -> None:

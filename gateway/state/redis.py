@@ -51,8 +51,9 @@ def tenant_key(tenant: str) -> str:
     return f"gw:{{{tenant}}}:"
 
 
-# Batches the watcher polls (one set, in the {batches} slot with the watcher's lease).
-_OPEN_BATCHES = "gw:{batches}:open"
+# Batches the watcher polls: one set, in the {batches} slot with the watcher's lease
+# (so the guard finds the node of both by it).
+OPEN_BATCHES = "gw:{batches}:open"
 _LEASE = """
 local v = redis.call('GET', KEYS[1])
 if v == false or v == ARGV[1] then
@@ -306,13 +307,13 @@ class RedisState:
         return bool(await self._call("charged", lambda: self._client.exists(key)))
 
     async def batch_open(self, batch_id: str) -> None:
-        await self._call("batches", lambda: self._client.sadd(_OPEN_BATCHES, batch_id))
+        await self._call("batches", lambda: self._client.sadd(OPEN_BATCHES, batch_id))
 
     async def batch_done(self, batch_id: str) -> None:
-        await self._call("batches", lambda: self._client.srem(_OPEN_BATCHES, batch_id))
+        await self._call("batches", lambda: self._client.srem(OPEN_BATCHES, batch_id))
 
     async def open_batches(self) -> list[str]:
-        raw = await self._call("batches", lambda: self._client.smembers(_OPEN_BATCHES))
+        raw = await self._call("batches", lambda: self._client.smembers(OPEN_BATCHES))
         return sorted(m if isinstance(m, str) else m.decode() for m in raw)
 
     async def lease(self, name: str, holder: str, ttl: float) -> bool:
