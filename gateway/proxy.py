@@ -259,7 +259,16 @@ class Proxy:
         """A ``purpose=batch`` upload: every line checked, the file rebuilt from them, and
         sent to the resource of the batch deployment its lines resolve to."""
         form = parsed.form
-        if ep.operation != "files.create" or form is None:
+        if ep.operation != "files.create":
+            return None
+        if form is None:
+            named = parsed.json.get("purpose") if parsed.json is not None else None
+            if isinstance(named, str) and named.strip().lower() == "batch":
+                raise BadRequest(  # only a form's file is checked line by line
+                    "Upload a batch file as multipart/form-data (purpose=batch, file=...).",
+                    code="invalid_form",
+                    param="purpose",
+                )
             return None
         purpose = form.field("purpose")
         if purpose is not None and purpose != "batch" and purpose.strip().lower() == "batch":

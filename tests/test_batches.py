@@ -228,6 +228,14 @@ def test_line_checks(setup: tuple[Server, Sim, str], tenants: Tenants) -> None:
             data={"purpose": purpose},
         )
         assert r.status_code == 400 and r.json()["error"]["param"] == "purpose"
+    before = len(sim.state.requests)
+    as_json = httpx.post(  # another Content-Type: never an unchecked batch file
+        gw.url + "/openai/v1/files",
+        headers={"api-key": key},
+        json={"purpose": "batch", "file": _jsonl([good]).decode()},
+    )
+    assert as_json.status_code == 400 and as_json.json()["error"]["param"] == "purpose"
+    assert len(sim.state.requests) == before
     empty = _upload(gw, key, b"\n\n")
     assert empty.status_code == 400 and empty.json()["error"]["code"] == "empty_batch_file"
     huge = _line(1, {"model": "gpt-4.1", "input": "x" * (300 * 1024)})
