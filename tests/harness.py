@@ -34,7 +34,9 @@ class Server:
         else:
             config = uvicorn_config(app, grace=2, header_timeout=header_timeout)
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]})
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
 
     def start(self) -> Server:
         self.thread.start()
@@ -49,6 +51,27 @@ class Server:
         self.server.should_exit = True
         self.thread.join(10)
         self.sock.close()
+        if self.thread.is_alive():
+            # Seen once in ~10 full runs (a gateway whose shutdown never finished, its batch
+            # watcher still polling): say what it is waiting on; the thread is a daemon, so
+            # the run still ends.
+            self.server.force_exit = True
+            self.thread.join(5)
+            if self.thread.is_alive():
+                _report_stuck(self)
+
+
+def _report_stuck(server: Server) -> None:
+    """Print the pending tasks of a server whose shutdown does not finish."""
+    import asyncio
+    import sys
+
+    print(f"\nserver on port {server.port} did not stop; its pending tasks:", file=sys.stderr)
+    for srv in getattr(server.server, "servers", []):
+        loop = srv.get_loop()
+        for task in asyncio.all_tasks(loop):
+            print(f"  {task!r}", file=sys.stderr)
+            task.print_stack(limit=8, file=sys.stderr)
 
 
 @contextmanager
