@@ -23,11 +23,15 @@ from typing import Any, NamedTuple
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from .admin_entra import EntraVerifier, looks_like_jwt
+from .body import read_body
+from .config import region_ok
 from .errors import BadRequest, Forbidden, GatewayError, NotFound, Unauthenticated
+from .exchange import Exchange
 from .keys import digest_of, hash_key, new_key, presented_key
-from .lifecycle import new_request_id
+from .lifecycle import Incoming, Operation
 from .objects import shape_kind
 from .runtime import Gateway
 from .state import Binding
@@ -35,11 +39,12 @@ from .state.keystore import ApiKey
 from .usage import UsageQueryError, render, report
 from .validate import dump_json, parse_json
 
-_NAME = re.compile(r"^[\x20-\x7e]{1,64}$")
-_KEY_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_NAME = re.compile(r"^[\x20-\x7e]{1,64}\Z")
+_KEY_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}\Z")
 MAX_GRACE = 7 * 86400
+MAX_BODY = 1 << 20  # an admin request's body (a key, a list of ids): never more
 _CREATE_FIELDS = frozenset({"tenant", "name", "expires_at", "metadata"})
-_ID = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,256}\Z")
 # What an admin may adopt: the kinds of the route table's stored objects.
 ADOPTABLE = ("file", "vector_store", "conversation", "container", "response")
 
@@ -90,31 +95,39 @@ class AdminApi:
         self._entra: tuple[Any, EntraVerifier] | None = None  # (config it serves, verifier)
 
     def routes(self) -> list[Route]:
+        """The admin endpoints, each owned by the lifecycle like every other request
+        (an OpenAI-shaped error with its ``x-request-id``, an access line naming the
+        actor, metrics, a bounded body)."""
+
+        def op(name: str, fn: Callable[[Request, Admin], Awaitable[Response]]) -> Operation:
+            return Operation(self.gw, name, self._handler(fn))
+
         return [
-            Route("/admin/keys", self._wrap(self.create), methods=["POST"]),
-            Route("/admin/keys", self._wrap(self.list_keys), methods=["GET"]),
-            Route("/admin/keys/{key_id}", self._wrap(self.retrieve), methods=["GET"]),
-            Route("/admin/keys/{key_id}", self._wrap(self.revoke), methods=["DELETE"]),
-            Route("/admin/keys/{key_id}/rotate", self._wrap(self.rotate), methods=["POST"]),
-            Route("/admin/objects", self._wrap(self.adopt), methods=["POST"]),
-            Route("/admin/usage", self._wrap(self.usage), methods=["GET"]),
+            Route("/admin/keys", op("admin.keys.create", self.create), methods=["POST"]),
+            Route("/admin/keys", op("admin.keys.list", self.list_keys), methods=["GET"]),
+            Route(
+                "/admin/keys/{key_id}", op("admin.keys.retrieve", self.retrieve), methods=["GET"]
+            ),
+            Route("/admin/keys/{key_id}", op("admin.keys.revoke", self.revoke), methods=["DELETE"]),
+            Route(
+                "/admin/keys/{key_id}/rotate",
+                op("admin.keys.rotate", self.rotate),
+                methods=["POST"],
+            ),
+            Route("/admin/objects", op("admin.objects.adopt", self.adopt), methods=["POST"]),
+            Route("/admin/usage", op("admin.usage", self.usage), methods=["GET"]),
         ]
 
-    def _wrap(
+    def _handler(
         self, fn: Callable[[Request, Admin], Awaitable[Response]]
-    ) -> Callable[[Request], Awaitable[Response]]:
-        async def endpoint(request: Request) -> Response:
-            rid = new_request_id()
-            try:
-                admin = await self.authenticate(request)
-                response = await fn(request, admin)
-            except GatewayError as exc:
-                headers = {**exc.headers, "x-request-id": rid}
-                return Response(exc.body(), exc.status, headers, "application/json")
-            response.headers["x-request-id"] = rid
-            return response
+    ) -> Callable[[Incoming, Exchange], Awaitable[ASGIApp]]:
+        async def handler(incoming: Incoming, ex: Exchange) -> ASGIApp:
+            request = Request(incoming.scope, incoming.receive)
+            admin = await self.authenticate(request)
+            ex.actor = admin.id
+            return await fn(request, admin)
 
-        return endpoint
+        return handler
 
     async def authenticate(self, request: Request) -> Admin:
         """The admin behind the request's credential (401 otherwise)."""
@@ -235,6 +248,14 @@ class AdminApi:
         kind = body.get("kind")
         if kind not in ADOPTABLE:
             raise BadRequest(f"'kind' must be one of {', '.join(ADOPTABLE)}.", param="kind")
+        region = cfg.resources[resource].region
+        if not region_ok(cfg.tenants[tenant], region):
+            raise Forbidden(
+                f"Resource '{resource}' is in {region}, outside the regions tenant "
+                f"'{tenant}' is pinned to (data residency); its objects cannot be adopted.",
+                code="region_not_allowed",
+                param="resource",
+            )
         ids = body.get("ids")
         if not isinstance(ids, list) or not 0 < len(ids) <= 1000:
             raise BadRequest("'ids' must be a list of 1 to 1000 ids.", param="ids")
@@ -247,6 +268,10 @@ class AdminApi:
                 raise BadRequest(
                     f"ids[{i}] is not an id of a {kind}.", code="invalid_id", param=f"ids[{i}]"
                 )
+        if kind == "file":
+            # The files of batches still under way are another tenant's work before
+            # anyone has seen them: learn them from Azure first.
+            await self.gw.batches.learn_files(resource)
         state = self.gw.state
         found = [await state.get_binding(oid) for oid in ids]
         for i, binding in enumerate(found):
@@ -368,7 +393,7 @@ class AdminApi:
 
 
 async def _json(request: Request, allow_empty: bool = False) -> dict[str, Any]:
-    raw = await request.body()
+    raw = await read_body(request.receive, MAX_BODY, 30.0, request.headers.get("content-length"))
     if not raw.strip() and allow_empty:
         return {}
     value = parse_json(raw, 16)

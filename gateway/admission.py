@@ -94,6 +94,14 @@ class QuotaGate:
             raise refusal(adm, tenant_name, scopes, ex.budget_currency or "")
         ex.leased = any(s.concurrency for s in scopes)
 
+    def charge_only(self, ex: Exchange, tenant_name: str, tenant: TenantConfig, model: str) -> None:
+        """Work that was refused but ran (a response the upstream started, then cancelled):
+        its tokens and cost are charged when it settles, with no request or slot taken."""
+        scopes = scopes_for(tenant_name, tenant, model)
+        ex.quota_scopes = [s._replace(concurrency=0) for s in scopes]
+        if tenant.budgets is not None:
+            ex.budget_currency = tenant.budgets.currency
+
     async def settle(self, ex: Exchange, ledger: LedgerEntry | None = None) -> None:
         """Release the lease, charge the tokens (or an estimate) and the cost, and add the
         exchange to the usage ledger: one state call."""

@@ -82,6 +82,28 @@ class ApiKeys:
             raise expired(key.id, datetime.fromtimestamp(key.expires_at).astimezone().isoformat())
         return Principal(key.tenant, key.id)
 
+    def recheck(
+        self, digest: bytes, principal: Principal, ring: KeyRing, tenants: Iterable[str]
+    ) -> None:
+        """Raise 401 unless the key behind ``principal`` (by its ``digest``) still opens
+        it: not revoked, expired, past its rotation grace, nor its tenant removed. From
+        the replica's cache and config only, no I/O: cheap enough for every frame of an
+        open socket (the cache follows the key store within ``REFRESH_SECONDS``)."""
+        found = ring.lookup(digest)  # a config key (raises for an expired one)
+        if found is None:
+            sha = digest.hex()
+            key = self._by_hash.get(sha)
+            at = time.time()
+            if key is None or sha not in key.usable(at):
+                raise invalid_key()  # revoked, or an old secret past its grace
+            if key.expires_at is not None and at >= key.expires_at:
+                raise expired(
+                    key.id, datetime.fromtimestamp(key.expires_at).astimezone().isoformat()
+                )
+            found = Principal(key.tenant, key.id)
+        if found != principal or principal.tenant not in tenants:
+            raise invalid_key()
+
     def forget(self, key: ApiKey) -> None:
         """Drop a key from this replica's cache at once (it was revoked or rotated here)."""
         for h, _ in key.hashes:

@@ -14,15 +14,12 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable
-from fnmatch import fnmatchcase
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .audit_sinks import AuditWriteError, Sink
-from .config import McpPolicyConfig, TenantConfig
-from .errors import Forbidden, ServiceUnavailable
-from .exchange import Exchange
-from .policy import check_tools
+from .errors import ServiceUnavailable
+from .exchange import Exchange, new_request_id
 from .sse import FINAL_TYPES
 
 log = logging.getLogger("gateway.audit")
@@ -134,51 +131,8 @@ def _server(item: dict[str, Any]) -> Record:
         "server_label": item.get("server_label"),
         "server_url": redact_url(item.get("server_url")),
         "connector_id": item.get("connector_id"),
+        **({"tunnel_id": item["tunnel_id"]} if item.get("tunnel_id") is not None else {}),
     }
-
-
-def check_tool_policy(tenant_name: str, tenant: TenantConfig, tools: Any) -> list[Record]:
-    """The whole tool policy of one request (HTTP, socket frame, Realtime session, batch
-    line): the tenant's tool types (403 ``tool_not_allowed``), then its MCP servers and
-    approval rule (``check_mcp_policy``); the MCP policy's rewrites as audit records."""
-    check_tools(tenant_name, tenant, tools)
-    return check_mcp_policy(tenant_name, tenant.mcp, tools)
-
-
-def check_mcp_policy(tenant_name: str, policy: McpPolicyConfig, tools: Any) -> list[Record]:
-    """Refuse MCP servers outside the allowlist (403); enforce ``require_approval: always``.
-
-    The gateway *rewrites* each MCP tool's ``require_approval`` to ``"always"`` when the
-    tenant's policy demands it (it does not refuse), and returns one audit record per
-    rewrite.
-    """
-    decisions: list[Record] = []
-    if not isinstance(tools, list):
-        return decisions
-    for i, tool in enumerate(tools):
-        if not isinstance(tool, dict) or tool.get("type") != "mcp":
-            continue
-        label = tool.get("server_label")
-        if policy.allowed_servers is not None:
-            target = tool.get("server_url") or tool.get("connector_id") or ""
-            if not any(fnmatchcase(str(target), p) for p in policy.allowed_servers):
-                raise Forbidden(
-                    f"MCP server '{label}' ({target}) is not allowed for tenant '{tenant_name}'.",
-                    code="mcp_server_not_allowed",
-                    param=f"tools[{i}]",
-                )
-        if policy.require_approval == "always" and tool.get("require_approval") != "always":
-            decisions.append(
-                {
-                    "event": "mcp.policy",
-                    "action": "require_approval_rewritten",
-                    "from": tool.get("require_approval", "default"),  # redacted when written
-                    "to": "always",
-                    **_server(tool),
-                }
-            )
-            tools[i] = {**tool, "require_approval": "always"}
-    return decisions
 
 
 class Auditor:
@@ -216,32 +170,40 @@ class Auditor:
         }
 
     def request_records(
-        self, ex: Exchange, body: dict[str, Any], decisions: list[Record]
+        self,
+        ex: Exchange,
+        tools: list[tuple[str, list[Any]]],
+        items: list[tuple[str, dict[str, Any]]],
+        decisions: list[Record],
     ) -> list[Record]:
-        """Records for the MCP content of a request body."""
+        """Records for the MCP content of a request: the policy's rewrites, every MCP tool
+        of every tool list it carries, every MCP item it passes (approvals, replays)."""
         redact = self.redactor.value
         out = [
-            {**self._base(ex, "mcp.policy"), **d, "from": redact(d.get("from"))} for d in decisions
-        ]
-        for tool in body.get("tools") or []:
-            if not isinstance(tool, dict) or tool.get("type") != "mcp":
-                continue
-            headers = tool.get("headers")
-            rec = {
-                **self._base(ex, "mcp.tool"),
-                **_server(tool),
-                "require_approval": self.redactor.value(tool.get("require_approval")),
-                "allowed_tools": self.redactor.value(tool.get("allowed_tools")),
-                "header_names": sorted(headers) if isinstance(headers, dict) else [],
-                "authorization_set": bool(tool.get("authorization")),
+            {
+                **self._base(ex, "mcp.policy"),
+                **d,
+                "server_url": redact_url(d.get("server_url")),
+                "from": redact(d.get("from")),
             }
-            out.append(rec)
-        items = body.get("input")
-        for item in items if isinstance(items, list) else []:
-            if not isinstance(item, dict):
-                continue
-            kind = item.get("type")
-            if kind == "mcp_approval_response":
+            for d in decisions
+        ]
+        for _, listed in tools:
+            for tool in listed:
+                if not isinstance(tool, dict) or tool.get("type") != "mcp":
+                    continue
+                headers = tool.get("headers")
+                rec = {
+                    **self._base(ex, "mcp.tool"),
+                    **_server(tool),
+                    "require_approval": redact(tool.get("require_approval")),
+                    "allowed_tools": redact(tool.get("allowed_tools")),
+                    "header_names": sorted(headers) if isinstance(headers, dict) else [],
+                    "authorization_set": bool(tool.get("authorization")),
+                }
+                out.append(rec)
+        for _, item in items:
+            if item.get("type") == "mcp_approval_response":
                 out.append(
                     {
                         **self._base(ex, "mcp.approval"),
@@ -251,7 +213,7 @@ class Auditor:
                         "item_id": item.get("id"),
                     }
                 )
-            elif kind in _RESPONSE_ITEMS:
+            else:
                 out.append(self.item_record(ex, item, source="input"))
         return out
 
@@ -294,7 +256,9 @@ class Auditor:
         etype = event.get("type")
         if etype == "response.output_item.done":
             items = [event.get("item")]
-        elif etype in FINAL_TYPES and isinstance(event.get("response"), dict):
+        elif (etype in FINAL_TYPES or etype == "response.done") and isinstance(
+            event.get("response"), dict
+        ):  # response.done: Realtime's end of a response
             items = event["response"].get("output") or []
         else:
             return []
@@ -344,8 +308,6 @@ class Auditor:
         ``required``: a record that cannot be written refuses the action (503)."""
         if not self.sinks:
             return
-        from .lifecycle import new_request_id
-
         ex = Exchange(request_id=new_request_id(), operation=event, method="-")
         now = time.time()
         record = {

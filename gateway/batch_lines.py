@@ -1,11 +1,11 @@
-"""A batch input file (``purpose=batch``), checked line by line like the requests it holds.
+"""The batch-file transport: a ``purpose=batch`` upload, each line through the rulebook.
 
 Each JSONL line is ``{"custom_id", "method": "POST", "url", "body"}`` and Azure runs its
 ``body`` against its ``url`` on the batch deployment the body's ``model`` names. So every
-line gets what that request would get on its own: strict parsing, the type checks of its
-endpoint, the model allowlist and region pin (then ``model`` becomes the batch
-deployment, ``batch: true`` in the model's targets), the tool and MCP policy (the
-``require_approval`` rewrite included), and ownership of every id it names. A bad line
+line's body goes through ``checks.check`` as the request it is (its endpoint's type
+checks, ids, tool and MCP policy with the ``require_approval`` rewrite, ownership, the
+allowlist and region pin; ``model`` becomes the batch deployment, ``batch: true`` in the
+model's targets); this module only reads the envelope (the line's four fields). A bad line
 fails the upload with the status that request would get, ``line N:`` before its message
 and its ``param``; nothing is stored upstream. All lines must resolve to one batch
 deployment (Azure runs a file on one). What is uploaded is the file rebuilt from the
@@ -19,15 +19,13 @@ import tempfile
 from dataclasses import dataclass
 from typing import IO, Any
 
-from .audit import check_tool_policy
 from .body import Part
-from .config import TenantConfig
+from .checks import Checked, Request, check
 from .errors import BadRequest, GatewayError, PayloadTooLarge
-from .objects import Refs, owned
+from .keys import Principal
 from .routing import Target
-from .runtime import Snapshot
-from .state import StateBackend
-from .validate import check_body, check_fields, dump_json, parse_json
+from .runtime import Gateway, Snapshot
+from .validate import dump_json, parse_json
 
 # The endpoints a batch line may name, and whose body checks apply to it.
 URLS = {
@@ -52,9 +50,8 @@ class BatchFile:
     estimated_tokens: int  # input tokens, about: body bytes / 4
     spool: IO[bytes]
     size: int
-    # The MCP content of its lines, for the audit trail: (line, custom_id, the line's MCP
-    # tools and MCP input items, the policy's rewrites).
-    mcp: list[tuple[int, str, dict[str, Any], list[dict[str, Any]]]]
+    # The lines with MCP content, for the audit trail: (line, custom_id, the checked line).
+    mcp: list[tuple[int, str, Checked]]
 
 
 def _at(line: int, exc: GatewayError) -> GatewayError:
@@ -66,11 +63,7 @@ def _at(line: int, exc: GatewayError) -> GatewayError:
 
 
 async def check_batch_file(
-    snap: Snapshot,
-    state: StateBackend,
-    tenant_name: str,
-    tenant: TenantConfig,
-    part: Part,
+    gw: Gateway, snap: Snapshot, principal: Principal, part: Part
 ) -> BatchFile:
     """Check every line of ``part`` (a spooled file); the rebuilt file, or raise."""
     server = snap.loaded.config.server
@@ -82,7 +75,7 @@ async def check_batch_file(
     chosen: Target | None = None
     model_of_file = ""
     count = estimated = size = 0
-    mcp: list[tuple[int, str, dict[str, Any], list[dict[str, Any]]]] = []
+    mcp: list[tuple[int, str, Checked]] = []
     try:
         number = 0
         while raw := src.readline(limit + 2):
@@ -100,14 +93,12 @@ async def check_batch_file(
             if not text.strip():
                 continue
             try:
-                line, target, model, decisions = await _check_line(
-                    snap, state, tenant_name, tenant, text, server.max_json_depth
-                )
+                line, checked = await _check_line(gw, snap, principal, text)
             except GatewayError as exc:
                 raise _at(number, exc) from None
-            content = _mcp_content(line["body"])
-            if content or decisions:
-                mcp.append((number, line["custom_id"], content, decisions))
+            target, model = checked.plans[0].target, checked.model or ""
+            if checked.mcp:
+                mcp.append((number, line["custom_id"], checked))
             if chosen is None:
                 chosen, model_of_file = target, model
             elif (target.resource, target.deployment) != (chosen.resource, chosen.deployment):
@@ -121,7 +112,7 @@ async def check_batch_file(
                         param="body.model",
                     ),
                 )
-            data = dump_json(line) + b"\n"
+            data = checked.plans[0].payload or b""
             out.write(data)
             size += len(data)
             count += 1
@@ -140,33 +131,12 @@ async def check_batch_file(
     return BatchFile(chosen, model_of_file, count, estimated, out, size, mcp)
 
 
-def _mcp_content(body: dict[str, Any]) -> dict[str, Any]:
-    """A line body's MCP tools and MCP input items (what the audit trail records)."""
-    out: dict[str, Any] = {}
-    tools = [t for t in body.get("tools") or [] if isinstance(t, dict) and t.get("type") == "mcp"]
-    if tools:
-        out["tools"] = tools
-    items = body.get("input")
-    if isinstance(items, list):
-        mcp_items = [
-            i for i in items if isinstance(i, dict) and str(i.get("type", "")).startswith("mcp_")
-        ]
-        if mcp_items:
-            out["input"] = mcp_items
-    return out
-
-
 async def _check_line(
-    snap: Snapshot,
-    state: StateBackend,
-    tenant_name: str,
-    tenant: TenantConfig,
-    text: bytes,
-    depth: int,
-) -> tuple[dict[str, Any], Target, str, list[dict[str, Any]]]:
-    """One line checked as the request it holds: (the line to upload, target, model, the
-    MCP policy's rewrites)."""
-    line = parse_json(text, depth)
+    gw: Gateway, snap: Snapshot, principal: Principal, text: bytes
+) -> tuple[dict[str, Any], Checked]:
+    """One line's envelope read, its body through the rulebook: (the line, the checked
+    request, whose one plan renders the line to upload)."""
+    line = parse_json(text, snap.loaded.config.server.max_json_depth)
     if not isinstance(line, dict):
         raise BadRequest("A batch line must be a JSON object.", code="invalid_batch_line")
     extra = sorted(set(line) - _LINE_KEYS)
@@ -200,43 +170,15 @@ async def _check_line(
         raise BadRequest(
             "A batch line's body must be a JSON object.", code="invalid_batch_line", param="body"
         )
-    body = check_body(body) if api == "responses" else check_fields(body)
-    if body.get("stream") is True:
-        raise BadRequest(
-            "A batch line cannot stream; drop 'stream'.",
-            code="invalid_batch_line",
-            param="body.stream",
-        )
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise BadRequest(
-            "Missing required parameter: 'model' in the line's body.",
-            code="missing_required_parameter",
-            param="body.model",
-        )
+
+    def render(checked_body: dict[str, Any]) -> bytes:
+        return dump_json({**line, "body": checked_body}) + b"\n"
+
+    request = Request(api=api, body=body, batch=True, render=render)
     try:
-        decisions = check_tool_policy(tenant_name, tenant, body.get("tools"))  # rewrites MCP
-        if body.get("tools") and any(
-            isinstance(t, dict) and t.get("model") is not None for t in body["tools"]
-        ):
-            raise BadRequest(
-                "Tools that name a model of their own are not accepted in batch lines.",
-                code="invalid_batch_line",
-                param="tools",
-            )
-        targets = snap.router.batch_targets(tenant_name, tenant, model)
-        refs = Refs().body(body)
-        pinned, _ = await owned(state, tenant_name, refs)
+        checked = await check(gw, snap, principal, request)
     except GatewayError as exc:
         if exc.param and not exc.param.startswith("body."):
             exc.param = f"body.{exc.param}"
         raise
-    target = targets[0]
-    if pinned is not None and pinned != target.resource:
-        raise BadRequest(
-            "The objects this line names live on another Azure resource than the batch "
-            f"deployment of '{model}'.",
-            code="objects_on_different_resources",
-            param="body",
-        )
-    return {**line, "body": {**body, "model": target.deployment}}, target, model, decisions
+    return line, checked

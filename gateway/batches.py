@@ -22,9 +22,16 @@ import contextlib
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .errors import BadRequest, GatewayError, RateLimited, StateError, UpstreamUnavailable
+from .errors import (
+    BadRequest,
+    GatewayError,
+    RateLimited,
+    ServiceUnavailable,
+    StateError,
+    UpstreamUnavailable,
+)
 from .headers import gateway_headers
 from .pricing import cost_of
 from .quotas import MICRO, scopes_for, token_kinds, windows
@@ -37,9 +44,21 @@ if TYPE_CHECKING:
 
     from .exchange import Exchange
     from .metrics import Metrics
-    from .runtime import Gateway
+    from .state import StateBackend
+    from .upstream import UpstreamClient
 
 log = logging.getLogger("gateway.batches")
+
+
+class Parts(Protocol):
+    """What the batch desk uses of the gateway (``runtime.Gateway`` has it)."""
+
+    state: StateBackend
+    http: UpstreamClient
+    snap: Any
+
+    async def auth_header(self, snap: Any, resource: str) -> tuple[str, str]: ...
+
 
 TERMINAL = frozenset({"completed", "failed", "cancelled", "expired"})
 
@@ -47,7 +66,7 @@ TERMINAL = frozenset({"completed", "failed", "cancelled", "expired"})
 class BatchDesk:
     """What the gateway does with batch answers, and the watcher of open batches."""
 
-    def __init__(self, gw: Gateway, metrics: Metrics | None = None) -> None:
+    def __init__(self, gw: Parts, metrics: Metrics | None = None) -> None:
         self.gw = gw
         self.metrics = metrics
         self._task: asyncio.Task[None] | None = None
@@ -137,8 +156,27 @@ class BatchDesk:
         if status in TERMINAL:
             await self.gw.state.batch_done(bid)
 
+    async def learn_files(self, resource: str) -> None:
+        """Bind the output and error files of every open batch on ``resource`` to its
+        tenant, asking Azure for each: an adoption must not claim them before anyone has
+        fetched them (503 when the batches cannot be read: nothing is adopted then)."""
+        try:
+            for bid in await self.gw.state.open_batches():
+                binding = await self.gw.state.get_binding(bid)
+                if binding is None or binding.resource != resource:
+                    continue
+                body = await self._get_json(resource, f"/openai/v1/batches/{bid}")
+                if isinstance(body, dict):
+                    await self.seen(body)
+        except (GatewayError, UpstreamError) as exc:
+            raise ServiceUnavailable(
+                "The gateway could not read the batches under way on this resource (an "
+                "adoption must not claim their files); retry shortly.",
+                code="batches_unavailable",
+            ) from exc
+
     def _ttl(self) -> float:
-        return self.gw.snap.loaded.config.state.response_retention_days * 86400.0
+        return float(self.gw.snap.loaded.config.state.response_retention_days) * 86400.0
 
     async def charge(self, bid: str, binding: Binding, batch: dict[str, Any]) -> bool:
         """Charge a completed batch once (True when this call did)."""
@@ -240,7 +278,7 @@ class BatchDesk:
         return parse_upstream(b"".join([c async for c in self._get(resource, path)]))
 
     def _poll_seconds(self) -> float:
-        return self.gw.snap.loaded.config.batches.poll_seconds
+        return float(self.gw.snap.loaded.config.batches.poll_seconds)
 
     # -- the watcher ----------------------------------------------------------
 

@@ -29,7 +29,7 @@ _BODY_IDLE = "the request body stopped arriving"  # the message of the idle time
 _SPOOL_MEMORY = 1024 * 1024  # file parts beyond this go to a temporary file
 _MAX_FIELD = 1024 * 1024  # one text field
 _MAX_PARTS = 1000
-_PART_TYPE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+(;[ -~]*)?$")
+_PART_TYPE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+(;[ -~]*)?\Z")
 
 
 class Media(NamedTuple):

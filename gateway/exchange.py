@@ -6,6 +6,7 @@ patching the handler.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -13,6 +14,33 @@ from typing import Any, Protocol
 from .keys import Principal
 from .quotas import Admission, QuotaScope, token_kinds
 from .routing import Target
+
+
+class _RequestIds:
+    """Random request ids (128 bits from ``os.urandom``), 256 of them per system call.
+
+    A forked child starts a pool of its own, so no two processes hand out the same ids.
+    """
+
+    __slots__ = ("_at", "_pool")
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = 0
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._pool, self._at = b"", 0
+
+    def __call__(self) -> str:
+        at = self._at
+        if at >= len(self._pool):
+            self._pool, at = os.urandom(4096), 0
+        self._at = at + 16
+        return self._pool[at : at + 16].hex()
+
+
+new_request_id = _RequestIds()
 
 
 @dataclass(slots=True)
@@ -66,6 +94,7 @@ class Exchange:
     pinned: str | None = None  # the resource of the stored objects the request names
     path: str | None = None  # only for unknown paths, for the access log
     transport: str = "http"  # "websocket" for a WebSocket handshake
+    actor: str | None = None  # the admin behind an admin request
 
     def usage_kinds(self) -> dict[str, int] | None:
         """Input, cached, output and reasoning counts of ``usage``, worked out once for

@@ -17,6 +17,7 @@ from typing import Any
 
 from starlette.types import ASGIApp
 
+from .answers import Answer
 from .breaker import OPEN, capacity_429, retry_after_seconds
 from .errors import GatewayError, RateLimited, ServiceUnavailable
 from .exchange import Exchange
@@ -155,11 +156,12 @@ class Forwarder:
                 "apim-request-id"
             )
             ctype = resp.headers.get("content-type", "")
+            answer = Answer(gw, ex, keeper)  # the response hook hears what the relay reads
             if ctype.startswith("text/event-stream"):
-                return StreamRelay(resp, ex, gw, keeper)
+                return StreamRelay(resp, ex, gw, answer)
             if "json" in ctype or resp.status >= 400:
-                return JsonRelay(resp, ex, gw, keeper)
-            return RawRelay(resp, ex, gw, keeper)
+                return JsonRelay(resp, ex, gw, answer)
+            return RawRelay(resp, ex, gw, answer)
         raise self._all_open(attempts)
 
     def _pager(

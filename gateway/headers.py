@@ -31,7 +31,7 @@ _DROP_RESPONSE = HOP_BY_HOP | {
     b"x-request-id",
 }
 _RATELIMIT = b"x-ratelimit-"
-_SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}\Z")
 
 
 def safe_request_id(value: str | None) -> str | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
@@ -22,44 +21,18 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ClientClosed, GatewayError, InternalError
-from .exchange import Exchange
+from .exchange import Exchange, new_request_id
 from .headers import safe_request_id
-from .pricing import cost_of
+from .pricing import bill
 from .quotas import estimate_tokens, ratelimit_headers
 from .runtime import client_address
 from .server import RECEIVED
+from .sse import chat_error_chunk, stream_error_event
 from .state import LedgerEntry
-from .validate import dump_json
 
 if TYPE_CHECKING:
     from .runtime import Gateway, Snapshot
 
-
-class _RequestIds:
-    """Random request ids (128 bits from ``os.urandom``), 256 of them per system call.
-
-    A forked child starts a pool of its own, so no two processes hand out the same ids.
-    """
-
-    __slots__ = ("_at", "_pool")
-
-    def __init__(self) -> None:
-        self._pool = b""
-        self._at = 0
-        os.register_at_fork(after_in_child=self._reset)
-
-    def _reset(self) -> None:
-        self._pool, self._at = b"", 0
-
-    def __call__(self) -> str:
-        at = self._at
-        if at >= len(self._pool):
-            self._pool, at = os.urandom(4096), 0
-        self._at = at + 16
-        return self._pool[at : at + 16].hex()
-
-
-new_request_id = _RequestIds()
 
 log = logging.getLogger("gateway.lifecycle")
 
@@ -257,9 +230,7 @@ async def finish(gw: Gateway, ex: Exchange) -> None:
     ledger), then tell the observers (metrics, access line). For HTTP requests (the
     owner's ``finally``) and for each response on a WebSocket."""
     try:
-        kinds = _billed_kinds(ex)
-        _price(ex, gw.snap, kinds)  # budgets are charged in money, so before settling
-        ledger = _ledger(ex, gw.snap, kinds)
+        ledger = bill(ex, gw.snap.loaded.config)  # money first: budgets are charged in it
         if ex.quota_scopes or ledger:  # only then is there anything to settle
             if gw.state_is_local:
                 await _settle(gw, ex, ledger)  # never suspends: nothing to shield
@@ -276,67 +247,6 @@ async def _settle(gw: Gateway, ex: Exchange, ledger: LedgerEntry | None) -> None
         await gw.gate.settle(ex, ledger)
     except Exception:
         log.exception("settling the quota failed", extra={"request_id": ex.request_id})
-
-
-def stream_error_event(code: str, message: str, sequence: int | None) -> bytes:
-    """A closing SSE ``error`` event, so SDKs raise instead of seeing a silent end."""
-    event = {
-        "type": "error",
-        "code": code,
-        "message": message,
-        "param": None,
-        "sequence_number": sequence,
-    }
-    return b"\nevent: error\ndata: " + dump_json(event) + b"\n\n"
-
-
-def chat_error_chunk(code: str, message: str) -> bytes:
-    """A closing ``data: {"error": ...}`` chunk, which the SDKs raise for chat streams."""
-    error = {"message": message, "type": "server_error", "param": None, "code": code}
-    return b"\ndata: " + dump_json({"error": error}) + b"\n\n"
-
-
-def _billed_kinds(ex: Exchange) -> dict[str, int] | None:
-    """The token counts an exchange is billed for: Azure's usage, or for a stream cut
-    before it, the estimate (request bytes / 4 as input, the rest as output)."""
-    kinds = ex.usage_kinds()
-    if kinds is not None:
-        return kinds
-    if not ex.estimated_tokens:
-        return None
-    tokens_in = min(ex.request_bytes // 4, ex.estimated_tokens)
-    return {
-        "input": tokens_in,
-        "cached": 0,
-        "output": ex.estimated_tokens - tokens_in,
-        "reasoning": 0,
-    }
-
-
-def _price(ex: Exchange, snap: Snapshot, kinds: dict[str, int] | None) -> None:
-    """Set the exchange's cost from the price table."""
-    price = snap.loaded.config.prices.get(ex.model or "")
-    if price is None or kinds is None:
-        return
-    resource = ex.target.resource if ex.target else None
-    ex.cost, ex.currency, ex.cost_estimated = cost_of(price, resource, kinds, not ex.usage)
-
-
-def _ledger(ex: Exchange, snap: Snapshot, kinds: dict[str, int] | None) -> LedgerEntry | None:
-    """The usage-ledger entry of a billed exchange."""
-    usage = snap.loaded.config.usage
-    if not usage.ledger or ex.tenant is None or kinds is None:
-        return None
-    resource = ex.target.resource if ex.target else ""
-    return LedgerEntry.of(
-        ex.tenant,
-        ex.model or "",
-        resource,
-        kinds,
-        ex.cost or 0.0,
-        not ex.usage,
-        usage.retention_days,
-    )
 
 
 def _tell(hook: Callable[[Exchange], None], ex: Exchange) -> None:

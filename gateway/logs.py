@@ -145,5 +145,6 @@ class AccessLog(BaseObserver):
             "currency": ex.currency,
             **({"path": ex.path} if ex.path else {}),
             **({"transport": ex.transport} if ex.transport != "http" else {}),
+            **({"actor": ex.actor} if ex.actor else {}),
             "cost_estimated": ex.cost_estimated if ex.cost is not None else None,
         }

@@ -28,7 +28,7 @@ OTHER = "other"
 # How prometheus_client writes a bucket bound (``1.0``, ``1.048576e+06``), so the ``le``
 # values, and so dashboards, are the same as with its own Histogram.
 _go_float: Callable[[float], str] = floatToGoString
-_LABEL = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_LABEL = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _TTFB = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 _TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)

@@ -27,12 +27,11 @@ from .validate import dump_json, invalid_type
 
 if TYPE_CHECKING:
     from .exchange import Exchange
-    from .routes import Endpoint
     from .runtime import Gateway
 
 log = logging.getLogger("gateway.objects")
 
-_ID = re.compile(r"^[A-Za-z0-9_\-]{1,256}$")
+_ID = re.compile(r"[A-Za-z0-9_\-]{1,256}")
 
 # The ids Azure makes: prefix, kind, and the body after the prefix. A container file
 # (``cfile_``) lives in its container, which is what is checked.
@@ -93,6 +92,7 @@ READ_KEYS = frozenset(
         "server_url",
         "server_label",
         "connector_id",
+        "tunnel_id",
         "require_approval",
         "allowed_tools",
         "include",
@@ -138,6 +138,7 @@ FREE_TEXT = frozenset(
         "error",
         "name",
         "delta",
+        "audio",
     }
 )
 
@@ -166,7 +167,9 @@ def shape_kind(value: str) -> str | None:
 
 def not_found(kind: str, object_id: str, param: str) -> NotFound:
     """The 404 for an id the tenant does not own (the same as for one that never existed)."""
-    shown = object_id if _ID.match(object_id) else object_id[:64].encode("unicode_escape").decode()
+    shown = (
+        object_id if _ID.fullmatch(object_id) else object_id[:64].encode("unicode_escape").decode()
+    )
     return NotFound(f"No {NOUN.get(kind, kind)} found with id '{shown}'.", param=param)
 
 
@@ -175,20 +178,38 @@ def object_id(value: Any, kind: str, param: str) -> str:
     404 if it cannot be an id (so it never reaches an upstream path)."""
     if not isinstance(value, str):
         raise invalid_type(param, "a string", value)
-    if not _ID.match(value):
+    if not _ID.fullmatch(value):
         raise not_found(kind, value, param)
     return value
 
 
+MCP_ITEMS = frozenset(
+    {"mcp_approval_response", "mcp_list_tools", "mcp_call", "mcp_approval_request"}
+)
+# Keys whose subtree names tools without defining them: never a tool list to police.
+_TOOL_REFERENCES = frozenset({"tool_choice"})
+
+
 class Refs:
-    """The stored-object ids one request names, collected from every part of it."""
+    """What one request names, collected from every part of it in one walk: the stored
+    objects (``refs``), and for the rules, every model (``models``), every list of tool
+    definitions (``tools``) and every MCP item (``mcp_items``), each with its param path."""
 
-    __slots__ = ("parent_container", "refs")
+    __slots__ = ("mcp_items", "models", "parent_container", "refs", "tools", "words")
 
-    def __init__(self, parent_container: str | None = None) -> None:
+    def __init__(
+        self, parent_container: str | None = None, words: frozenset[str] = frozenset()
+    ) -> None:
         self.refs: list[Ref] = []
+        # (param, model, the object naming it, its key): rewritten per target in place.
+        self.models: list[tuple[str, Any, dict[str, Any], str]] = []
+        self.tools: list[tuple[str, list[Any]]] = []
+        self.mcp_items: list[tuple[str, dict[str, Any]]] = []
         # A container named by the path: container files under it are its own.
         self.parent_container = parent_container
+        # Values that are words of the envelope's protocol under an id key, never ids
+        # (Realtime's ``conversation: "auto" | "none"``).
+        self.words = words
 
     def named(self, value: Any, kind: str, param: str, container: Any = None) -> None:
         """An id under a key that names ids: it must be the tenant's ``kind``."""
@@ -221,13 +242,16 @@ class Refs:
         self.refs.append(Ref(kind, oid, param))
 
     def body(self, body: Any) -> list[Ref]:
-        """Every id a parsed JSON body names; returns all refs collected so far."""
-        self._walk(body, "", False)
+        """Walk a parsed JSON body; returns the stored-object refs collected so far."""
+        self._walk(body, "", False, False)
         return self.refs
 
-    def _walk(self, node: Any, path: str, free: bool) -> None:
+    def _walk(self, node: Any, path: str, free: bool, referenced: bool) -> None:
         if isinstance(node, dict):
             container = node.get("container_id")
+            kind = node.get("type")
+            if isinstance(kind, str) and kind in MCP_ITEMS and not referenced:
+                self.mcp_items.append((path, node))
             for key, child in node.items():
                 param = f"{path}.{key}" if path else key
                 if key in ID_KEYS:
@@ -242,22 +266,38 @@ class Refs:
                     )
                 if key in FREE_FORM:
                     continue
+                if key == "model" and child is not None:
+                    if not isinstance(child, str):
+                        raise invalid_type(param, "a string", child)
+                    self.models.append((param, child, node, key))
+                    continue
+                # (an mcp_list_tools item's ``tools`` lists a server's tools: not tools)
+                if (
+                    key == "tools"
+                    and child is not None
+                    and not referenced
+                    and kind != "mcp_list_tools"
+                ):
+                    if not isinstance(child, list):
+                        raise invalid_type(param, "an array", child)
+                    self.tools.append((param, child))
                 if isinstance(child, str):
                     if key not in FREE_TEXT:
                         self.text(child, param, container)
-                elif isinstance(child, dict | list):
-                    self._walk(child, param, key in FREE_TEXT)
+                elif isinstance(child, list | dict):
+                    inner = referenced or key in _TOOL_REFERENCES
+                    self._walk(child, param, key in FREE_TEXT, inner)
         elif isinstance(node, list):
             for i, child in enumerate(node):
                 if isinstance(child, str):
                     if not free:
                         self.text(child, f"{path}[{i}]")
                 elif isinstance(child, dict | list):
-                    self._walk(child, f"{path}[{i}]", False)
+                    self._walk(child, f"{path}[{i}]", False, referenced)
 
     def _id_key(self, key: str, value: Any, param: str, container: Any) -> None:
         kind = ID_KEYS[key]
-        if value is None:
+        if value is None or (isinstance(value, str) and value in self.words):
             return
         if isinstance(value, str):
             self.named(value, kind, param, container)
@@ -267,9 +307,9 @@ class Refs:
         elif isinstance(value, dict) and key == "conversation":
             if value.get("id") is not None:
                 self.named(value["id"], kind, f"{param}.id")
-            self._walk({k: v for k, v in value.items() if k != "id"}, param, False)
+            self._walk({k: v for k, v in value.items() if k != "id"}, param, False, False)
         elif isinstance(value, dict) and key == "container":
-            self._walk(value, param, False)  # a code interpreter's container settings
+            self._walk(value, param, False, False)  # a code interpreter's container settings
         else:
             raise invalid_type(param, "a string", value)
 
@@ -314,7 +354,7 @@ def created_ids(kind: str | None, body: dict[str, Any]) -> list[tuple[str, str]]
     """(kind, id) of every object a JSON answer creates: its own id, and for responses
     the containers its code interpreter calls ran in."""
     out: list[tuple[str, str]] = []
-    if kind is not None and isinstance(body.get("id"), str) and _ID.match(body["id"]):
+    if kind is not None and isinstance(body.get("id"), str) and _ID.fullmatch(body["id"]):
         out.append((kind, body["id"]))
     output = body.get("output")
     if kind == "response" and isinstance(output, list):
@@ -328,7 +368,7 @@ def output_containers(output: list[Any]) -> list[tuple[str, str]]:
     for item in output:
         if isinstance(item, dict) and item.get("type") == "code_interpreter_call":
             cid = item.get("container_id")
-            if isinstance(cid, str) and _ID.match(cid):
+            if isinstance(cid, str) and _ID.fullmatch(cid):
                 found.append(("container", cid))
     return found
 
@@ -337,7 +377,7 @@ async def owned_ids(state: StateBackend, tenant: str, ids: list[str], kind: str)
     """Which of ``ids`` the tenant owns as ``kind`` (looked up 100 at a time, concurrently)."""
     mine: set[str] = set()
     for start in range(0, len(ids), 100):
-        batch = [i for i in ids[start : start + 100] if _ID.match(i)]
+        batch = [i for i in ids[start : start + 100] if _ID.fullmatch(i)]
         found = await asyncio.gather(*(state.get_binding(i) for i in batch))
         mine.update(
             i
@@ -359,15 +399,16 @@ class Keeper:
         self,
         gw: Gateway,
         ex: Exchange,
-        ep: Endpoint,
+        creates: str | None,
+        lists: str | None,
         ttl: float,
-        deleted: str | None,
+        deleted: str | None = None,
         limit: int | None = None,
     ) -> None:
         self.gw = gw
         self.ex = ex
-        self.creates = ep.creates
-        self.lists = ep.lists
+        self.creates = creates
+        self.lists = lists
         self.deleted = deleted
         self.ttl = ttl
         self.limit = limit  # the page size the client asked for (None: the upstream's)

@@ -10,9 +10,13 @@ estimate (request bytes / 4 as input, one output token per event) and flagged.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from .config import PriceConfig, TokenPrices
+from .config import Config, PriceConfig, TokenPrices
+from .state import LedgerEntry
+
+if TYPE_CHECKING:
+    from .exchange import Exchange
 
 
 class Cost(NamedTuple):
@@ -93,3 +97,43 @@ def cost_of(
         kinds.get("audio_output", 0),
     )
     return Cost(amount, price.currency, estimated)
+
+
+def billed_kinds(ex: Exchange) -> dict[str, int] | None:
+    """The token counts an exchange is billed for: Azure's usage, or for a stream cut
+    before it, the estimate (request bytes / 4 as input, the rest as output)."""
+    kinds = ex.usage_kinds()
+    if kinds is not None:
+        return kinds
+    if not ex.estimated_tokens:
+        return None
+    tokens_in = min(ex.request_bytes // 4, ex.estimated_tokens)
+    return {
+        "input": tokens_in,
+        "cached": 0,
+        "output": ex.estimated_tokens - tokens_in,
+        "reasoning": 0,
+    }
+
+
+def bill(ex: Exchange, config: Config) -> LedgerEntry | None:
+    """Price an ending exchange (``ex.cost``) from the price table; its usage-ledger
+    entry (None: nothing billed, or no ledger)."""
+    kinds = billed_kinds(ex)
+    if kinds is None:
+        return None
+    resource = ex.target.resource if ex.target else None
+    price = config.prices.get(ex.model or "")
+    if price is not None:
+        ex.cost, ex.currency, ex.cost_estimated = cost_of(price, resource, kinds, not ex.usage)
+    if not config.usage.ledger or ex.tenant is None:
+        return None
+    return LedgerEntry.of(
+        ex.tenant,
+        ex.model or "",
+        resource or "",
+        kinds,
+        ex.cost or 0.0,
+        not ex.usage,
+        config.usage.retention_days,
+    )

@@ -1,8 +1,10 @@
-"""The generic handler of every endpoint: the steps of DESIGN.md, one call each.
+"""The HTTP transport: the generic handler of every endpoint in the route table.
 
-authenticate → parse (path, query, body) → authorize (tools, MCP) → own (every id the
-request names) → route → admit → audit → outbound (per target) → forward → relay.
-Everything sent upstream is built from what ``parse`` produced and the later steps
+authenticate → parse the envelope (path, query, JSON or form body) → the rulebook
+(``checks.check``: types, ids, tools, ownership, route, per-target plans) → a
+``purpose=batch`` upload's lines through the rulebook too → admit and audit
+(``checks.commit``) → the upstream request per target → forward → relay (the response
+hook hears the answer). Everything sent upstream is built from what was parsed and
 checked; the client's own bytes go on only as file content inside a rebuilt form.
 """
 
@@ -14,32 +16,22 @@ from typing import Any
 
 from starlette.types import ASGIApp
 
-from .audit import check_tool_policy
 from .batch_lines import BatchFile, check_batch_file
 from .body import Form, Media, body_chunks, media, read_body, read_form, unsupported
+from .checks import IMAGE_DEPLOYMENT_HEADER, Checked, Plan, Request, check, commit
 from .errors import BadRequest, GatewayError, MethodNotAllowed, NotFound
 from .exchange import Exchange
 from .forward import Forwarder
 from .keys import Principal
 from .lifecycle import Incoming, Operation
-from .objects import FREE_FORM, FREE_TEXT, ID_KEYS, Keeper, Refs, object_id, owned
-from .outbound import (
-    IMAGE_DEPLOYMENT_HEADER,
-    Outbound,
-    Query,
-    form_body,
-    forwarded_headers,
-    json_body,
-    tool_deployments,
-    upstream_path,
-)
+from .objects import FREE_FORM, FREE_TEXT, ID_KEYS, Keeper, Refs, object_id
+from .outbound import Outbound, Query, form_body, forwarded_headers, upstream_path
 from .routes import DEPLOYMENTS, Match, RouteTable, scope_segments
-from .routing import Target
 from .runtime import Gateway, Snapshot
-from .validate import check_body, check_fields, check_headers, parse_json
+from .validate import check_headers, parse_json
 
 # A logical model name in a path: what config accepts as a model name, never a dot segment.
-_MODEL = re.compile(r"^(?!\.\.?$)[A-Za-z0-9._:-]{1,128}$")
+_MODEL = re.compile(r"^(?!\.\.?\Z)[A-Za-z0-9._:-]{1,128}\Z")
 # Form fields the gateway reads: each may come once.
 FORM_READS = frozenset({"model", "purpose", "file_id"})
 OWNER_PARAM = {
@@ -98,40 +90,26 @@ class Proxy:
         match: Match = request.scope["route"]
         ep = match.endpoint
         ex.api = ep.api
-        snap = self.gw.snap
+        gw, snap = self.gw, self.gw.snap
         cfg = snap.loaded.config
         check_headers(request.scope["headers"])
-        principal = await self.gw.keys.authenticate(request.scope["headers"], snap.keyring)
+        principal = await gw.keys.authenticate(request.scope["headers"], snap.keyring)
         ex.principal = principal
-        tenant = cfg.tenants[principal.tenant]
         parsed = Parsed()
         try:
             await self._parse(request, match, ex, snap, parsed)
-            body = parsed.json
-            decisions: list[dict[str, Any]] = []
-            if body is not None:
-                decisions = check_tool_policy(principal.tenant, tenant, body.get("tools"))
-            pinned, bindings = await owned(self.gw.state, principal.tenant, parsed.refs.refs)
-            ex.pinned = pinned
-            batch = await self._batch_file(snap, principal, tenant, ep, parsed, ex)
-            if batch is not None:
-                targets: tuple[Target, ...] = (batch.target._replace(deployment=""),)
-            else:
-                targets = self._route(snap, principal, match, parsed, ex, bindings)
-            attempts = self._outbound(snap, principal, request, match, parsed, targets)
-            await self.gw.gate.admit(ex, principal.tenant, tenant, ex.model or "")
-            if ep.creates == "batch":
-                file_id = body.get("input_file_id") if body is not None else None
-                await self.gw.batches.admit(ex, tenant, bindings, file_id)
-            if body is not None:
-                await self._audit_request(ex, body, decisions, attempts)
-            if batch is not None and batch.mcp:
-                await self._audit_batch(ex, batch, attempts)
+            checked = await check(gw, snap, principal, self._request(request, match, parsed))
+            ex.pinned = checked.pinned
+            batch = await self._batch_file(snap, principal, checked, parsed, ex)
+            attempts = self._outbound(match, parsed, checked, batch)
+            lines = (lambda ex: self._batch_records(ex, batch)) if batch and batch.mcp else None
+            await commit(gw, ex, checked, "all", lines)
             deleted = parsed.refs.refs[0].id if ep.deletes else None
             keeper = Keeper(
-                self.gw,
+                gw,
                 ex,
-                ep,
+                ep.creates,
+                ep.lists,
                 cfg.state.response_retention_days * 86400.0,
                 deleted,
                 parsed.query.page_size(),
@@ -140,12 +118,32 @@ class Proxy:
             client_headers = forwarded_headers(
                 request.scope["headers"], cfg.upstream.forward_headers
             )
-            forwarder = Forwarder(self.gw, snap, ex, request.method)
+            forwarder = Forwarder(gw, snap, ex, request.method)
             named = bool(parsed.refs.refs)
             return await forwarder.forward(attempts, client_headers, keeper, named, listing)
         finally:
             if parsed.form is not None:
                 parsed.form.close()
+
+    @staticmethod
+    def _request(request: Incoming, match: Match, parsed: Parsed) -> Request:
+        """The request as the rulebook reads it."""
+        ep = match.endpoint
+        model: str | None = None
+        if match.prefix == DEPLOYMENTS:
+            model = match.params["deployment"]
+        elif parsed.form is not None and ep.route == "form":
+            model = parsed.form.field("model")
+        return Request(
+            api="responses" if ep.api == "responses" and ep.route == "model" else ep.api,
+            body=parsed.json,
+            refs=parsed.refs,
+            route="model" if ep.route in ("model", "form") else ep.route,
+            model=model,
+            model_optional=ep.model_optional,
+            image_model=request.headers.get(IMAGE_DEPLOYMENT_HEADER),
+            operation=ep.operation,
+        )
 
     # -- parse ---------------------------------------------------------------
 
@@ -213,15 +211,11 @@ class Proxy:
                 raise BadRequest("Request body is empty; send a JSON object.", code="invalid_json")
             return
         value = parse_json(data, server.max_json_depth)
-        body = (
-            check_body(value)
-            if ep.api == "responses" and ep.route == "model"
-            else check_fields(value)
-        )
-        parsed.refs.body(body)
-        parsed.json = body
-        ex.stream = body.get("stream") is True
-        prev = body.get("previous_response_id")
+        if not isinstance(value, dict):
+            raise BadRequest("Request body must be a JSON object.", code="invalid_json")
+        parsed.json = value  # checked by the rulebook
+        ex.stream = value.get("stream") is True
+        prev = value.get("previous_response_id")
         if isinstance(prev, str):
             ex.previous_response_id = prev
 
@@ -251,15 +245,14 @@ class Proxy:
         self,
         snap: Snapshot,
         principal: Principal,
-        tenant: Any,
-        ep: Any,
+        checked: Checked,
         parsed: Parsed,
         ex: Exchange,
     ) -> BatchFile | None:
-        """A ``purpose=batch`` upload: every line checked, the file rebuilt from them, and
-        sent to the resource of the batch deployment its lines resolve to."""
+        """A ``purpose=batch`` upload: every line through the rulebook, the file rebuilt
+        from them, and sent to the resource of the batch deployment its lines resolve to."""
         form = parsed.form
-        if ep.operation != "files.create":
+        if checked.operation != "files.create":
             return None
         if form is None:
             named = parsed.json.get("purpose") if parsed.json is not None else None
@@ -286,146 +279,59 @@ class Proxy:
                 code="invalid_form",
                 param="file",
             )
-        checked = await check_batch_file(snap, self.gw.state, principal.tenant, tenant, files[0])
-        if ex.pinned is not None and ex.pinned != checked.target.resource:
-            checked.spool.close()
+        checked_file = await check_batch_file(self.gw, snap, principal, files[0])
+        if ex.pinned is not None and ex.pinned != checked_file.target.resource:
+            checked_file.spool.close()
             raise BadRequest(
                 "The objects this upload names live on another resource than the batch "
                 "deployment its lines run on.",
                 code="objects_on_different_resources",
             )
-        files[0].replace(checked.spool, checked.size)
-        ex.model = checked.model
+        files[0].replace(checked_file.spool, checked_file.size)
+        ex.model = checked_file.model
         if self.gw.batches.metrics is not None:
-            self.gw.batches.metrics.batch_uploaded(principal.tenant, checked.lines)
-        return checked
+            self.gw.batches.metrics.batch_uploaded(principal.tenant, checked_file.lines)
+        return checked_file
 
-    # -- route and outbound -------------------------------------------------
+    # -- outbound -----------------------------------------------------------
 
-    def _route(
-        self,
-        snap: Snapshot,
-        principal: Principal,
-        match: Match,
-        parsed: Parsed,
-        ex: Exchange,
-        bindings: list[Any],
-    ) -> tuple[Target, ...]:
-        """The targets in order: by model (allowlist, regions), or the objects' resource."""
-        ep = match.endpoint
-        tenant = snap.loaded.config.tenants[principal.tenant]
-        model: Any = None
-        if ep.route in ("model", "form"):
-            if match.prefix == DEPLOYMENTS:
-                model = match.params["deployment"]
-            elif parsed.json is not None:
-                model = parsed.json.get("model")
-            elif parsed.form is not None:
-                model = parsed.form.field("model")
-            if not model and not (ep.model_optional and ex.pinned is not None):
-                raise BadRequest(
-                    "Missing required parameter: 'model' (a model name this gateway serves).",
-                    code="missing_required_parameter",
-                    param="model",
-                )
-        if model:
-            ex.model = model
-            return snap.router.targets(principal.tenant, tenant, model, ex.pinned)
-        if ep.route == "object" or (ep.creates == "batch" and bindings):
-            ex.model = bindings[0].model or None  # a batch's model: its input file's
-        resource = ex.pinned or snap.router.home(principal.tenant, tenant)
-        res = snap.loaded.config.resources.get(resource)
-        if res is None:
-            raise NotFound("The resource holding this object is no longer available.")
-        return (Target(resource, res.endpoint, res.region, ""),)
-
+    @staticmethod
     def _outbound(
-        self,
-        snap: Snapshot,
-        principal: Principal,
-        request: Incoming,
-        match: Match,
-        parsed: Parsed,
-        targets: tuple[Target, ...],
+        match: Match, parsed: Parsed, checked: Checked, batch: BatchFile | None
     ) -> list[Outbound]:
-        """The request for each target, every deployment name in it rewritten; targets
-        that cannot serve what the request names are dropped.
-
-        The body's ``model`` (JSON or form field), a tool's ``model``, the image-generation
-        header, and on the deployments prefix the path's deployment segment.
-        """
-        tenant = snap.loaded.config.tenants[principal.tenant]
-        router = snap.router
-        image_model = request.headers.get(IMAGE_DEPLOYMENT_HEADER)
-        body, form = parsed.json, parsed.form
-        tools = (body.get("tools") if body is not None else None) or []
-        tool_models = [(i, t["model"]) for i, t in enumerate(tools) if t.get("model") is not None]
-        model_routed = bool(targets[0].deployment)
+        """The upstream request for each target the rulebook planned (a batch upload: the
+        batch deployment's resource), its body as the plan rendered it."""
+        plans = checked.plans
+        if batch is not None:
+            plans = [Plan(batch.target._replace(deployment=""), None, [])]
         attempts: list[Outbound] = []
-        for target in targets:
-            headers: list[tuple[str, str]] = []
-            if image_model is not None:
-                dep = router.deployment_on(
-                    principal.tenant, tenant, image_model, target.resource, IMAGE_DEPLOYMENT_HEADER
-                )
-                if dep is None:
-                    continue
-                headers.append((IMAGE_DEPLOYMENT_HEADER, dep))
+        form = parsed.form
+        for plan in plans:
+            target = plan.target
+            headers = list(plan.headers)
             out_body: Any = None
-            if body is not None:
-                out = dict(body)
-                if model_routed and (match.prefix != DEPLOYMENTS or "model" in body):
-                    out["model"] = target.deployment
-                if tool_models:
-                    new_tools = tool_deployments(snap, principal, tools, tool_models, target)
-                    if new_tools is None:
-                        continue  # this resource lacks a tool's model
-                    out["tools"] = new_tools
-                more, out_body = json_body(out)
-                headers += more
+            if plan.payload is not None:
+                headers.append(("content-type", "application/json"))
+                out_body = plan.payload
             elif form is not None:
                 overrides = {}
-                if model_routed and form.field("model") is not None:
+                if target.deployment and form.field("model") is not None:
                     overrides["model"] = target.deployment
                 more, out_body = form_body(form, overrides)
                 headers += more
-            path = upstream_path(match, parsed.query, target)
-            attempts.append(Outbound(target, path, headers, out_body))
-        if not attempts:
-            raise BadRequest(
-                "No resource serving this model also deploys the model(s) its tools or the "
-                f"{IMAGE_DEPLOYMENT_HEADER} header name.",
-                code="model_not_on_resource",
+            attempts.append(
+                Outbound(target, upstream_path(match, parsed.query, target), headers, out_body)
             )
         return attempts
 
-    async def _audit_batch(self, ex: Exchange, batch: BatchFile, attempts: list[Outbound]) -> None:
-        """The MCP content of a batch file's lines, durable before the file goes upstream
-        (Azure runs those tools later, with no request of the tenant's to audit then)."""
+    def _batch_records(self, ex: Exchange, batch: BatchFile) -> list[dict[str, Any]]:
+        """The MCP content of a batch file's lines, each record naming its line (Azure
+        runs those tools later, with no request of the tenant's to audit then)."""
         audit = self.gw.audit
-        if not audit.enabled:
-            return
-        ex.target = attempts[0].target
         records = []
-        for number, custom_id, content, decisions in batch.mcp:
-            for rec in audit.request_records(ex, content, decisions):
-                line = {"batch_line": number, "custom_id": audit.redactor.value(custom_id)}
-                records.append({**rec, **line})
-        ex.target = None
-        await audit.write(ex, records, before_forward=True)
-
-    async def _audit_request(
-        self,
-        ex: Exchange,
-        body: dict[str, Any],
-        decisions: list[dict[str, Any]],
-        attempts: list[Outbound],
-    ) -> None:
-        """Make the request's MCP audit records durable before anything goes upstream."""
-        audit = self.gw.audit
-        if not audit.enabled:
-            return
-        ex.target = attempts[0].target  # the first choice; response records name the actual one
-        records = audit.request_records(ex, body, decisions)
-        ex.target = None
-        await audit.write(ex, records, before_forward=True)
+        for number, custom_id, line in batch.mcp:
+            tools, items = line.refs.tools, line.refs.mcp_items
+            for rec in audit.request_records(ex, tools, items, line.decisions):
+                extra = {"batch_line": number, "custom_id": audit.redactor.value(custom_id)}
+                records.append({**rec, **extra})
+        return records

@@ -17,16 +17,14 @@ from starlette.types import Receive, Scope, Send
 from .errors import GatewayError
 from .exchange import Exchange
 from .headers import response_headers
-from .lifecycle import chat_error_chunk, chunk_sender, stream_error_event
-from .objects import output_containers
+from .lifecycle import chunk_sender
 from .quotas import ratelimit_headers
 from .server import CLIENT_GONE, BodyWriter, ClientGone, direct_writer
-from .sse import SseTap
+from .sse import chat_error_chunk, stream_error_event
 from .upstream import UpstreamResponse
-from .validate import parse_upstream
 
 if TYPE_CHECKING:
-    from .objects import Keeper
+    from .answers import Answer
     from .runtime import Gateway
 
 log = logging.getLogger("gateway.relay")
@@ -40,15 +38,15 @@ def quota_headers(ex: Exchange) -> list[tuple[bytes, bytes]]:
 
 
 class _UpstreamRelay:
-    """An upstream answer to relay; ``keeper`` binds the objects it creates."""
+    """An upstream answer to relay; ``answer`` (the response hook) hears what it carries."""
 
     def __init__(
-        self, upstream: UpstreamResponse, ex: Exchange, gw: Gateway, keeper: Keeper
+        self, upstream: UpstreamResponse, ex: Exchange, gw: Gateway, answer: Answer
     ) -> None:
         self.upstream = upstream
         self.ex = ex
         self.gw = gw
-        self.keeper = keeper
+        self.answer = answer
         self._task: asyncio.Task[Any] | None = None
         self._gone = False  # the client went away: the relay's cancel is our own
         self._hook: ClientGone | None = None
@@ -113,35 +111,12 @@ class JsonRelay(_UpstreamRelay):
             resp.close()
         ex.upstream_seconds = time.perf_counter() - (ex.upstream_started or ex.started)
         if resp.status < 300:
-            raw = await self._inspect(raw)
+            raw = await self.answer.body(raw, resp.headers.get("content-type", ""))
         headers = self.headers()
         headers.append((b"content-length", str(len(raw)).encode()))
         await send({"type": "http.response.start", "status": resp.status, "headers": headers})
         await send({"type": "http.response.body", "body": raw})
         ex.ttfb_seconds = time.perf_counter() - ex.started
-
-    async def _inspect(self, raw: bytes) -> bytes:
-        """Learn from a successful answer (usage, created ids, MCP items); the bytes to send."""
-        ex, gw, keeper = self.ex, self.gw, self.keeper
-        if keeper.deleted is not None:
-            await keeper.forget()
-            return raw
-        if "json" not in self.upstream.headers.get("content-type", ""):
-            return raw
-        body = parse_upstream(raw)
-        if not isinstance(body, dict):
-            return raw
-        if isinstance(body.get("usage"), dict):
-            ex.usage = body["usage"]
-        await keeper.created(body)
-        if keeper.lists is not None:
-            raw = await keeper.only_mine(body) or raw
-        if self.ex.operation.startswith("batches."):
-            await gw.batches.observe(ex, body)
-        if gw.audit.enabled and isinstance(body.get("output"), list):
-            records = gw.audit.response_records(ex, body["output"])
-            await gw.audit.write(ex, records, before_forward=False)
-        return raw
 
 
 class RawRelay(_UpstreamRelay):
@@ -181,27 +156,17 @@ class StreamRelay(_UpstreamRelay):
     """
 
     def __init__(
-        self, upstream: UpstreamResponse, ex: Exchange, gw: Gateway, keeper: Keeper
+        self, upstream: UpstreamResponse, ex: Exchange, gw: Gateway, answer: Answer
     ) -> None:
-        super().__init__(upstream, ex, gw, keeper)
+        super().__init__(upstream, ex, gw, answer)
         self.chat = ex.api == "chat"
         # Only Responses and chat streams have a terminal event to miss.
         self.checks_end = ex.api != "other"
-        self.tap = SseTap(self._on_event if gw.audit.enabled else None, ex.api)
-        self._bound = False  # the response id (once seen) is bound
+        self.tap = answer.tap
         ex.stream = True
 
-    def _on_event(self, event: dict[str, Any]) -> None:
-        if self.ex.response_id is None:
-            self.ex.response_id = self.tap.response_id
-        self.ex.pending_audit += self.gw.audit.stream_records(self.ex, event)
-
-    async def _flush_audit(self) -> None:
-        records, self.ex.pending_audit = self.ex.pending_audit, []
-        await self.gw.audit.write(self.ex, records, before_forward=False)
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        ex, gw, resp, tap = self.ex, self.gw, self.upstream, self.tap
+        ex, gw, resp = self.ex, self.gw, self.upstream
         headers = self.headers()
         self._watch_client(scope, receive)
         try:
@@ -217,13 +182,8 @@ class StreamRelay(_UpstreamRelay):
         finally:
             self._unwatch_client()
             resp.close()
-            tap.close()
             ex.upstream_seconds = time.perf_counter() - (ex.upstream_started or ex.started)
-            ex.stream_events = tap.events
-            if tap.usage is not None:
-                ex.usage = tap.usage
-            if ex.pending_audit:
-                await self._flush_audit()
+            await self.answer.ended()
 
     async def _relay(self, scope: Scope, send: Send) -> None:
         resp, tap = self.upstream, self.tap
@@ -237,9 +197,6 @@ class StreamRelay(_UpstreamRelay):
             await send({"type": "http.response.body", "body": self._error(message)})
             return
         tap.close()
-        if tap.final_output is not None and self.keeper.creates == "response":
-            for kind, object_id in output_containers(tap.final_output):
-                await self.keeper.bind(kind, object_id)
         if tap.final_type is None and resp.status < 300 and not tap.disabled and self.checks_end:
             self._broke_off("upstream_stream_incomplete", "no terminal event")
             message = "The upstream stream ended without a terminal event."
@@ -247,27 +204,14 @@ class StreamRelay(_UpstreamRelay):
             return
         await send({"type": "http.response.body", "body": b""})
 
-    def _has_work(self) -> bool:
-        """Whether something must be done before the bytes just read go on: the response
-        id bound (a client may retrieve it at once), audit records written first."""
-        return (not self._bound and self.tap.response_id is not None) or bool(self.ex.pending_audit)
-
-    async def _work(self) -> None:
-        if not self._bound and self.tap.response_id is not None:
-            self._bound = True
-            if self.keeper.creates == "response":
-                await self.keeper.bind("response", self.tap.response_id)
-        if self.ex.pending_audit:
-            await self._flush_audit()
-
     async def _iterated(self, send: Send) -> None:
         """The relay over aiohttp's body stream: a task step per upstream read."""
-        ex, tap = self.ex, self.tap
+        ex, tap, answer = self.ex, self.tap, self.answer
         middle = chunk_sender(send)
         async for chunk in self.upstream.chunks():
             tap.feed(chunk)
-            if self._has_work():
-                await self._work()
+            if answer.has_work():
+                await answer.work()
             await middle({"type": "http.response.body", "body": chunk, "more_body": True})
             if ex.ttfb_seconds is None:
                 ex.ttfb_seconds = time.perf_counter() - ex.started
@@ -284,8 +228,8 @@ class StreamRelay(_UpstreamRelay):
         while True:
             await direct.wake
             direct.wake = loop.create_future()
-            if self._has_work():
-                await self._work()
+            if self.answer.has_work():
+                await self.answer.work()
             if direct.held:
                 held, direct.held = direct.held, []
                 direct.write(held[0] if len(held) == 1 else b"".join(held))
@@ -316,11 +260,23 @@ class _Direct:
     """What a pump hands a stream relay: bytes written at once unless there is work
     (then held, the upstream paused, the relay's task woken), and the end."""
 
-    __slots__ = ("_put", "_relay", "_started", "_tap", "_writer", "done", "error", "held", "wake")
+    __slots__ = (
+        "_has_work",
+        "_put",
+        "_relay",
+        "_started",
+        "_tap",
+        "_writer",
+        "done",
+        "error",
+        "held",
+        "wake",
+    )
 
     def __init__(self, relay: StreamRelay, writer: BodyWriter, wake: asyncio.Future[None]) -> None:
         self._relay = relay
         self._tap = relay.tap
+        self._has_work = relay.answer.has_work
         self._writer = writer
         self._put = writer.write
         self._started = False  # something was written (the first write times ttfb)
@@ -331,7 +287,7 @@ class _Direct:
 
     def data(self, chunk: bytes) -> bool:  # the hot path: one call per upstream read
         self._tap.feed(chunk)
-        if self.held or self._relay._has_work():
+        if self.held or self._has_work():
             self.held.append(chunk)
             self._wake()
             return False

@@ -9,8 +9,8 @@ import logging
 from starlette.types import Receive, Scope, Send
 
 from .errors import GatewayError, UpgradeRequired
-from .exchange import Exchange
-from .lifecycle import finish, new_request_id
+from .exchange import Exchange, new_request_id
+from .lifecycle import finish
 from .realtime import REALTIME_PATHS, RealtimeSocket
 from .routes import PREVIEW
 from .runtime import Gateway

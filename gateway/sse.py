@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from .validate import parse_upstream
+from .validate import dump_json, parse_upstream
 
 log = logging.getLogger("gateway.sse")
 
@@ -30,11 +30,15 @@ class SseTap:
     """Parses SSE events out of chunks fed to it; never alters the chunks."""
 
     def __init__(
-        self, on_event: Callable[[Event], None] | None = None, kind: str = "responses"
+        self,
+        on_event: Callable[[Event], None] | None = None,
+        kind: str = "responses",
+        finals: frozenset[str] = FINAL_TYPES,
     ) -> None:
         # "responses": Responses events; "chat": chat-completions chunks ending in
         # ``[DONE]``; "other" (audio, image streams): only a top-level ``usage`` is read.
         self._kind = kind
+        self._finals = finals
         self.final_output: list[Any] | None = None
         self._pending = bytearray()
         self._data: list[bytes] = []
@@ -151,7 +155,7 @@ class SseTap:
         if isinstance(response, dict):
             if etype in _ID_TYPES and isinstance(response.get("id"), str):
                 self.response_id = self.response_id or response["id"]
-            if etype in FINAL_TYPES:
+            if etype in self._finals:
                 self.final_type = etype
                 usage = response.get("usage")
                 if isinstance(usage, dict):
@@ -161,3 +165,21 @@ class SseTap:
                     self.final_output = output
         if self._on_event is not None:
             self._on_event(event)
+
+
+def stream_error_event(code: str, message: str, sequence: int | None) -> bytes:
+    """A closing SSE ``error`` event, so SDKs raise instead of seeing a silent end."""
+    event = {
+        "type": "error",
+        "code": code,
+        "message": message,
+        "param": None,
+        "sequence_number": sequence,
+    }
+    return b"\nevent: error\ndata: " + dump_json(event) + b"\n\n"
+
+
+def chat_error_chunk(code: str, message: str) -> bytes:
+    """A closing ``data: {"error": ...}`` chunk, which the SDKs raise for chat streams."""
+    error = {"message": message, "type": "server_error", "param": None, "code": code}
+    return b"\ndata: " + dump_json({"error": error}) + b"\n\n"

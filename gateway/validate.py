@@ -325,11 +325,34 @@ def check_fields(body: Any) -> dict[str, Any]:
         raise BadRequest("Request body must be a JSON object.", code="invalid_json")
     _str(body.get("model"), "model")
     _bool(body.get("stream"), "stream")
-    tools = body.get("tools")
-    if tools is not None:
-        for i, tool in enumerate(_list(tools, "tools")):
-            _object(tool, f"tools[{i}]")
     return body
+
+
+def check_tools(lists: list[tuple[str, list[Any]]]) -> None:
+    """Type-check every tool of every tool list a request carries (found by its walk)."""
+    for param, tools in lists:
+        for i, tool in enumerate(tools):
+            _tool(tool, f"{param}[{i}]")
+
+
+def check_event(event: Any) -> dict[str, Any]:
+    """Type-check the fields of a Realtime client event that the gateway reads."""
+    if not isinstance(event, dict):
+        raise BadRequest("A client event must be a JSON object.", code="invalid_event")
+    if not isinstance(event.get("type"), str):
+        raise invalid_type("type", "a string", event.get("type"))
+    _str(event.get("event_id"), "event_id")
+    for name in ("session", "response", "item"):
+        if event.get(name) is not None:
+            _object(event[name], name)
+    response = event.get("response")
+    items = response.get("input") if isinstance(response, dict) else None
+    if items is not None:
+        for i, item in enumerate(_list(items, "response.input")):
+            _item(item, f"response.input[{i}]")
+    if event.get("item") is not None:
+        _item(event["item"], "item")
+    return event
 
 
 def check_body(body: Any) -> dict[str, Any]:
@@ -345,10 +368,6 @@ def check_body(body: Any) -> dict[str, Any]:
         _str(conversation.get("id"), "conversation.id")
     elif conversation is not None and not isinstance(conversation, str):
         raise invalid_type("conversation", "a string or an object", conversation)
-    tools = body.get("tools")
-    if tools is not None:
-        for i, tool in enumerate(_list(tools, "tools")):
-            _tool(tool, f"tools[{i}]")
     items = body.get("input")
     if isinstance(items, list):
         for i, item in enumerate(items):

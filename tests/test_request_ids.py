@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 
-from gateway.lifecycle import _RequestIds
+from gateway.exchange import _RequestIds
 
 
 def test_ids_are_128_random_bits_and_unique_across_pool_refills() -> None:

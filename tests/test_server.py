@@ -83,7 +83,9 @@ def test_tune_gc_freezes_what_exists_and_sets_the_thresholds() -> None:
         frozen = gc.get_freeze_count()
         assert frozen > 10_000  # modules, config, test objects: never walked again
         kept = [[n] for n in range(1000)]  # made after the freeze: still collected normally
-        assert all(gc.is_tracked(x) for x in kept) and gc.get_freeze_count() == frozen
+        # Not frozen: the count never grows (it may shrink: a frozen object that another
+        # test's thread lets go of leaves the permanent generation).
+        assert all(gc.is_tracked(x) for x in kept) and gc.get_freeze_count() <= frozen
         gc.unfreeze()
         tune_gc(False, (700, 10, 10))
         assert gc.get_threshold() == (700, 10, 10) and gc.get_freeze_count() == 0

@@ -65,6 +65,11 @@ class SimState:
     batch_deployments: frozenset[str] | None = None  # None: every deployment takes batches
     content_delays: int = 0  # the next N file downloads each wait ``content_delay`` first
     content_delay: float = 0.0
+    # Realtime: each response streams this many text deltas this far apart; what it did.
+    realtime_deltas: int = 3
+    realtime_delta_seconds: float = 0.01
+    realtime_started: list[str] = field(default_factory=list)  # responses begun by VAD
+    realtime_cancelled: list[str] = field(default_factory=list)  # responses cancelled
 
     max_stored: int = 2_000
 
