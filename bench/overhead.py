@@ -12,7 +12,11 @@ Starts the simulator, the gateway (one worker) and, when installed, nginx (one w
 Run it against the package as production installs it (a clean ``pip install .``, no
 test extras; the bench needs ``httpx`` and ``wrk``):
 
-    python bench/overhead.py [--seconds 10] [--connections 16]
+    python bench/overhead.py [--seconds 10] [--connections 16] [--before DIR]
+
+``--before DIR`` runs a second gateway from the ``gateway`` package in DIR (e.g.
+``git worktree add /tmp/before <commit>``) beside this one, on the same upstream, in the
+same interleaved rounds: an A/B of a change in one run.
 """
 
 from __future__ import annotations
@@ -165,21 +169,31 @@ def main() -> None:
         action="store_true",
         help="the gateway as production runs it: access log at INFO, audit trail on",
     )
+    ap.add_argument("--before", help="a directory with an earlier gateway package, run too")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("wrk is not installed (apt-get install wrk)")
     pids: list[int] = []
+    before_pids: list[int] = []
     with (
         tempfile.TemporaryDirectory() as tmpdir,
         servers(pids=pids, production=args.production) as (sim, gw, key),
+        (
+            servers(pids=before_pids, production=args.production, upstream=sim, code=args.before)
+            if args.before
+            else _none()
+        ) as old,
     ):
         tmp = Path(tmpdir)
-        gw_pid = pids[-1]
+        gateway_pids = {"gateway": pids[-1]}
         with nginx(sim, tmp) as ngx:
             targets = [("direct", sim, "sim-api-key")]
             if ngx:
                 targets.append(("nginx", ngx, "sim-api-key"))
             targets.append(("gateway", gw, key))
+            if old is not None:
+                targets.append(("before", old[1], old[2]))
+                gateway_pids["before"] = before_pids[-1]
             for _, url, k in targets:  # warm up every path
                 wrk(url, k, 4, 2, tmp)
             print(
@@ -189,19 +203,22 @@ def main() -> None:
             )
             rounds_one: dict[str, list[WrkResult]] = {name: [] for name, _, _ in targets}
             rounds_many: dict[str, list[WrkResult]] = {name: [] for name, _, _ in targets}
-            cpu_rounds: dict[int, list[float]] = {1: [], args.connections: []}
+            cpu_rounds: dict[tuple[str, int], list[float]] = {
+                (name, conns): [] for name in gateway_pids for conns in (1, args.connections)
+            }
             for _ in range(args.repeat):
                 for name, url, k in targets:
                     for conns, rounds in ((1, rounds_one), (args.connections, rounds_many)):
-                        c0 = cpu_seconds(gw_pid)
+                        pid = gateway_pids.get(name)
+                        c0 = cpu_seconds(pid) if pid else 0.0
                         result = wrk(url, k, conns, args.seconds, tmp)
                         rounds[name].append(result)
-                        if name == "gateway":
-                            spent = cpu_seconds(gw_pid) - c0
-                            cpu_rounds[conns].append(spent / result.requests * 1e6)
+                        if pid:
+                            spent = cpu_seconds(pid) - c0
+                            cpu_rounds[name, conns].append(spent / result.requests * 1e6)
     one = {name: median_result(rs) for name, rs in rounds_one.items()}
     many = {name: median_result(rs) for name, rs in rounds_many.items()}
-    cpu = {conns: statistics.median(values) for conns, values in cpu_rounds.items()}
+    cpu = {key: statistics.median(values) for key, values in cpu_rounds.items()}
     d1, dn = one["direct"], many["direct"]
     print(
         f"{'':<8} {'p50 @1':>9} {'p99 @1':>9} {'added p50':>10} {'added p99':>10} "
@@ -214,10 +231,16 @@ def main() -> None:
             f"{r1.p99_ms - d1.p99_ms:+9.3f}ms {rn.rps:11.0f} {rn.rps / dn.rps:9.2f} "
             f"{r1.errors + rn.errors:6d} {rn.wrk_cpu:7.2f}"
         )
-    print(
-        f"gateway CPU per request: {cpu[1]:.0f} us at 1 connection, "
-        f"{cpu[args.connections]:.0f} us at {args.connections}"
-    )
+    for name in gateway_pids:
+        print(
+            f"{name} CPU per request: {cpu[name, 1]:.0f} us at 1 connection, "
+            f"{cpu[name, args.connections]:.0f} us at {args.connections}"
+        )
+
+
+@contextmanager
+def _none() -> Iterator[None]:
+    yield None
 
 
 if __name__ == "__main__":

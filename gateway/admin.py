@@ -125,7 +125,9 @@ class AdminApi:
             request = Request(incoming.scope, incoming.receive)
             admin = await self.authenticate(request)
             ex.actor = admin.id
-            return await fn(request, admin)
+            response = await fn(request, admin)
+            response.headers["x-request-id"] = ex.request_id
+            return response
 
         return handler
 

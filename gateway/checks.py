@@ -165,17 +165,7 @@ def _route(
             )
     if model:
         if req.batch:
-            targets = router.batch_targets(principal.tenant, tenant, model)
-            if pinned is not None:
-                targets = tuple(t for t in targets if t.resource == pinned)
-                if not targets:
-                    raise BadRequest(
-                        f"Model '{model}' has no batch deployment on the resource that holds "
-                        "the objects this request names.",
-                        code="model_not_on_resource",
-                        param="model",
-                    )
-            return model, targets[:1]
+            return model, router.batch_targets(principal.tenant, tenant, model, pinned=pinned)[:1]
         targets = router.targets(principal.tenant, tenant, model, pinned)
         if req.resource is not None:
             targets = tuple(t for t in targets if t.resource == req.resource)

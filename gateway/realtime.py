@@ -236,6 +236,8 @@ class RealtimeSocket(Socket):
         ex.response_id = rid
         answer = Answer(gw, ex, None, "realtime")
         self.pending.append(answer)
+        for obs in gw.observers:
+            obs.started(ex)
         try:
             self.recheck()
             tenant = tenant_of(gw.snap, self.principal)
@@ -255,8 +257,6 @@ class RealtimeSocket(Socket):
             else:
                 await self._send_text(frame_error(exc))
             return None
-        for obs in gw.observers:
-            obs.started(ex)
         return answer
 
     async def _suppressed(self, event: dict[str, Any]) -> None:

@@ -91,9 +91,15 @@ class Router:
         return self._allowed(tenant_name, tenant, model, targets, pinned)
 
     def batch_targets(
-        self, tenant_name: str, tenant: TenantConfig, model: str, where: str = "model"
+        self,
+        tenant_name: str,
+        tenant: TenantConfig,
+        model: str,
+        where: str = "model",
+        pinned: str | None = None,
     ) -> tuple[Target, ...]:
-        """The batch deployments of ``model`` the tenant may use, in priority order."""
+        """The batch deployments of ``model`` the tenant may use (on ``pinned`` when
+        given), in priority order."""
         targets = self._known(self._batch, tenant_name, tenant, model, where)
         if not targets:
             raise BadRequest(
@@ -102,7 +108,7 @@ class Router:
                 code="model_not_batch",
                 param=where,
             )
-        allowed = self._allowed(tenant_name, tenant, model, targets, None, where)
+        allowed = self._allowed(tenant_name, tenant, model, targets, pinned, where)
         return tuple(sorted(allowed, key=lambda t: t.priority))
 
     @staticmethod

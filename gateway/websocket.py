@@ -42,7 +42,7 @@ from .headers import gateway_headers
 from .keys import Principal, digest_of, required_key
 from .lifecycle import finish
 from .objects import Keeper
-from .outbound import forwarded_headers
+from .outbound import Query, forwarded_headers
 from .routes import PREVIEW, V1
 from .routing import Target
 from .runtime import Gateway, client_address
@@ -120,36 +120,17 @@ def _query(scope: Scope) -> str:
 
 def handshake_params(scope: Scope, allowed: frozenset[str]) -> dict[str, str]:
     """The handshake's query, strictly: percent-encoded UTF-8, each parameter known and
-    given once (400 before the upgrade otherwise). ``api-key`` is read, never kept."""
-    raw = bytes(scope.get("query_string", b""))
-    try:
-        pairs = parse_qsl(
-            raw.decode("ascii"), keep_blank_values=True, encoding="utf-8", errors="strict"
-        )
-    except (UnicodeDecodeError, ValueError):
-        raise BadRequest(
-            "The query string is not valid: percent-encode UTF-8.", code="invalid_query"
-        ) from None
-    out: dict[str, str] = {}
-    keys = 0
-    for name, value in pairs:
-        if name == "api-key" and "api-key" in allowed:
-            keys += 1
-            continue
-        if name not in allowed or name == "api-key":
+    given once (400 before the upgrade otherwise). ``api-key`` is left to
+    ``credentials``, never kept."""
+    out = dict(Query(bytes(scope.get("query_string", b""))).pairs)  # refuses repeats
+    for name in out:
+        if name not in allowed:
             known = ", ".join(sorted(allowed - {"api-key"})) or "none"
             raise BadRequest(
                 f"Unknown query parameter '{name[:40]}' on this socket; it takes: {known}.",
                 code="unknown_parameter",
                 param=name[:40],
             )
-        if name in out:
-            raise BadRequest(
-                f"Query parameter '{name}' is given more than once; give it once.",
-                code="duplicate_parameter",
-                param=name,
-            )
-        out[name] = value
     version = out.get("api-version")
     if version is not None and not _API_VERSION.fullmatch(version):
         raise BadRequest(

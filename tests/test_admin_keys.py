@@ -274,3 +274,81 @@ def test_adopt_objects_made_around_the_gateway(agw: Server, sim: Sim, tenants: T
         assert r.status_code == 400, bad
     audit = agw.audit_path.read_text()  # type: ignore[attr-defined]
     assert '"event":"admin.objects_adopted"' in audit.replace(" ", "")
+
+
+def test_adoption_takes_whole_ids_only_and_obeys_region_pins(
+    identity: Sim, sim2: Sim, tenants: Tenants
+) -> None:
+    """An id with a trailing newline is not an id; a resource outside the tenant's
+    region pin is refused, whatever the objects."""
+    cfg = base_config({"swc": identity, "frc": sim2}, tenants)
+    cfg["admin"] = {"key_sha256": hash_key(ADMIN)}
+    cfg["tenants"]["team-a"]["regions"] = ["swedencentral"]
+    fid = "file-" + "a" * 24
+    with gateway(cfg) as gw:
+        body = {"tenant": "team-a", "resource": "swc", "kind": "file"}
+        r = _admin(gw, "POST", "/admin/objects", json={**body, "ids": [fid + "\n"]})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_id"
+        r = _admin(gw, "POST", "/admin/objects", json={**body, "resource": "frc", "ids": [fid]})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "region_not_allowed"
+        r = _admin(gw, "POST", "/admin/objects", json={**body, "ids": [fid]})
+        assert r.status_code == 200 and r.json()["adopted"] == [fid]
+
+
+def test_an_open_batchs_files_cannot_be_claimed_before_anyone_fetched_them(
+    identity: Sim, tenants: Tenants
+) -> None:
+    """team-a's batch completes; nobody has retrieved it (the watcher is slow), so the
+    gateway has not seen its output file yet. An admin who learned the file's id straight
+    from Azure cannot adopt it for team-b: the gateway asks Azure about its open batches
+    first, and the file is team-a's."""
+    identity.state.batch_seconds = 0.2
+    cfg = base_config({"swc": identity}, tenants)
+    cfg["models"]["gpt-4.1"].append({"resource": "swc", "deployment": "dep-41-b", "batch": True})
+    cfg["admin"] = {"key_sha256": hash_key(ADMIN)}
+    cfg["batches"] = {"poll_seconds": 3600}
+    line = {"custom_id": "r1", "method": "POST", "url": "/v1/responses"}
+    line["body"] = {"model": "gpt-4.1", "input": "x"}  # type: ignore[assignment]
+    with gateway(cfg) as gw:
+        a = openai.OpenAI(base_url=gw.url + "/openai/v1/", api_key=tenants.key("team-a"))
+        upload = a.files.create(file=("b.jsonl", json.dumps(line).encode()), purpose="batch")
+        batch = a.batches.create(
+            input_file_id=upload.id, endpoint="/v1/responses", completion_window="24h"
+        )
+        time.sleep(0.4)
+        direct = httpx.get(
+            identity.url + f"/openai/v1/batches/{batch.id}",
+            headers={"api-key": identity.state.api_key},
+        ).json()
+        output = direct["output_file_id"]
+        assert direct["status"] == "completed" and output
+        body = {"tenant": "team-b", "resource": "swc", "kind": "file", "ids": [output]}
+        r = _admin(gw, "POST", "/admin/objects", json=body)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "object_owned"
+        assert a.files.retrieve(output).id == output  # team-a's, as it should be
+
+
+def test_admin_requests_have_one_owner(agw: Server, caplog: pytest.LogCaptureFixture) -> None:
+    """Admin requests are exchanges like any other: an access line naming the actor,
+    counted in metrics, a bounded body, errors with their x-request-id."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    r = _admin(agw, "GET", "/admin/keys")
+    assert r.status_code == 200 and r.headers["x-request-id"]
+    big = b'{"tenant": "team-a", "name": "' + b"x" * (1 << 20) + b'"}'
+    r = _admin(agw, "POST", "/admin/keys", content=big)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert r.headers["x-request-id"]
+    deadline = time.monotonic() + 3
+    while len(lines := [x for x in caplog.records if x.name == "gateway.access"]) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert [getattr(x, "operation", None) for x in lines[:2]] == [
+        "admin.keys.list",
+        "admin.keys.create",
+    ]
+    assert all(getattr(x, "actor", None) == "admin" for x in lines[:2])
+    metrics = httpx.get(agw.url + "/metrics").text
+    assert 'operation="admin.keys.list",status="200"' in metrics
+    assert 'operation="admin.keys.create",status="413"' in metrics

@@ -156,12 +156,20 @@ def test_late_loop_is_not_an_outage(
             with ThreadPoolExecutor(4) as pool:
                 results = list(pool.map(lambda _: _post(gw.url, key, body), range(32)))
             took = time.monotonic() - began
+            answered_n = sum(r.status_code == 200 for r in results)
+            # A request settles after its answer is sent, on a loop starved on purpose:
+            # the ledger is read once the last settle had its chance.
+            deadline = time.monotonic() + 10
+            while True:
+                usage = httpx.get(
+                    gw.url + "/admin/usage",
+                    headers={"api-key": admin},
+                    params={"from": day, "to": day, "tenant": "team-a"},
+                ).json()
+                if (usage and usage[0]["requests"] >= answered_n) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
             metrics = httpx.get(gw.url + "/metrics").text
-            usage = httpx.get(
-                gw.url + "/admin/usage",
-                headers={"api-key": admin},
-                params={"from": day, "to": day, "tenant": "team-a"},
-            ).json()
     finally:
         redis.stop()
     codes = [r.status_code for r in results]

@@ -19,15 +19,17 @@ local marker = KEYS[n * 7 + 1]
 local seen = redis.call('GET', marker)
 if seen then return cjson.decode(seen) end
 
+-- A bucket's level refilled up to now, and its clock: never moved back, so a call that
+-- carries an older time (its first try answered too late) cannot refill twice.
 local function level(key, cap)
   local v = redis.call('HMGET', key, 'l', 't')
   local l, t = tonumber(v[1]), tonumber(v[2])
-  if l == nil then return cap end
-  return math.min(cap, l + math.max(0, now - t) * cap / 60)
+  if l == nil then return cap, now end
+  return math.min(cap, l + math.max(0, now - t) * cap / 60), math.max(now, t)
 end
 
-local function save(key, l, cap)
-  redis.call('HSET', key, 'l', tostring(l), 't', tostring(now))
+local function save(key, l, cap, t)
+  redis.call('HSET', key, 'l', tostring(l), 't', tostring(t))
   redis.call('PEXPIRE', key, math.ceil((cap - l) * 60000 / cap) + 1000)
 end
 
@@ -38,11 +40,11 @@ for i = 0, n - 1 do
   local rpm, tpm = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   local tpd, tpmo, conc = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
   local cpd, cpmo = tonumber(ARGV[a + 6]), tonumber(ARGV[a + 7])
-  local rq = 0
+  local rq, rq_t = 0, now
   local tk = 0
-  if rpm > 0 then rq = level(KEYS[k + 1], rpm) end
+  if rpm > 0 then rq, rq_t = level(KEYS[k + 1], rpm) end
   if tpm > 0 then tk = level(KEYS[k + 2], tpm) end
-  levels[i] = {rq, tk}
+  levels[i] = {rq, tk, rq_t}
   local reason, retry = 0, 0
   if rpm > 0 and rq < 1 then
     reason, retry = 1, (1 - rq) * 60 / rpm
@@ -74,7 +76,7 @@ end
 for i = 0, n - 1 do
   local k, a = i * 7, 7 + i * 7
   local rpm, tpm, conc = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 5])
-  if rpm > 0 then save(KEYS[k + 1], levels[i][1] - 1, rpm) end
+  if rpm > 0 then save(KEYS[k + 1], levels[i][1] - 1, rpm, levels[i][3]) end
   if conc > 0 then
     redis.call('ZADD', KEYS[k + 5], now + lease_ttl, lease)
     redis.call('PEXPIRE', KEYS[k + 5], math.ceil(lease_ttl * 2000))

@@ -22,8 +22,9 @@ class _Bucket:
         self.ts = ts
 
     def refill(self, cap: int, now: float) -> float:
-        self.level = min(float(cap), self.level + (now - self.ts) * cap / 60.0)
-        self.ts = now
+        if now > self.ts:  # the clock never moves back: an older time refills nothing
+            self.level = min(float(cap), self.level + (now - self.ts) * cap / 60.0)
+            self.ts = now
         return self.level
 
 

@@ -36,9 +36,13 @@ for i = 0, n - 1 do
   if tpm > 0 and tokens > 0 then
     local v = redis.call('HMGET', KEYS[k + 1], 'l', 't')
     local l, t = tonumber(v[1]), tonumber(v[2])
-    if l == nil then l = tpm else l = math.min(tpm, l + math.max(0, now - t) * tpm / 60) end
+    if l == nil then
+      l, t = tpm, now
+    else  -- the clock never moves back (see admit.lua)
+      l, t = math.min(tpm, l + math.max(0, now - t) * tpm / 60), math.max(now, t)
+    end
     l = l - tokens
-    redis.call('HSET', KEYS[k + 1], 'l', tostring(l), 't', tostring(now))
+    redis.call('HSET', KEYS[k + 1], 'l', tostring(l), 't', tostring(t))
     redis.call('PEXPIRE', KEYS[k + 1], math.ceil((tpm - l) * 60000 / tpm) + 1000)
   end
   local day_ttl = math.ceil(tonumber(ARGV[5])) + 3600

@@ -38,3 +38,34 @@ def test_admit_and_settle_twice_count_once(redis_server: RedisServer) -> None:
             await state.aclose()
 
     asyncio.run(main())
+
+
+def test_a_call_with_an_older_time_never_refills_twice(redis_server: RedisServer) -> None:
+    """A retry carries the time of its first try, older than the bucket's last call: it
+    must not move the bucket's clock back (the interval would refill twice). Seen as a
+    27th admission where 26 were the most possible under a starved loop."""
+    from gateway.state.memory import MemoryState
+
+    redis_server.flush()
+
+    async def main() -> None:
+        for state in (RedisState(redis_server.url), MemoryState(1000)):
+            try:
+                scopes = [QuotaScope("clock", "", 60, 0, 0, 0, 0)]  # one request a second
+                w = windows()
+                w = w._replace(now=float(int(w.now)))  # whole seconds: exact differences
+                later = w._replace(now=w.now + 10)
+                admitted = 0
+                for n in range(59):  # one request left in the bucket at t+10
+                    admitted += (await state.admit(scopes, f"a{n}", 300, later)).allowed
+                assert admitted == 59
+                # A late call stamped t takes the last one; the clock stays at t+10.
+                assert (await state.admit(scopes, "old", 300, w)).allowed
+                # At t+12.5 two and a half requests' worth has refilled, not twelve.
+                at = w._replace(now=w.now + 12.5)
+                got = [(await state.admit(scopes, f"b{n}", 300, at)).allowed for n in range(5)]
+                assert got == [True, True, False, False, False], (state, got)
+            finally:
+                await state.aclose()
+
+    asyncio.run(main())
