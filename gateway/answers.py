@@ -30,7 +30,7 @@ REALTIME_FINAL = frozenset({"response.done"})
 class Answer:
     """What one exchange's answer tells the gateway, read as it passes."""
 
-    __slots__ = ("_bound", "ex", "gw", "keeper", "tap")
+    __slots__ = ("_api", "_bound", "_tap", "ex", "gw", "keeper")
 
     def __init__(
         self, gw: Gateway, ex: Exchange, keeper: Keeper | None, api: str | None = None
@@ -38,11 +38,19 @@ class Answer:
         self.gw = gw
         self.ex = ex
         self.keeper = keeper  # None: the answer creates nothing the gateway binds
-        kind = api or ex.api
-        finals = REALTIME_FINAL if kind == "realtime" else FINAL_TYPES
-        on_event = self._on_event if gw.audit.enabled else None
-        self.tap = SseTap(on_event, "responses" if kind == "realtime" else kind, finals)
+        self._api = api or ex.api
+        self._tap: SseTap | None = None
         self._bound = False  # the response id (once seen) is bound
+
+    @property
+    def tap(self) -> SseTap:
+        """The reader of the answer's events (made on first use: JSON answers need none)."""
+        if self._tap is None:
+            kind = self._api
+            finals = REALTIME_FINAL if kind == "realtime" else FINAL_TYPES
+            on_event = self._on_event if self.gw.audit.enabled else None
+            self._tap = SseTap(on_event, "responses" if kind == "realtime" else kind, finals)
+        return self._tap
 
     # -- events: SSE (fed as bytes to ``tap``) and socket frames (``event``) ----------
 
@@ -71,12 +79,13 @@ class Answer:
 
     async def work(self) -> None:
         """Bind the response id once seen; write the MCP records seen so far."""
-        if not self._bound and self.tap.response_id is not None:
+        tap = self._tap
+        if not self._bound and tap is not None and tap.response_id is not None:
             self._bound = True
             if self.ex.response_id is None:
-                self.ex.response_id = self.tap.response_id
+                self.ex.response_id = tap.response_id
             if self.keeper is not None and self.keeper.creates == "response":
-                await self.keeper.bind("response", self.tap.response_id)
+                await self.keeper.bind("response", tap.response_id)
         if self.ex.pending_audit:
             await self._flush_audit()
 

@@ -213,6 +213,7 @@ def _plans(
             param=extra[0][0],
         )
     plans: list[Plan] = []
+    missing: str | None = None  # a model some target lacks (named when none is left)
     for target in targets:
         if req.skip_open and gw.breakers.state(target.key) == OPEN:
             continue
@@ -227,7 +228,8 @@ def _plans(
         if body is None:
             plans.append(Plan(target, None, headers))
             continue
-        if not _map_models(router, principal, tenant, extra, target):
+        missing = _map_models(router, principal, tenant, extra, target)
+        if missing is not None:
             continue
         if routed and "model" in body:
             body["model"] = target.deployment
@@ -238,12 +240,13 @@ def _plans(
                 "The resource this connection uses does not deploy the model(s) this event "
                 "names; open another connection for them.",
                 code="model_not_on_connection_resource",
-                param=extra[0][0] if extra else "model",
+                param=missing or "model",
             )
         raise BadRequest(
             "No resource serving this model (and not skipped for failing) also deploys the "
             f"model(s) its tools or the {IMAGE_DEPLOYMENT_HEADER} header name.",
             code="model_not_on_resource",
+            param=missing,
         )
     return plans
 
@@ -254,15 +257,16 @@ def _map_models(
     tenant: TenantConfig,
     extra: list[tuple[str, Any, dict[str, Any], str]],
     target: Target,
-) -> bool:
-    """Rewrite every extra model in place to its deployment on ``target``'s resource
-    (False: the resource lacks one). Each must be a model the tenant may use."""
+) -> str | None:
+    """Rewrite every extra model in place to its deployment on ``target``'s resource; the
+    param of one the resource lacks (None: all mapped). Each must be a model the tenant
+    may use."""
     for param, name, parent, key in extra:
         dep = router.deployment_on(principal.tenant, tenant, name, target.resource, param)
         if dep is None:
-            return False
+            return param
         parent[key] = dep
-    return True
+    return None
 
 
 async def commit(
