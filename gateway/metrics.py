@@ -168,8 +168,8 @@ class Metrics(BaseObserver):
         self.requests = _Family(
             "counter",
             "gateway_requests_total",
-            "Requests answered, by tenant, model, operation and status.",
-            ["tenant", "model", "operation", "status"],
+            "Requests answered, by tenant, model, operation, status and transport.",
+            ["tenant", "model", "operation", "status", "transport"],
             registry=r,
         )
         self.duration = _Family(
@@ -560,7 +560,7 @@ class Metrics(BaseObserver):
         model = self.model_label(ex.model)
         op = ex.operation
         stream = "true" if ex.stream else "false"
-        self.requests.labels(tenant, model, op, str(ex.status)).inc()
+        self.requests.labels(tenant, model, op, str(ex.status), ex.transport).inc()
         if ex.quota_reason:
             self.quota_refusals.labels(tenant, ex.quota_reason).inc()
         if ex.duration_seconds is not None:

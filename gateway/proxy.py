@@ -14,11 +14,13 @@ import contextlib
 import re
 from typing import Any
 
+from starlette.responses import Response
 from starlette.types import ASGIApp
 
+from . import catalog
 from .batch_lines import BatchFile, check_batch_file
 from .body import Form, Media, body_chunks, media, read_body, read_form, unsupported
-from .checks import IMAGE_DEPLOYMENT_HEADER, Checked, Plan, Request, check, commit
+from .checks import IMAGE_DEPLOYMENT_HEADER, Checked, Plan, Request, check, commit, tenant_of
 from .errors import BadRequest, GatewayError, MethodNotAllowed, NotFound
 from .exchange import Exchange
 from .forward import Forwarder
@@ -26,9 +28,9 @@ from .keys import Principal
 from .lifecycle import Incoming, Operation
 from .objects import FREE_FORM, FREE_TEXT, ID_KEYS, Keeper, Refs, object_id
 from .outbound import Outbound, Query, form_body, forwarded_headers, upstream_path
-from .routes import DEPLOYMENTS, Match, RouteTable, scope_segments
+from .routes import DEPLOYMENTS, V1, Match, RouteTable, scope_segments
 from .runtime import Gateway, Snapshot
-from .validate import check_headers, parse_json
+from .validate import check_headers, dump_json, parse_json
 
 # A logical model name in a path: what config accepts as a model name, never a dot segment.
 _MODEL = re.compile(r"^(?!\.\.?\Z)[A-Za-z0-9._:-]{1,128}\Z")
@@ -79,6 +81,13 @@ class Proxy:
                 )
             if table.known_path(scope_segments(request.scope)):
                 raise MethodNotAllowed(f"Method {request.method} is not allowed on {ex.path}.")
+            if path.startswith("/v1/") or path == "/v1":
+                raise NotFound(
+                    f"Unknown path '{ex.path}': this gateway serves the OpenAI API under "
+                    "/openai/v1, as Azure does; set the client's base URL to "
+                    "https://<gateway host>/openai/v1/ (or use the AzureOpenAI client).",
+                    code="unknown_path",
+                )
             raise NotFound(
                 f"Unknown path '{ex.path}'; see the gateway's endpoint table for what it serves.",
                 code="unknown_path",
@@ -95,6 +104,8 @@ class Proxy:
         check_headers(request.scope["headers"])
         principal = await gw.keys.authenticate(request.scope["headers"], snap.keyring)
         ex.principal = principal
+        if ep.route == "local":
+            return self._local(request, match, ex, principal)
         parsed = Parsed()
         try:
             await self._parse(request, match, ex, snap, parsed)
@@ -124,6 +135,25 @@ class Proxy:
         finally:
             if parsed.form is not None:
                 parsed.form.close()
+
+    def _local(
+        self, request: Incoming, match: Match, ex: Exchange, principal: Principal
+    ) -> ASGIApp:
+        """An endpoint the gateway answers itself (the models the key may use)."""
+        _api_version(match, Query(request.query))
+        snap = self.gw.snap
+        tenant = tenant_of(snap, principal)
+        created = int(snap.loaded.loaded_at)
+        if "model" in match.params:
+            name = match.params["model"]
+            if not _MODEL.match(name):
+                raise NotFound(f"Unknown model '{name[:64]}'.", code="model_not_found")
+            body: Any = catalog.model(snap.loaded.config, tenant, created, name)
+            ex.model = name
+        else:
+            body = catalog.listing(snap.loaded.config, tenant, created)
+        headers = {"x-request-id": ex.request_id}
+        return Response(dump_json(body), 200, headers, "application/json")
 
     @staticmethod
     def _request(request: Incoming, match: Match, parsed: Parsed) -> Request:
@@ -173,6 +203,7 @@ class Proxy:
         if ep.owner == "response":
             ex.response_id = match.params[OWNER_PARAM["response"]]
         query = parsed.query = Query(request.query)
+        _api_version(match, query)
         for name, value in query.pairs:
             if name in ID_KEYS:
                 refs.named(value, ID_KEYS[name], name)
@@ -335,3 +366,15 @@ class Proxy:
                 extra = {"batch_line": number, "custom_id": audit.redactor.value(custom_id)}
                 records.append({**rec, **extra})
         return records
+
+
+def _api_version(match: Match, query: Query) -> None:
+    """The ``/openai/…`` and ``/openai/deployments/…`` forms need ``api-version`` (Azure
+    answers a bare 404 without it): 400 here, before anything goes upstream."""
+    if match.prefix != V1 and not query.get("api-version"):
+        raise BadRequest(
+            "This path form needs the api-version query parameter (like "
+            "?api-version=2025-04-01-preview), or use the /openai/v1 form without one.",
+            code="missing_api_version",
+            param="api-version",
+        )

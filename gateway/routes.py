@@ -14,7 +14,8 @@ Routing:
   prefix);
 - ``object``: by the stored object named first in the path (its tenant and resource);
 - ``home``: the tenant's home resource (``tenants.NAME.files.resource``), or the
-  resource of the stored objects the body names.
+  resource of the stored objects the body names;
+- ``local``: answered by the gateway itself, nothing upstream (the models a key may use).
 
 Bodies: ``json`` (parsed, checked, ids in it checked), ``form`` (multipart, read whole,
 only its ``model`` field rewritten), ``upload`` (streamed as sent; JSON bodies are read
@@ -32,7 +33,7 @@ V1 = "/openai/v1"
 PREVIEW = "/openai"
 DEPLOYMENTS = "/openai/deployments/{deployment}"
 
-Route = Literal["model", "form", "object", "home"]
+Route = Literal["model", "form", "object", "home", "local"]
 Body = Literal["json", "form", "upload", "none"]
 Kind = Literal["response", "file", "conversation", "vector_store", "container", "batch"]
 # Whose shapes an endpoint speaks: its body checks and its stream framing (Responses
@@ -169,6 +170,9 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("GET", "/batches", "batches.list", "home", "none", lists="batch"),
     _object("GET", "/batches/{batch_id}", "batches.retrieve", "batch"),
     _object("POST", "/batches/{batch_id}/cancel", "batches.cancel", "batch"),
+    # The models the key may use, answered by the gateway
+    Endpoint("GET", "/models", "models.list", "local", "none"),
+    Endpoint("GET", "/models/{model}", "models.retrieve", "local", "none"),
     # Model endpoints beside Responses
     _model("/chat/completions", "chat.completions", api="chat"),
     _model("/completions", "completions", api="chat"),
@@ -279,6 +283,7 @@ _HOW = {
     "form": "`model` form field",
     "object": "the object in the path",
     "home": "home resource, or the objects the body names",
+    "local": "answered by the gateway",
 }
 
 

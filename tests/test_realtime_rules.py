@@ -107,7 +107,7 @@ def test_a_server_started_response_is_admitted_metered_and_audited(
     )
     assert cost == pytest.approx((12 * 1 + 18 * 4) / 1e6)
     requests = 'gateway_requests_total{model="gpt-4o-mini",operation="create",status="200",'
-    assert _metric(metrics, requests + tenant + "}") == 1
+    assert _metric(metrics, requests + tenant + ',transport="websocket"}') == 1
 
 
 def test_a_server_started_response_over_the_limit_is_cancelled_and_settled(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -47,6 +48,7 @@ class LoadedConfig:
     redis_url: Secret | None = None
     source: str = "<memory>"
     audit_urls: tuple[Secret | None, ...] = ()
+    loaded_at: float = field(default_factory=time.time)  # the models list's ``created``
 
 
 def _cross_check(cfg: Config) -> list[str]:
