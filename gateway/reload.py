@@ -78,6 +78,7 @@ class Reloader:
                 "config sections changed that apply only after a restart", extra={"sections": stale}
             )
         self.gateway.swap(loaded)
+        self.interval = loaded.config.server.reload_interval_seconds  # applies from now on
         log.info("config reloaded", extra={"source": str(self.path)})
         self._result("applied")
         await self._audit("config.reloaded", actor=actor, **changes(old, loaded.config))
@@ -114,13 +115,15 @@ class Reloader:
                 loop.remove_signal_handler(signal.SIGHUP)
 
 
-def changes(old: Config, new: Config) -> dict[str, list[str]]:
-    """What a reload adds and removes: tenants, keys (ids), models, resources."""
+def changes(old: Config, new: Config) -> dict[str, Any]:
+    """What a reload changes: tenants, keys (ids), models and resources added and removed,
+    and every changed leaf (``tenants.team-a.models``, ``…quotas.tokens_per_minute``)
+    with its old and new value. Key hashes and admin credentials appear by id only."""
 
     def keys(cfg: Config) -> set[str]:
         return {f"{t}/{k.id}" for t, tc in cfg.tenants.items() for k in tc.keys}
 
-    out: dict[str, list[str]] = {}
+    out: dict[str, Any] = {}
     for name, before, after in (
         ("tenants", set(old.tenants), set(new.tenants)),
         ("keys", keys(old), keys(new)),
@@ -129,4 +132,32 @@ def changes(old: Config, new: Config) -> dict[str, list[str]]:
     ):
         out[f"{name}_added"] = sorted(after - before)
         out[f"{name}_removed"] = sorted(before - after)
+    out["changed"] = [
+        {"path": path, "from": a, "to": b} for path, a, b in _diff(_plain(old), _plain(new), "")
+    ]
     return out
+
+
+def _plain(cfg: Config) -> Any:
+    """The config as JSON values, credentials by id: a key's hash never goes in a record."""
+    data = cfg.model_dump(mode="json")
+    for tenant in data["tenants"].values():
+        tenant["keys"] = [k["id"] for k in tenant["keys"]]
+    admin = data["admin"]
+    admin["key_sha256"] = "set" if admin["key_sha256"] else None
+    admin["keys"] = {k["id"]: k["tenants"] for k in admin["keys"]}
+    return data
+
+
+def _diff(a: Any, b: Any, path: str) -> list[tuple[str, Any, Any]]:
+    """Changed leaves between two JSON values (a list is one leaf: its old and new value)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[tuple[str, Any, Any]] = []
+        for key in list(a) + [k for k in b if k not in a]:
+            here = f"{path}.{key}" if path else str(key)
+            if key not in a or key not in b:
+                out.append((here, a.get(key), b.get(key)))
+            else:
+                out += _diff(a[key], b[key], here)
+        return out
+    return [] if a == b else [(path, a, b)]

@@ -25,6 +25,7 @@ def _cfg(
 ) -> dict[str, Any]:
     cfg = base_config(sims, tenants, **over)
     cfg["models"] = {"gpt-4.1": targets}
+    cfg["tenants"]["team-a"]["models"] = ["gpt-4*"]  # every entry must match a model
     return cfg
 
 

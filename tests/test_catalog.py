@@ -16,7 +16,7 @@ def cgw(identity: Sim, sim2: Sim, tenants: Tenants) -> Server:  # type: ignore[m
     # o3 only in France, a batch-only model, and team-b pinned to Sweden.
     cfg["models"]["o3"] = [{"resource": "frc", "deployment": "dep-o3-frc"}]
     cfg["models"]["gpt-4.1-batch"] = [{"resource": "swc", "deployment": "b", "batch": True}]
-    cfg["tenants"]["team-b"]["models"] = ["gpt-4.1*", "o3"]
+    cfg["tenants"]["team-b"]["models"] = ["gpt-4.1*", "o3*"]
     cfg["tenants"]["team-b"]["regions"] = ["swedencentral"]
     with gateway(cfg) as server:
         yield server

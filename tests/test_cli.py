@@ -108,7 +108,7 @@ def test_every_option_has_help() -> None:
     assert missing == []
 
 
-def test_check_warns_of_likely_mistakes(tmp_path: object) -> None:
+def test_check_refuses_likely_mistakes(tmp_path: object) -> None:
     import pathlib
 
     import yaml
@@ -129,10 +129,32 @@ def test_check_warns_of_likely_mistakes(tmp_path: object) -> None:
     path = pathlib.Path(str(tmp_path)) / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     out = _cli("check", str(path))
-    assert out.returncode == 0 and "ok" in out.stdout
-    assert "tenants.team-a.models: 'gpt-41-typo' matches no model" in out.stderr
-    assert "model 'gpt-4.1' is deployed only in swedencentral" in out.stderr
-    assert "'o3'" not in out.stderr  # reachable: no warning
+    assert out.returncode == 2
+    assert (
+        "tenants.team-a.models[2]: 'gpt-41-typo' matches no model in models "
+        "(did you mean 'gpt-4.1'?)"
+    ) in out.stderr
+    assert "tenants.team-a.models[0]: 'gpt-4.1' is deployed only in swedencentral" in out.stderr
+    assert "'o3'" not in out.stderr  # reachable
+    # A region typo names the closest regions.
+    cfg["tenants"]["team-a"] = {"models": ["o3"], "regions": ["francecentral"]}
+    cfg["resources"]["frc"]["region"] = "france-central"
+    path.write_text(yaml.safe_dump(cfg))
+    out = _cli("check", str(path))
+    assert out.returncode == 2
+    assert "'france-central' is not an Azure region (did you mean 'francecentral'" in out.stderr
+    # --no-secrets: everything but the environment (CI checks a config without them).
+    cfg["resources"]["frc"] = {
+        "endpoint": "https://frc.example.com",
+        "region": "francecentral",
+        "auth": "api_key",
+        "api_key_env": "NOT_SET_HERE",
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    out = _cli("check", str(path))
+    assert out.returncode == 2 and "NOT_SET_HERE is not set" in out.stderr
+    out = _cli("check", "--no-secrets", str(path))
+    assert out.returncode == 0 and "ok" in out.stdout and "--no-secrets" in out.stdout
 
 
 def test_simulate_says_how_to_reach_it_and_local_config_serves() -> None:

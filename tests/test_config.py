@@ -78,7 +78,7 @@ def test_good_config_loads() -> None:
         ),
         (
             lambda c: c["tenants"]["team-a"].update(regions=["mars"]),
-            "tenants.team-a.regions[0]: no resource is in region 'mars'",
+            "tenants.team-a.regions[0]: 'mars' is not an Azure region",
         ),
         (
             lambda c: c["resources"]["swc"].update(auth="api_key"),

@@ -72,6 +72,8 @@ def test_residency_conflict(identity: Sim, sim2: Sim, tenants: Tenants) -> None:
     cfg = base_config({"fr": sim2}, tenants)
     cfg["resources"]["swc"] = {"endpoint": identity.url, "region": "swedencentral"}
     cfg["tenants"]["team-a"]["regions"] = ["swedencentral"]
+    # A glob may match models outside the pin (refused when used); an exact entry may not.
+    cfg["tenants"]["team-a"]["models"] = ["gpt-4*"]
     with gateway(cfg) as gw:
         r = _post(gw, {"model": "gpt-4.1", "input": "x"}, tenants.key("team-a"))
     _assert_error(r, 403, "region_not_allowed", "swedencentral")

@@ -55,7 +55,7 @@ def _ring(expires_at: str | None = None) -> tuple[KeyRing, str]:
         entry["expires_at"] = expires_at
     cfg = parse_config(
         {
-            "resources": {"r": {"endpoint": "https://r.example.com", "region": "x"}},
+            "resources": {"r": {"endpoint": "https://r.example.com", "region": "swedencentral"}},
             "models": {},
             "tenants": {"t": {"keys": [entry]}},
         },
@@ -111,7 +111,7 @@ def test_keys_new_admin_and_which(tmp_path: object) -> None:
     assert entry["sha256"] == hash_key(key) and entry["tenants"] == ["t"]
     tenant_key = new_key()
     cfg = {
-        "resources": {"r": {"endpoint": "https://r.example.com", "region": "x"}},
+        "resources": {"r": {"endpoint": "https://r.example.com", "region": "swedencentral"}},
         "models": {},
         "tenants": {"t": {"keys": [{"id": "k1", "sha256": hash_key(tenant_key)}]}},
         "admin": {"keys": [entry]},

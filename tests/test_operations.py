@@ -61,6 +61,7 @@ def test_metrics_after_real_traffic(identity: Sim, tenants: Tenants) -> None:
         value(
             m,
             "gateway_requests_total",
+            transport="http",
             tenant="team-a",
             model="gpt-4.1",
             operation="create",
@@ -72,6 +73,7 @@ def test_metrics_after_real_traffic(identity: Sim, tenants: Tenants) -> None:
         value(
             m,
             "gateway_requests_total",
+            transport="http",
             tenant="team-b",
             model="gpt-4.1",
             operation="create",
@@ -83,6 +85,7 @@ def test_metrics_after_real_traffic(identity: Sim, tenants: Tenants) -> None:
         value(
             m,
             "gateway_requests_total",
+            transport="http",
             tenant="other",
             model="other",
             operation="create",
@@ -94,6 +97,7 @@ def test_metrics_after_real_traffic(identity: Sim, tenants: Tenants) -> None:
         value(
             m,
             "gateway_requests_total",
+            transport="http",
             tenant="team-a",
             model="other",
             operation="create",
@@ -296,9 +300,49 @@ def test_reload_applies_valid_and_keeps_old_on_invalid(
     ]
     assert reloads[0]["actor"] == "sighup"
     assert reloads[0]["keys_removed"] == ["team-a/team-a-key"] and reloads[0]["keys_added"] == []
+    # Every changed leaf with its old and new value; keys by id, never their hashes.
+    diff = {c["path"]: (c["from"], c["to"]) for c in reloads[0]["changed"]}
+    assert diff == {
+        "tenants.team-b.models": (["gpt-4.1"], ["gpt-4.1", "o3"]),
+        "tenants.team-a.keys": (["team-a-key"], []),
+    }
     assert "not valid YAML" in reloads[1]["reason"]
     assert "duplicate key 'team-a'" in reloads[2]["reason"]
     assert tenants.key("team-a") not in audit.read_text()
+
+
+def test_reload_interval_changes_apply_on_reload(
+    identity: Sim, tenants: Tenants, procs: Any
+) -> None:
+    """A reload that sets reload_interval_seconds to 0 stops the polling (only SIGHUP
+    reloads from then on); one that sets a number starts it."""
+    cfg = base_config({"swc": identity}, tenants, server={"reload_interval_seconds": 0.1})
+    gw = procs(cfg)
+    url = f"{gw.url}/openai/v1/responses"
+    key = tenants.key("team-b")
+
+    def o3() -> int:
+        body = {"model": "o3", "input": "x"}
+        return httpx.post(url, json=body, headers={"api-key": key}).status_code
+
+    def wait_for(status: int) -> None:
+        deadline = time.monotonic() + 5
+        while o3() != status:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+    changed = copy.deepcopy(cfg)
+    changed["tenants"]["team-b"]["models"] = ["gpt-4.1", "o3"]
+    changed["server"]["reload_interval_seconds"] = 0
+    gw.write_config(changed)
+    wait_for(200)  # polled at 0.1 s
+    changed["tenants"]["team-b"]["models"] = ["gpt-4.1"]
+    gw.write_config(changed)
+    time.sleep(0.6)
+    assert o3() == 200  # no polling any more
+    assert gw.proc is not None
+    gw.proc.send_signal(signal.SIGHUP)
+    wait_for(403)
 
 
 def test_reload_on_file_change_and_in_flight_stream(

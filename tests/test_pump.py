@@ -122,6 +122,7 @@ def _config(tenants: Tenants, upstream: str, **upstream_cfg: Any) -> dict[str, A
     }
     cfg["resources"]["fire"]["api_key_env"] = "FIRE_KEY"
     cfg["models"] = {"gpt-4.1": [{"resource": "fire", "deployment": "d"}]}
+    cfg["tenants"]["team-a"]["models"] = ["gpt-4*"]  # every entry must match a model
     cfg["upstream"].update(upstream_cfg)
     return cfg
 

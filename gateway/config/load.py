@@ -21,7 +21,8 @@ from typing import Annotated, Any, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .models import _NAME, Config, region_ok
+from .models import _NAME, Config, TenantConfig, region_ok
+from .regions import unknown_region
 
 
 class ConfigError(Exception):
@@ -54,9 +55,11 @@ class LoadedConfig:
 def _cross_check(cfg: Config) -> list[str]:
     errors: list[str] = []
     regions = {r.region for r in cfg.resources.values()}
-    for name in cfg.resources:
+    for name, res in cfg.resources.items():
         if not _NAME.match(name):
             errors.append(f"resources.{name}: names use letters, digits, '.', '_' and '-'")
+        if (why := unknown_region(res.region)) is not None:
+            errors.append(f"resources.{name}.region: {why}")
     for model, targets in cfg.models.items():
         if not targets:
             errors.append(f"models.{model}: needs at least one {{resource, deployment}}")
@@ -77,8 +80,11 @@ def _cross_check(cfg: Config) -> list[str]:
                 errors.append(f"{where}.sha256: duplicate key hash (also {hashes[key.sha256]})")
             hashes.setdefault(key.sha256, where)
         for i, region in enumerate(tenant.regions or ()):
-            if region not in regions:
+            if (why := unknown_region(region)) is not None:
+                errors.append(f"tenants.{tname}.regions[{i}]: {why}")
+            elif region not in regions:
                 errors.append(f"tenants.{tname}.regions[{i}]: no resource is in region {region!r}")
+        errors += _allowlist_errors(cfg, tname, tenant)
         home = tenant.files.resource
         if home is not None and home not in cfg.resources:
             errors.append(f"tenants.{tname}.files.resource: unknown resource {home!r}")
@@ -128,6 +134,31 @@ def _cross_check(cfg: Config) -> list[str]:
             if resource not in cfg.resources:
                 errors.append(f"prices.{model}.resources.{resource}: unknown resource")
     return errors
+
+
+def _allowlist_errors(cfg: Config, tname: str, tenant: TenantConfig) -> list[str]:
+    """A tenant's allowlist entries that match no model (a typo goes live otherwise), and
+    exact entries whose model no target in the tenant's regions serves."""
+    out = []
+    for i, pattern in enumerate(tenant.models):
+        matched = [m for m in cfg.models if fnmatchcase(m, pattern)]
+        where = f"tenants.{tname}.models[{i}]"
+        if not matched:
+            close = difflib.get_close_matches(pattern, list(cfg.models), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            out.append(f"{where}: {pattern!r} matches no model in models{hint}")
+        elif pattern in cfg.models and tenant.regions is not None:
+            served = {
+                cfg.resources[t.resource].region
+                for t in cfg.models[pattern]
+                if t.resource in cfg.resources
+            }
+            if not served & set(tenant.regions):
+                out.append(
+                    f"{where}: {pattern!r} is deployed only in {', '.join(sorted(served))}, "
+                    f"outside the tenant's regions ({', '.join(tenant.regions)})"
+                )
+    return out
 
 
 def _format_validation(exc: ValidationError) -> str:
