@@ -224,7 +224,8 @@ class AdminApi:
         await self.gw.keys.store.put(new, dropped)
         self.gw.keys.forget(key)
         await self.gw.keys.refresh()
-        return _json_response({**self._view(new), "key": secret}, 201)
+        last = (await self._used()).get(new.id)  # a rotation keeps when the key was last used
+        return _json_response({**self._view(new, last), "key": secret}, 201)
 
     async def revoke(self, request: Request, admin: Admin) -> Response:
         key = await self._api_key(request, admin)
@@ -350,11 +351,16 @@ class AdminApi:
         self._tenant(key.tenant, admin)
         return key
 
-    async def _all(self) -> list[dict[str, Any]]:
-        """Every key, config and runtime, as the API shows them (no secrets, no hashes)."""
+    async def _used(self) -> dict[str, float]:
+        """When each key was last used: the store's, and this replica's newer ones."""
         used = await self.gw.keys.store.last_used()
         for key_id, (_, at) in self.gw.keys.used.items():
             used[key_id] = max(at, used.get(key_id, 0.0))
+        return used
+
+    async def _all(self) -> list[dict[str, Any]]:
+        """Every key, config and runtime, as the API shows them (no secrets, no hashes)."""
+        used = await self._used()
         rows: list[dict[str, Any]] = []
         for principal, expires in self.gw.snap.keyring.entries():
             rows.append(

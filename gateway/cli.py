@@ -1,4 +1,5 @@
-"""The ``gateway`` command: serve, keys, simulate, demo."""
+"""The ``gateway`` command: serve, check, keys (new, which), admin keys (create, list, get,
+rotate, revoke), audit verify, usage, simulate, demo."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -166,16 +168,21 @@ def cmd_keys_which(args: argparse.Namespace) -> int:
 
 
 def _admin_call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
-    """One admin API call; the admin credential comes from GATEWAY_ADMIN_KEY."""
+    """One admin API call; the gateway from --url or GATEWAY_ADMIN_URL, the admin
+    credential from GATEWAY_ADMIN_KEY."""
     import urllib.error
     import urllib.request
 
     key = os.environ.get("GATEWAY_ADMIN_KEY")
     if not key:
         raise SystemExit("gateway admin: set GATEWAY_ADMIN_KEY to an admin key")
+    url = args.url or os.environ.get("GATEWAY_ADMIN_URL")
+    if not url:
+        raise SystemExit("gateway admin: give --url URL or set GATEWAY_ADMIN_URL")
+    args.url = url
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(
-        args.url.rstrip("/") + path,
+        url.rstrip("/") + path,
         data=data,
         method=method,
         headers={"authorization": f"Bearer {key}", "content-type": "application/json"},
@@ -192,18 +199,33 @@ def _admin_call(args: argparse.Namespace, method: str, path: str, body: Any = No
         raise SystemExit(f"gateway admin: cannot reach {args.url}: {exc.reason}") from None
 
 
-def _print_key(row: dict[str, Any]) -> None:
-    for field in ("id", "tenant", "name", "source", "created_at", "expires_at", "last_used_at"):
-        print(f"{field}: {row.get(field)}")
+_KEY_FIELDS = ("id", "tenant", "name", "source", "created_at", "expires_at", "last_used_at")
+
+
+def _shown(value: Any) -> str:
+    """A field as a person reads it: ``-`` for none, never a Python repr."""
+    if value is None or value == {}:
+        return "-"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
+def _print_key(args: argparse.Namespace, row: dict[str, Any]) -> None:
+    if args.json:
+        print(json.dumps(row, indent=2))
+        return
+    for field in (*_KEY_FIELDS, "metadata"):
+        print(f"{field + ':':<14}{_shown(row.get(field))}")
+    if "key" in row:
+        print(row["key"])  # the secret, on a line of its own, shown once
 
 
 def cmd_admin_create(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"tenant": args.tenant, "name": args.name}
     if args.expires_at:
         body["expires_at"] = args.expires_at
-    row = _admin_call(args, "POST", "/admin/keys", body)
-    _print_key(row)
-    print(row["key"])  # the secret, on a line of its own, shown once
+    _print_key(args, _admin_call(args, "POST", "/admin/keys", body))
     return 0
 
 
@@ -212,28 +234,33 @@ def cmd_admin_list(args: argparse.Namespace) -> int:
 
     query = f"?tenant={quote(args.tenant)}" if args.tenant else ""
     rows = _admin_call(args, "GET", "/admin/keys" + query)["data"]
-    print("id\ttenant\tname\tsource\texpires_at\tlast_used_at")
-    for r in rows:
-        print(
-            "\t".join(
-                str(r.get(f))
-                for f in ("id", "tenant", "name", "source", "expires_at", "last_used_at")
-            )
-        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    fields = ("id", "tenant", "name", "source", "expires_at", "last_used_at")
+    table = [list(fields), *([_shown(r.get(f)) for f in fields] for r in rows)]
+    widths = [max(len(row[i]) for row in table) for i in range(len(fields))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_admin_get(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    _print_key(args, _admin_call(args, "GET", f"/admin/keys/{quote(args.id, safe='')}"))
     return 0
 
 
 def cmd_admin_rotate(args: argparse.Namespace) -> int:
     body = {"grace_seconds": args.grace_seconds}
-    row = _admin_call(args, "POST", f"/admin/keys/{args.id}/rotate", body)
-    _print_key(row)
-    print(row["key"])
+    _print_key(args, _admin_call(args, "POST", f"/admin/keys/{args.id}/rotate", body))
     return 0
 
 
 def cmd_admin_revoke(args: argparse.Namespace) -> int:
     row = _admin_call(args, "DELETE", f"/admin/keys/{args.id}")
-    print(f"revoked: {row['id']}")
+    print(json.dumps(row) if args.json else f"revoked: {row['id']}")
     return 0
 
 
@@ -329,7 +356,8 @@ def _free_port() -> int:
 
 
 def demo_config(sim_port: int, key: str) -> LoadedConfig:
-    """An in-memory config: one tenant, one model, on the local simulator via Entra."""
+    """An in-memory config on the local simulator via Entra: one tenant, and a model for
+    every flow the README shows (Responses, chat, embeddings, audio, Realtime, batch)."""
     return parse_config(
         {
             "credential": {"type": "managed_identity"},
@@ -337,14 +365,23 @@ def demo_config(sim_port: int, key: str) -> LoadedConfig:
                 "sim-swc": {"endpoint": f"http://127.0.0.1:{sim_port}", "region": "swedencentral"}
             },
             "models": {
-                "gpt-4.1": [{"resource": "sim-swc", "deployment": "gpt-41-sim"}],
+                "gpt-4.1": [
+                    {"resource": "sim-swc", "deployment": "gpt-41-sim"},
+                    {"resource": "sim-swc", "deployment": "gpt-41-batch", "batch": True},
+                ],
                 "text-embedding-3-small": [{"resource": "sim-swc", "deployment": "emb-sim"}],
                 "gpt-4o-transcribe": [{"resource": "sim-swc", "deployment": "stt-sim"}],
+                "gpt-realtime": [{"resource": "sim-swc", "deployment": "realtime-sim"}],
             },
             "tenants": {
                 "demo": {
                     "keys": [{"id": "demo-key", "sha256": hash_key(key)}],
-                    "models": ["gpt-4.1", "text-embedding-3-small", "gpt-4o-transcribe"],
+                    "models": [
+                        "gpt-4.1",
+                        "text-embedding-3-small",
+                        "gpt-4o-transcribe",
+                        "gpt-realtime",
+                    ],
                 }
             },
         },
@@ -357,7 +394,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .app import create_app
     from .simulator import IDENTITY_HEADER, create_simulator
 
-    setup_logging("WARNING")
+    setup_logging("INFO")  # the access log: a JSON line per request, on stderr
+    logging.getLogger("azure").setLevel(logging.WARNING)
     sim_port = args.sim_port or _free_port()
     sim = uvicorn.Server(_uvicorn_config(create_simulator(), "127.0.0.1", sim_port, "warning"))
     threading.Thread(target=sim.run, daemon=True, name="simulator").start()
@@ -369,6 +407,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     key = new_key()
     app = create_app(demo_config(sim_port, key))
     base = f"http://{args.host}:{args.port}"
+    py = sys.executable  # the project's own venv (.venv/bin/python from scripts/demo.sh)
+    line = (
+        '{\\"custom_id\\": \\"1\\", \\"method\\": \\"POST\\", \\"url\\": '
+        '\\"/v1/responses\\", \\"body\\": {\\"model\\": \\"gpt-4.1\\", '
+        '\\"input\\": \\"Hi\\"}}'
+    )
     print(
         f"""
 Gateway demo: gateway on {base}, simulated Azure OpenAI on 127.0.0.1:{sim_port}.
@@ -377,7 +421,7 @@ Demo key (tenant 'demo', model 'gpt-4.1'): {key}
   curl -s {base}/openai/v1/responses -H "api-key: {key}" \\
        -H "content-type: application/json" -d '{{"model": "gpt-4.1", "input": "Hello"}}'
 
-  pip install openai && python3 -c '
+  {py} -m pip install -q "openai[realtime]" && {py} -c '
 from openai import OpenAI
 client = OpenAI(base_url="{base}/openai/v1/", api_key="{key}")
 print(client.responses.create(model="gpt-4.1", input="Hello").output_text)
@@ -387,10 +431,22 @@ print(client.responses.create(model="gpt-4.1",
     input=[{{"role": "user", "content": parts}}]).output_text)
 print(client.chat.completions.create(model="gpt-4.1",
     messages=[{{"role": "user", "content": "Hi"}}]).choices[0].message.content)
-print(len(client.embeddings.create(model="text-embedding-3-small", input="hi").data[0].embedding))'
+print(len(client.embeddings.create(model="text-embedding-3-small", input="hi").data[0].embedding))
+with client.realtime.connect(model="gpt-realtime") as rt:
+    rt.response.create()
+    text = ""
+    for event in rt:
+        text += getattr(event, "delta", "") if event.type == "response.output_text.delta" else ""
+        if event.type == "response.done":
+            break
+    print(text)
+batch_file = client.files.create(file=("b.jsonl", b"{line}"), purpose="batch")
+print(client.batches.create(input_file_id=batch_file.id, endpoint="/v1/responses",
+    completion_window="24h").status)'
 
 The simulator serves Responses, Files, conversations, vector stores, containers, chat
-completions, embeddings, images and audio, on the /openai/v1 and api-version paths.
+completions, embeddings, images, audio, Realtime and batch jobs, on the /openai/v1 and
+api-version paths. The access log (a JSON line per request) goes to stderr.
 
 Ctrl-C stops both.
 """,
@@ -458,27 +514,33 @@ def build_parser() -> argparse.ArgumentParser:
     admin_keys = admin.add_parser("keys", help="keys made at runtime").add_subparsers(
         dest="admin_keys", required=True
     )
-    url_help = "the gateway's base URL, e.g. http://gateway:8080"
-    p = admin_keys.add_parser("create", help="make a key; prints it once, on its own line")
+    url_help = "the gateway's base URL, e.g. http://gateway:8080 (or GATEWAY_ADMIN_URL)"
+
+    def admin_cmd(name: str, help_text: str) -> argparse.ArgumentParser:
+        cmd = admin_keys.add_parser(name, help=help_text)
+        cmd.add_argument("--url", help=url_help)
+        cmd.add_argument("--json", action="store_true", help="print the API's JSON")
+        return cmd
+
+    p = admin_cmd("create", "make a key; prints it once, on its own line")
     p.add_argument("--tenant", required=True, help="the tenant the key is for")
     p.add_argument("--name", required=True, help="what the key is for (e.g. ci, laptop-jane)")
     p.add_argument("--expires-at", help="RFC 3339 time with a zone, e.g. 2027-01-31T00:00:00Z")
-    p.add_argument("--url", required=True, help=url_help)
     p.set_defaults(func=cmd_admin_create)
-    p = admin_keys.add_parser("list", help="list keys (config and API), never their secrets")
+    p = admin_cmd("list", "list keys (config and API), never their secrets")
     p.add_argument("--tenant", help="one tenant (default: all the admin manages)")
-    p.add_argument("--url", required=True, help=url_help)
     p.set_defaults(func=cmd_admin_list)
-    p = admin_keys.add_parser("rotate", help="give a key a new secret; prints it once")
+    p = admin_cmd("get", "one key (config or API), never its secret")
+    p.add_argument("id", help="the key id")
+    p.set_defaults(func=cmd_admin_get)
+    p = admin_cmd("rotate", "give a key a new secret; prints it once")
     p.add_argument("id", help="the key id")
     p.add_argument(
         "--grace-seconds", type=int, default=0, help="how long the old secret still works"
     )
-    p.add_argument("--url", required=True, help=url_help)
     p.set_defaults(func=cmd_admin_rotate)
-    p = admin_keys.add_parser("revoke", help="revoke a key on every replica")
+    p = admin_cmd("revoke", "revoke a key on every replica")
     p.add_argument("id", help="the key id")
-    p.add_argument("--url", required=True, help=url_help)
     p.set_defaults(func=cmd_admin_revoke)
 
     audit = sub.add_parser("audit", help="MCP audit trail tools").add_subparsers(

@@ -205,11 +205,13 @@ def test_hostile_admin_bodies(agw: Server) -> None:
 
 
 def test_cli(agw: Server, tenants: Tenants) -> None:
-    env = {**os.environ, "GATEWAY_ADMIN_KEY": ADMIN}
+    """The admin CLI: the gateway from GATEWAY_ADMIN_URL (or --url), tables and JSON, no
+    Python reprs, get, and a rotation that keeps when the key was last used."""
+    env = {**os.environ, "GATEWAY_ADMIN_KEY": ADMIN, "GATEWAY_ADMIN_URL": agw.url}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "gateway.cli", "admin", "keys", *args, "--url", agw.url],
+            [sys.executable, "-m", "gateway.cli", "admin", "keys", *args],
             capture_output=True,
             text=True,
             env=env,
@@ -219,16 +221,38 @@ def test_cli(agw: Server, tenants: Tenants) -> None:
     out = cli("create", "--tenant", "team-a", "--name", "laptop")
     assert out.returncode == 0, out.stderr
     key = out.stdout.strip().splitlines()[-1]
-    key_id = next(ln.split(": ")[1] for ln in out.stdout.splitlines() if ln.startswith("id: "))
+    assert "None" not in out.stdout and "last_used_at: -" in out.stdout.replace("  ", "")
+    made = json.loads(cli("create", "--tenant", "team-a", "--name", "ci", "--json").stdout)
+    key_id = made["id"]
+    assert made["key"].startswith("gk-") and _use(agw, made["key"]) == 200
     assert key.startswith("gk-") and _use(agw, key) == 200
     listed = cli("list", "--tenant", "team-a")
-    assert key_id in listed.stdout and key not in listed.stdout
-    out = cli("rotate", key_id, "--grace-seconds", "0")
-    new = out.stdout.strip().splitlines()[-1]
-    assert _use(agw, key) == 401 and _use(agw, new) == 200
+    assert key_id in listed.stdout and key not in listed.stdout and "None" not in listed.stdout
+    header = listed.stdout.splitlines()[0].split()
+    assert header == ["id", "tenant", "name", "source", "expires_at", "last_used_at"]
+    got = json.loads(cli("get", key_id, "--json").stdout)
+    assert got["id"] == key_id and "key" not in got
+    time.sleep(0.1)
+    rotated = json.loads(cli("rotate", key_id, "--grace-seconds", "0", "--json").stdout)
+    assert rotated["last_used_at"] is not None  # kept across the rotation
+    new = rotated["key"]
+    assert _use(agw, made["key"]) == 401 and _use(agw, new) == 200
     assert cli("revoke", key_id).returncode == 0 and _use(agw, new) == 401
     bad = cli("revoke", "team-a-key")
     assert bad.returncode != 0 and "409" in bad.stderr
+    # Without GATEWAY_ADMIN_URL, --url is asked for; with it, --url still wins.
+    del env["GATEWAY_ADMIN_URL"]
+    out = cli("list")
+    assert out.returncode != 0 and "GATEWAY_ADMIN_URL" in out.stderr
+    assert cli("list", "--url", agw.url).returncode == 0
+
+
+def test_top_level_help_lists_every_command() -> None:
+    from gateway.cli import build_parser
+
+    text = build_parser().format_help()
+    for command in ("serve", "check", "keys", "admin", "audit", "usage", "simulate", "demo"):
+        assert command in text
 
 
 def test_adopt_objects_made_around_the_gateway(agw: Server, sim: Sim, tenants: Tenants) -> None:

@@ -45,16 +45,28 @@ def test_demo_end_to_end() -> None:
                 time.sleep(0.1)
         client = openai.OpenAI(base_url=base + "/openai/v1/", api_key=key)
         assert client.responses.create(model="gpt-4.1", input="Hello").output_text == "Echo: Hello"
-        # The Python snippet the demo prints runs as printed: responses, files, chat, embeddings.
-        snippet = printed.split("python3 -c '", 1)[1].split("'\n", 1)[0]
+        # The Python snippet the demo prints runs as printed, with the demo's own Python:
+        # responses, files, chat, embeddings, Realtime, a batch job.
+        assert f"{sys.executable} -m pip install" in printed
+        snippet = printed.split(f"{sys.executable} -c '", 1)[1].split("'\n", 1)[0]
         ran = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True)
         assert ran.returncode == 0, ran.stderr
-        assert ran.stdout.splitlines() == ["Echo: Hello", "Echo: Summarise", "Echo: Hi", "3"]
+        assert ran.stdout.splitlines() == [
+            "Echo: Hello",
+            "Echo: Summarise",
+            "Echo: Hi",
+            "3",
+            "HelloHelloHello",
+            "validating",
+        ]
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(15)
         assert proc.stdout is not None
+        rest = proc.stdout.read()
         proc.stdout.close()
+    # The access log at INFO: a JSON line per request.
+    assert '"logger":"gateway.access"' in rest.replace(" ", "")
 
 
 def test_check_command(tmp_path: object) -> None:
