@@ -169,7 +169,12 @@ def routes(ctx: Ctx) -> list[WebSocketRoute]:
                     session.update(frame.get("session") or {})
                     await send({"type": "session.updated", "session": session})
                 elif kind == "input_audio_buffer.append" and vad():
-                    audio = base64.b64decode(str(frame.get("audio") or ""), validate=False)
+                    try:
+                        audio = base64.b64decode(str(frame.get("audio") or ""), validate=True)
+                    except ValueError:  # binascii.Error: Azure answers an error event
+                        error = _error_frame("invalid_value", "audio is not base64.", "audio")
+                        await send(json.loads(error))
+                        continue
                     if any(audio) and not speaking:
                         speaking = True
                         await send({"type": "input_audio_buffer.speech_started"})
