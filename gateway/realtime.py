@@ -77,6 +77,7 @@ class RealtimeSocket(Socket):
         self.suppressed: dict[str, Answer] = {}  # refused responses the upstream started
         self.suppressed_items: set[str] = set()  # their output items
         self._event_id: Any = None
+        self._named = 0  # event ids the gateway gave response.create events without one
 
     def allowed_params(self) -> frozenset[str]:
         name = "deployment" if self.preview else "model"
@@ -159,9 +160,8 @@ class RealtimeSocket(Socket):
         asks = kind == "response.create"
         if asks and not isinstance(self._event_id, str):
             # Named, so an error event about it (error.event_id) is told apart.
-            self._event_id = event["event_id"] = (
-                "evt_gw" + self.conn.request_id[:16] + str(len(self.creates) + len(self.pending))
-            )
+            self._named += 1
+            self._event_id = event["event_id"] = f"evt_gw{self.conn.request_id[:16]}_{self._named}"
         request = Request(
             api="realtime",
             body=event,

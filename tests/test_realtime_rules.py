@@ -362,3 +362,34 @@ def test_mcp_on_realtime_is_audited_before_it_goes_up(
         error = asyncio.run(refused())
     assert error["type"] == "error" and error["error"]["code"] == "audit_unavailable"
     assert len(identity.state.ws_frames) == frames_before
+
+
+def test_an_upstream_error_about_a_create_ends_that_create_only(
+    identity: Sim, tenants: Tenants, tmp_path: Path
+) -> None:
+    """Two response.create events without ids, the second while the first runs: Azure
+    refuses the second (busy) with an error naming its event_id, which the gateway gave it;
+    that admission ends, the first response completes and is settled on its own."""
+    identity.state.realtime_deltas = 4
+    identity.state.realtime_delta_seconds = 0.05
+    with gateway(_vad_config(identity, tenants, tmp_path, 10_000)) as gw:
+
+        async def run() -> list[dict[str, Any]]:
+            async with await _open(gw, tenants.key("team-a")) as ws:
+                await ws.send(json.dumps({"type": "response.create"}))
+                await ws.send(json.dumps({"type": "response.create"}))
+                return await _until(ws, {"response.done"})
+
+        events = asyncio.run(run())
+        metrics = _quiet_metrics(gw)
+    sent = [json.loads(f) for f in identity.state.ws_frames]
+    ids = [f["event_id"] for f in sent if f["type"] == "response.create"]
+    assert len(ids) == 2 and len(set(ids)) == 2
+    errors = [e["error"] for e in events if e["type"] == "error"]
+    assert [e["code"] for e in errors] == ["conversation_already_has_active_response"]
+    assert errors[0]["event_id"] == ids[1]
+    assert events[-1]["response"]["status"] == "completed"
+    tenant = 'tenant="team-a",transport="websocket"}'
+    ok = 'gateway_requests_total{model="gpt-4o-mini",operation="create",status="200",'
+    refused = 'gateway_requests_total{model="gpt-4o-mini",operation="create",status="400",'
+    assert _metric(metrics, ok + tenant) == 1 and _metric(metrics, refused + tenant) == 1
