@@ -33,3 +33,20 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "gw.metricsPort" -}}
 {{- (.Values.config.metrics | default dict).port | default 9090 -}}
 {{- end -}}
+
+{{/* The environment of the gateway and its config check: from Secrets, and plain. */}}
+{{- define "gw.env" -}}
+{{- if or .Values.envFromSecrets .Values.env -}}
+env:
+  {{- range .Values.envFromSecrets }}
+  - name: {{ .name }}
+    valueFrom:
+      secretKeyRef:
+        name: {{ .secretName }}
+        key: {{ .key }}
+  {{- end }}
+  {{- with .Values.env }}
+  {{- toYaml . | nindent 2 }}
+  {{- end }}
+{{- end -}}
+{{- end -}}
