@@ -108,6 +108,24 @@ async def _measure_loop_lag(gateway: Gateway, metrics: Metrics) -> None:
         metrics.loop_lag.set(gateway.loop_lag)
 
 
+def _dump_tasks_on_sigusr1() -> None:
+    """``kill -USR1 PID`` prints every pending task with its stack to stderr: what a
+    process that does not stop is waiting on (only where the loop owns signals)."""
+    import signal
+    import sys
+
+    loop = asyncio.get_running_loop()
+
+    def dump() -> None:
+        for task in asyncio.all_tasks(loop):
+            print(f"task: {task!r}", file=sys.stderr)
+            task.print_stack(limit=12, file=sys.stderr)
+        sys.stderr.flush()
+
+    with contextlib.suppress(RuntimeError, ValueError, NotImplementedError):
+        loop.add_signal_handler(signal.SIGUSR1, dump)
+
+
 def build_state(
     loaded: LoadedConfig, metrics: Metrics | None = None
 ) -> tuple[StateBackend, BreakerStore | None, KeyStore]:
@@ -129,6 +147,11 @@ def build_state(
         if metrics is not None:
             metrics.watch_state(guarded)
         return guarded, redis, redis.key_store()
+    if st.backend == "sqlite":
+        from .state.sqlite import SqliteState
+
+        durable = SqliteState(st.path, st.memory_max_objects)
+        return durable, None, durable.key_store()
     return MemoryState(st.memory_max_objects), None, MemoryKeyStore()
 
 
@@ -255,6 +278,7 @@ def create_app(
             await connect()
         key_refresher = asyncio.create_task(gateway.keys.run())
         lag_meter = asyncio.create_task(_measure_loop_lag(gateway, metrics))
+        _dump_tasks_on_sigusr1()
         gateway.batches.start()
         refresher = None
         if shared is not None:

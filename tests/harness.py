@@ -295,7 +295,24 @@ class GatewayProcess:
                 self.proc.kill()
             else:
                 self.proc.terminate()
-            self.proc.wait(30)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                # A shutdown that never finishes: ask the process what it waits on
+                # (gateway serve prints its pending tasks on SIGUSR1), then end it.
+                import signal
+
+                self.proc.send_signal(signal.SIGUSR1)
+                time.sleep(1)
+                self.proc.kill()
+                self.proc.wait(10)
+                dump = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                if self.proc.stderr:
+                    self.proc.stderr.close()
+                self.proc = None
+                raise RuntimeError(
+                    f"gateway did not stop within 30 s; its tasks:\n{dump[-6000:]}"
+                ) from None
             if self.proc.stderr:
                 err = self.proc.stderr.read().decode(errors="replace")
                 self.proc.stderr.close()

@@ -193,7 +193,8 @@ class TenantConfig(_Frozen):
 
 
 class StateConfig(_Frozen):
-    backend: Literal["memory", "redis"] = "memory"
+    backend: Literal["memory", "redis", "sqlite"] = "memory"
+    path: str = "gateway-state.db"  # backend sqlite: the state file (WAL beside it)
     mode: Literal["single", "cluster"] = "single"
     url_env: str | None = None
     response_retention_days: PositiveFloat = 30.0

@@ -1,0 +1,154 @@
+"""The embedded durable backend: what a restart must keep survives a kill -9 of the
+process (bindings and keys as soon as their call returned; spend, ledger and charge
+markers within a second), and it admits and settles like the memory backend."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from gateway.quotas import QuotaScope, windows
+from gateway.state import Binding
+from gateway.state.sqlite import SqliteState
+
+# A budget of 1 EUR a day (millionths), 60 requests a minute.
+SCOPE = QuotaScope("team-a", "", 60, 0, 0, 0, 0, 1_000_000, 0)
+
+CHILD = textwrap.dedent(
+    """
+    import asyncio, sys, time
+    from gateway.quotas import QuotaScope, windows
+    from gateway.state import Binding, LedgerEntry
+    from gateway.state.keystore import ApiKey
+    from gateway.state.sqlite import SqliteState
+
+    SCOPE = QuotaScope("team-a", "", 60, 0, 0, 0, 0, 1_000_000, 0)
+
+    async def main() -> None:
+        state = SqliteState(sys.argv[1])
+        await state.connect()
+        keys = state.key_store()
+        hashes = (("new", None), ("old", time.time() + 3600))
+        key = ApiKey("key_1", "team-a", "ci", 1.0, None, hashes)
+        await keys.put(key)
+        await keys.put(ApiKey("key_2", "team-a", "gone", 1.0, None, (("h2", None),)))
+        await keys.delete(await keys.get("key_2"))
+        await keys.touch({"key_1": 1234.0})
+        for n in range(200):
+            binding = Binding("team-a", "swc", "gpt-4.1", "response")
+            await state.bind_response(f"resp_{n:024d}", binding, 3600)
+            w = windows()
+            await state.admit([SCOPE], f"rq{n}", 60, w)
+            ledger = LedgerEntry("team-a", "gpt-4.1", "swc", 10, 0, 5, 0, 1000, False, 86400)
+            await state.settle([SCOPE], None, 15, w, f"resp_{n:024d}", 3600, 1000, ledger)
+        await state.batch_open("batch_1")
+        print("settled", flush=True)
+        await asyncio.sleep(3600)  # killed here, never closed
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_a_killed_process_forgets_nothing_it_promised(tmp_path: Path) -> None:
+    path = str(tmp_path / "state.db")
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, path], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "settled"
+    time.sleep(1.0)  # settles are committed within milliseconds; the promise is a second
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    proc.stdout.close()
+
+    async def main() -> None:
+        state = SqliteState(path)
+        await state.connect()
+        try:
+            for n in (0, 199):
+                got = await state.get_binding(f"resp_{n:024d}")
+                assert got == Binding("team-a", "swc", "gpt-4.1", "response")
+            assert await state.get_binding("resp_" + "9" * 24) is None
+            w = windows()
+            rows = await state.usage("team-a", w.day)
+            assert rows[("gpt-4.1", "swc")]["requests"] == 200
+            assert rows[("gpt-4.1", "swc")]["input_tokens"] == 2000
+            # The day's spend is as it was: 200 x 1000 millionths of the 1 EUR budget.
+            settled = await state.settle([SCOPE], None, 0, w, "resp_x", 60, 1000, None)
+            assert settled.spent == ((201_000, 201_000),)
+            # Charged once, across the restart.
+            again = await state.settle([SCOPE], None, 15, w, f"resp_{0:024d}", 3600, 1000, None)
+            assert not again.charged
+            assert await state.open_batches() == ["batch_1"]
+            keys = state.key_store()
+            key = await keys.get("key_1")
+            assert key is not None and key.usable(time.time()) == ("new", "old")  # grace kept
+            assert await keys.get("key_2") is None and await keys.by_hash("h2") is None
+            assert (await keys.last_used())["key_1"] == 1234.0
+            assert await keys.version() == 3
+        finally:
+            await state.aclose()
+
+    asyncio.run(main())
+
+
+def test_a_graceful_close_flushes_and_a_spent_budget_stays_spent(tmp_path: Path) -> None:
+    path = str(tmp_path / "state.db")
+
+    async def first() -> None:
+        state = SqliteState(path)
+        await state.connect()
+        w = windows()
+        assert (await state.admit([SCOPE], "a", 60, w)).allowed
+        await state.settle([SCOPE], "a", 10, w, "rq:a", 120, 1_000_000)  # the whole budget
+        assert not (await state.admit([SCOPE], "b", 60, w)).allowed
+        await state.aclose()
+
+    async def second() -> None:
+        state = SqliteState(path)
+        await state.connect()
+        try:
+            refused = await state.admit([SCOPE], "c", 60, windows())
+            assert not refused.allowed and refused.reason == "budget_per_day"
+        finally:
+            await state.aclose()
+
+    asyncio.run(first())
+    asyncio.run(second())
+
+
+def test_bindings_past_the_cache_are_read_from_the_file(tmp_path: Path) -> None:
+    async def main() -> None:
+        state = SqliteState(str(tmp_path / "state.db"), max_bindings=10)
+        await state.connect()
+        try:
+            for n in range(30):
+                await state.bind_response(f"file-{n:020d}", Binding("t", "r", "", "file"), 60)
+            assert len(state._bindings) <= 10
+            assert await state.get_binding(f"file-{0:020d}") == Binding("t", "r", "", "file")
+            await state.delete_binding(f"file-{1:020d}")
+            assert await state.get_binding(f"file-{1:020d}") is None
+        finally:
+            await state.aclose()
+
+    asyncio.run(main())
+
+
+def test_an_unwritable_file_is_a_state_error(tmp_path: Path) -> None:
+    from gateway.errors import StateError
+
+    async def main() -> None:
+        state = SqliteState(str(tmp_path))  # a directory
+        try:
+            await state.connect()
+        except StateError as exc:
+            assert "cannot be opened" in exc.message
+        else:
+            raise AssertionError("a directory opened as a state file")
+
+    asyncio.run(main())
