@@ -75,7 +75,10 @@ class Answer:
     def has_work(self) -> bool:
         """Whether something must be done before the bytes just read go on: the response
         id bound (a client may name it at once), MCP records written first."""
-        return (not self._bound and self.tap.response_id is not None) or bool(self.ex.pending_audit)
+        tap = self._tap  # one call per upstream read on a stream: no property, no tap made
+        return (not self._bound and tap is not None and tap.response_id is not None) or bool(
+            self.ex.pending_audit
+        )
 
     async def work(self) -> None:
         """Bind the response id once seen; write the MCP records seen so far."""
@@ -148,12 +151,3 @@ class Answer:
             ex.status = ex.status or (200 if ok else 400)
             ex.upstream_status = ex.upstream_status or 200
             await finish(self.gw, ex)
-
-
-def socket_exchange(parent: Exchange, request_id: str, model: str | None) -> Exchange:
-    """A response's exchange on a socket: its caller and target are the connection's."""
-    ex = Exchange(request_id=request_id, operation="create", method="WS")
-    ex.transport, ex.api, ex.stream = "websocket", parent.api, True
-    ex.principal, ex.model, ex.target = parent.principal, model, parent.target
-    ex.client = parent.client
-    return ex

@@ -73,14 +73,7 @@ class ApiKeys:
                 self._misses.add(sha)
             else:
                 self._by_hash[sha] = key
-        if key is None:
-            raise invalid_key()
-        at = now.timestamp() if now is not None else time.time()
-        if sha not in key.usable(at):
-            raise invalid_key()  # an old secret past its rotation grace
-        if key.expires_at is not None and at >= key.expires_at:
-            raise expired(key.id, datetime.fromtimestamp(key.expires_at).astimezone().isoformat())
-        return Principal(key.tenant, key.id)
+        return _opens(key, sha, now.timestamp() if now is not None else time.time())
 
     def recheck(
         self, digest: bytes, principal: Principal, ring: KeyRing, tenants: Iterable[str]
@@ -92,15 +85,7 @@ class ApiKeys:
         found = ring.lookup(digest)  # a config key (raises for an expired one)
         if found is None:
             sha = digest.hex()
-            key = self._by_hash.get(sha)
-            at = time.time()
-            if key is None or sha not in key.usable(at):
-                raise invalid_key()  # revoked, or an old secret past its grace
-            if key.expires_at is not None and at >= key.expires_at:
-                raise expired(
-                    key.id, datetime.fromtimestamp(key.expires_at).astimezone().isoformat()
-                )
-            found = Principal(key.tenant, key.id)
+            found = _opens(self._by_hash.get(sha), sha, time.time())
         if found != principal or principal.tenant not in tenants:
             raise invalid_key()
 
@@ -144,3 +129,13 @@ class ApiKeys:
         finally:
             with contextlib.suppress(Exception):
                 await self.flush()
+
+
+def _opens(key: ApiKey | None, sha: str, at: float) -> Principal:
+    """The principal a runtime key opens with the secret of hash ``sha`` at ``at``; 401
+    for none (revoked, unknown), an old secret past its rotation grace, or an expired key."""
+    if key is None or sha not in key.usable(at):
+        raise invalid_key()
+    if key.expires_at is not None and at >= key.expires_at:
+        raise expired(key.id, datetime.fromtimestamp(key.expires_at).astimezone().isoformat())
+    return Principal(key.tenant, key.id)

@@ -35,6 +35,7 @@ from .proxy import Proxy
 from .reload import Reloader
 from .routes import ENDPOINTS, RouteTable, scope_segments
 from .runtime import Gateway
+from .server import on_signal
 from .sockets import Sockets, quiet_handshake_lines
 from .state import StateBackend
 from .state.guard import GuardedState
@@ -114,16 +115,13 @@ def _dump_tasks_on_sigusr1() -> None:
     import signal
     import sys
 
-    loop = asyncio.get_running_loop()
-
     def dump() -> None:
-        for task in asyncio.all_tasks(loop):
+        for task in asyncio.all_tasks():
             print(f"task: {task!r}", file=sys.stderr)
             task.print_stack(limit=12, file=sys.stderr)
         sys.stderr.flush()
 
-    with contextlib.suppress(RuntimeError, ValueError, NotImplementedError):
-        loop.add_signal_handler(signal.SIGUSR1, dump)
+    on_signal(signal.SIGUSR1, dump)
 
 
 def build_state(

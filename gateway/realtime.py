@@ -238,15 +238,17 @@ class RealtimeSocket(Socket):
         self.pending.append(answer)
         for obs in gw.observers:
             obs.started(ex)
+        name = self.principal.tenant
+        tenant = gw.snap.loaded.config.tenants.get(name)  # None: a reload removed it
         try:
-            self.recheck()
-            tenant = tenant_of(gw.snap, self.principal)
-            await gw.gate.admit(ex, self.principal.tenant, tenant, ex.model or "", "rate")
+            self.recheck()  # refuses a removed tenant too
+            await gw.gate.admit(
+                ex, name, tenant_of(gw.snap, self.principal), ex.model or "", "rate"
+            )
         except GatewayError as exc:
             ex.status, ex.error_code = exc.status, exc.code
-            if self.principal.tenant in gw.snap.loaded.config.tenants:
-                tenant = gw.snap.loaded.config.tenants[self.principal.tenant]
-                gw.gate.charge_only(ex, self.principal.tenant, tenant, ex.model or "")
+            if tenant is not None:
+                gw.gate.charge_only(ex, name, tenant, ex.model or "")
             self.suppressed[rid] = answer
             cancel = {"type": "response.cancel", "response_id": rid}
             assert self.upstream is not None

@@ -9,7 +9,6 @@ those sections is logged as needing a restart.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import signal
@@ -19,6 +18,7 @@ from typing import Any
 
 from .config import Config, ConfigError, load_config
 from .runtime import Gateway
+from .server import on_signal
 
 log = logging.getLogger("gateway.reload")
 _RESTART_SECTIONS = ("credential", "state", "audit", "upstream", "metrics")
@@ -96,10 +96,8 @@ class Reloader:
 
     async def run(self) -> None:
         """Poll every ``interval`` seconds (0: only on SIGHUP) until cancelled."""
-        loop = asyncio.get_running_loop()
-        try:
-            loop.add_signal_handler(signal.SIGHUP, self.trigger)
-        except (RuntimeError, ValueError, NotImplementedError):
+        undo = on_signal(signal.SIGHUP, self.trigger)
+        if undo is None:
             log.info("SIGHUP reload unavailable here (not the main thread)")
         try:
             while True:
@@ -111,8 +109,8 @@ class Reloader:
                 self._wake.clear()
                 await self.check(force=forced)
         finally:
-            with contextlib.suppress(RuntimeError, ValueError, NotImplementedError):
-                loop.remove_signal_handler(signal.SIGHUP)
+            if undo is not None:
+                undo()
 
 
 def changes(old: Config, new: Config) -> dict[str, Any]:

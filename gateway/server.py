@@ -301,3 +301,19 @@ def uvicorn_config(
         backlog=2048,
         timeout_graceful_shutdown=int(grace + 0.999),
     )
+
+
+def on_signal(sig: int, handler: Callable[[], None]) -> Callable[[], None] | None:
+    """Run ``handler`` on ``sig`` in the running loop; returns the undo, or None where the
+    loop cannot own signals (not the main thread: a server run in a thread, as the tests
+    do)."""
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(sig, handler)
+    except (RuntimeError, ValueError, NotImplementedError):
+        return None
+
+    def undo() -> None:
+        loop.remove_signal_handler(sig)
+
+    return undo

@@ -34,7 +34,7 @@ from urllib.parse import parse_qsl, quote, urlencode
 import aiohttp
 from starlette.types import Receive, Scope, Send
 
-from .answers import Answer, socket_exchange
+from .answers import Answer
 from .checks import Checked, Plan, Request, check, commit, tenant_of
 from .errors import BadRequest, GatewayError, Unauthenticated
 from .exchange import Exchange, new_request_id
@@ -388,7 +388,9 @@ class Socket:
 
     def response(self, model: str | None, text_size: int = 0) -> Exchange:
         """The exchange of one response on this socket."""
-        ex = socket_exchange(self.conn, new_request_id(), model)
+        ex = Exchange(request_id=new_request_id(), operation="create", method="WS")
+        ex.transport, ex.api, ex.stream, ex.client = "websocket", self.api, True, self.conn.client
+        ex.principal, ex.model, ex.target = self.principal, model, self.target
         ex.request_bytes = text_size
         return ex
 

@@ -246,3 +246,19 @@ def test_an_id_of_another_kind_is_not_found(gw: Server, sim: Sim, tenants: Tenan
     with pytest.raises(openai.NotFoundError):
         a.vector_stores.create(name="s", file_ids=[conv.id])
     assert len(sim.state.api_requests()) == before
+
+
+def test_an_id_with_a_trailing_newline_is_no_id(gw: Server, sim: Sim, tenants: Tenants) -> None:
+    """``$`` in an id pattern matches before a final newline: the gateway matches ids whole,
+    so an owned id plus ``%0A`` in a path or a body is a 404, and nothing goes upstream."""
+    key = {"api-key": tenants.key("team-a")}
+    made = httpx.post(
+        gw.url + "/openai/v1/responses", json={"model": "gpt-4.1", "input": "x"}, headers=key
+    ).json()["id"]
+    before = len(sim.state.api_requests())
+    r = httpx.get(gw.url + f"/openai/v1/responses/{made}%0A", headers=key)
+    assert r.status_code == 404
+    body = {"model": "gpt-4.1", "input": "x", "previous_response_id": made + "\n"}
+    r = httpx.post(gw.url + "/openai/v1/responses", json=body, headers=key)
+    assert r.status_code == 404 and r.json()["error"]["param"] == "previous_response_id"
+    assert len(sim.state.api_requests()) == before
