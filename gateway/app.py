@@ -44,6 +44,10 @@ from .state.memory import MemoryState
 from .upstream import new_client
 
 log = logging.getLogger("gateway")
+MEMORY_WARNING = (
+    "state.backend is memory: a restart forgets which tenant owns each id, the keys made"
+    " at runtime and the day's and month's spend; use sqlite (one replica) or redis"
+)
 
 
 def _error(exc: GatewayError, request: Request) -> Response:
@@ -274,6 +278,8 @@ def create_app(
         connect = getattr(gateway.state, "connect", None)
         if connect is not None:
             await connect()
+        if gateway.snap.loaded.config.state.backend == "memory":
+            log.warning(MEMORY_WARNING)
         key_refresher = asyncio.create_task(gateway.keys.run())
         lag_meter = asyncio.create_task(_measure_loop_lag(gateway, metrics))
         _dump_tasks_on_sigusr1()
@@ -323,6 +329,8 @@ def create_app(
             problems.append(f"credential: {cred}")
         status = 503 if problems else 200
         body = {"ready": not problems, "problems": problems, "degraded": degraded}
+        if gateway.snap.loaded.config.state.backend == "memory":
+            body["warnings"] = [MEMORY_WARNING]
         return JSONResponse(body, status)
 
     async def metrics_endpoint(request: Request) -> Response:

@@ -279,6 +279,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
     import asyncio
 
     from .state.redis import RedisState
+    from .state.sqlite import LedgerFile
     from .usage import UsageQueryError, render, report
 
     path = args.config or os.environ.get("GATEWAY_CONFIG")
@@ -291,18 +292,23 @@ def cmd_usage(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 2
     cfg = loaded.config
-    if cfg.state.backend != "redis" or loaded.redis_url is None:
+    if cfg.state.backend == "memory":
         print(
             "gateway usage: the memory backend keeps the ledger inside the running gateway; "
             "read it with GET /admin/usage (admin.key_sha256)",
             file=sys.stderr,
         )
         return 2
-    redis_url = loaded.redis_url.value
 
     async def run() -> str:
+        if cfg.state.backend == "sqlite":
+            rows = await report(LedgerFile(cfg.state.path), cfg, args.start, args.end, args.tenant)
+            return render(rows, args.format)
+        assert loaded.redis_url is not None
         state = RedisState(
-            redis_url, timeout=max(cfg.state.timeout_seconds, 2.0), mode=cfg.state.mode
+            loaded.redis_url.value,
+            timeout=max(cfg.state.timeout_seconds, 2.0),
+            mode=cfg.state.mode,
         )
         try:
             await state.connect()
@@ -405,7 +411,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     os.environ["IDENTITY_ENDPOINT"] = f"http://127.0.0.1:{sim_port}/msi/token"
     os.environ["IDENTITY_HEADER"] = IDENTITY_HEADER
     key = new_key()
-    app = create_app(demo_config(sim_port, key))
+    loaded = demo_config(sim_port, key)
+    state_path = loaded.config.state.path
+    app = create_app(loaded)
     base = f"http://{args.host}:{args.port}"
     py = sys.executable  # the project's own venv (.venv/bin/python from scripts/demo.sh)
     line = (
@@ -446,7 +454,8 @@ print(client.batches.create(input_file_id=batch_file.id, endpoint="/v1/responses
 
 The simulator serves Responses, Files, conversations, vector stores, containers, chat
 completions, embeddings, images, audio, Realtime and batch jobs, on the /openai/v1 and
-api-version paths. The access log (a JSON line per request) goes to stderr.
+api-version paths. The access log (a JSON line per request) goes to stderr. The gateway's
+state (who owns each id, runtime keys, spend) is kept in {os.path.abspath(state_path)}.
 
 Ctrl-C stops both.
 """,
@@ -550,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", metavar="FILE", help="audit files, oldest first")
     p.set_defaults(func=cmd_audit_verify)
 
-    p = sub.add_parser("usage", help="print the usage ledger (Redis backend) as CSV or JSON")
+    p = sub.add_parser("usage", help="print the usage ledger (sqlite, Redis) as CSV or JSON")
     p.add_argument("--config", help="YAML config file (or set GATEWAY_CONFIG)")
     p.add_argument("--from", dest="start", required=True, help="first UTC day, YYYY-MM-DD")
     p.add_argument("--to", dest="end", required=True, help="last UTC day, YYYY-MM-DD")

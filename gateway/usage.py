@@ -19,7 +19,7 @@ from typing import Any
 
 from .config import Config
 from .quotas import MICRO
-from .state import LEDGER_FIELDS, StateBackend
+from .state import LEDGER_FIELDS, LedgerReader
 
 COLUMNS = (
     "date",
@@ -68,7 +68,7 @@ def _hours(day: date) -> float:
 
 
 async def report(
-    state: StateBackend, config: Config, start: str, end: str, tenant: str | None = None
+    state: LedgerReader, config: Config, start: str, end: str, tenant: str | None = None
 ) -> list[dict[str, Any]]:
     """The ledger rows of the days from ``start`` to ``end`` for one tenant or all."""
     if tenant is not None and tenant not in config.tenants:

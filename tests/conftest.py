@@ -22,6 +22,13 @@ from harness import (
 from gateway.simulator import IDENTITY_HEADER
 
 
+@pytest.fixture(autouse=True)
+def own_directory(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test runs in its own directory: a gateway on the default backend (sqlite,
+    ``gateway-state.db`` in the working directory) starts from an empty file of its own."""
+    monkeypatch.chdir(tmp_path)  # type: ignore[arg-type]
+
+
 @pytest.fixture
 def sim() -> Iterator[Sim]:
     with simulator("swedencentral") as s:
@@ -81,11 +88,12 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
         cluster.stop()
 
 
-@pytest.fixture(params=["memory", "redis", "cluster"])
+@pytest.fixture(params=["memory", "sqlite", "redis", "cluster"])
 def backend(request: pytest.FixtureRequest) -> tuple[dict[str, object], dict[str, str]]:
-    """(state config, environment) for each state backend: memory, one Redis, a cluster."""
-    if request.param == "memory":
-        return {"backend": "memory"}, {}
+    """(state config, environment) for each state backend: memory, the embedded file
+    (sqlite), one Redis, a cluster."""
+    if request.param in ("memory", "sqlite"):
+        return {"backend": request.param}, {}
     # These gateways run in the test process, sharing one GIL with the simulator and the
     # client threads: their event loop can stall past the 0.2 s production default and
     # trip the breaker on a healthy Redis (the overload trade-off the README documents;

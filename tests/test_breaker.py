@@ -157,6 +157,7 @@ def test_dead_target_is_skipped_without_added_latency(
     cfg["resources"]["dead"] = {"endpoint": f"http://127.0.0.1:{port}", "region": "swedencentral"}
     cfg["upstream"].update(connect_timeout=0.3, read_timeout=5)
     healthy_cfg = _cfg({"swc": identity}, tenants, targets[1:])
+    healthy_cfg["state"] = {"backend": "sqlite", "path": "healthy-state.db"}  # its own file
     try:
         with (
             gateway(healthy_cfg) as ok_gw,

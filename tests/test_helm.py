@@ -123,22 +123,29 @@ def test_cluster_state_renders_to_an_accepted_config() -> None:
         ({"replicaCount": 2}, False),
         ({"autoscaling": {"enabled": True}}, False),
         ({"replicaCount": 1}, True),
+        ({"replicaCount": 2, "config": {"state": {"backend": "memory"}}}, False),
         (
-            {"replicaCount": 3, "config": {"state": {"backend": "redis", "url_env": "REDIS_URL"}}},
+            {
+                "replicaCount": 3,
+                "config": {"state": {"backend": "redis", "url_env": "REDIS_URL"}},
+                "persistence": {"enabled": False},
+            },
             True,
         ),
         (
             {
                 "autoscaling": {"enabled": True},
                 "config": {"state": {"backend": "redis", "url_env": "REDIS_URL"}},
+                "persistence": {"enabled": False},
             },
             True,
         ),
     ],
 )
-def test_memory_backend_is_one_replica(values: dict[str, Any], renders: bool) -> None:
-    """Several replicas on the memory backend would each keep their own quotas, budgets and
-    object ownership (a response made on one pod is 404 on the other): refused at render."""
+def test_embedded_backends_are_one_replica(values: dict[str, Any], renders: bool) -> None:
+    """Several replicas on sqlite (the default) or memory would each keep their own quotas,
+    budgets and object ownership (a response made on one pod is 404 on the other): refused
+    at render."""
     if renders:
         assert render(values)["Deployment"]
         return
@@ -158,7 +165,12 @@ def test_tmp_holds_spooled_uploads() -> None:
     ("values", "where"),
     [
         ({"config": {"state": {"backend": "redis"}}}, "missing property 'url_env'"),
-        ({"replicaCount": 2}, "/config/state/backend"),  # memory state on two pods
+        ({"replicaCount": 2}, "/config/state/backend"),  # the state file on two pods
+        (  # two pods on one ReadWriteOnce volume
+            {"replicaCount": 2, "config": {"state": {"backend": "redis", "url_env": "R"}}},
+            "/persistence/enabled",
+        ),
+        ({"persistence": {"size": "lots"}}, "/persistence/size"),
         ({"autoscaling": {"enabled": True}}, "/config/state/backend"),
         ({"replicaCount": 0}, "/replicaCount"),
         ({"config": {"state": {"backend": "sqlite3"}}}, "/config/state/backend"),
@@ -176,7 +188,9 @@ def test_values_the_gateway_would_refuse_fail_the_render(
 
 def test_shared_state_scales() -> None:
     redis = {"backend": "redis", "url_env": "REDIS_URL"}
-    docs = render({"replicaCount": 3, "config": {"state": redis}})
+    docs = render(
+        {"replicaCount": 3, "config": {"state": redis}, "persistence": {"enabled": False}}
+    )
     assert docs["Deployment"]["spec"]["replicas"] == 3
 
 
@@ -190,3 +204,42 @@ def test_an_init_container_checks_the_config_with_the_pods_environment() -> None
     assert init["image"] == main["image"] and init["env"] == main["env"]
     assert {"name": "config", "mountPath": "/etc/gateway", "readOnly": True} in init["volumeMounts"]
     assert init["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_state_and_audit_live_on_a_volume_claim_by_default() -> None:
+    """The default keeps the state file and the audit trail on a PersistentVolumeClaim, so a
+    restart, a reschedule or `helm upgrade` forgets nothing; the Deployment recreates its
+    pod (a rolling update would wait for the old pod's ReadWriteOnce volume)."""
+    docs = render({})
+    pvc = docs["PersistentVolumeClaim"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "2Gi"
+    assert "storageClassName" not in pvc["spec"]
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    dep = docs["Deployment"]
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}
+    pod = dep["spec"]["template"]["spec"]
+    data = next(v for v in pod["volumes"] if v["name"] == "data")
+    assert data["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "data")
+    cfg = parse_config(yaml.safe_load(docs["ConfigMap"]["data"]["config.yaml"]), {}).config
+    assert cfg.state.backend == "sqlite"
+    assert cfg.state.path.startswith(mount["mountPath"] + "/")
+    assert cfg.audit.path is not None and cfg.audit.path.startswith(mount["mountPath"] + "/")
+    kubernetes_validate.validate(pvc, K8S, strict=True)
+
+
+def test_persistence_options() -> None:
+    own = render({"persistence": {"storageClass": "managed-csi-premium", "size": "10Gi"}})
+    assert own["PersistentVolumeClaim"]["spec"]["storageClassName"] == "managed-csi-premium"
+    assert own["PersistentVolumeClaim"]["spec"]["resources"]["requests"]["storage"] == "10Gi"
+    existing = render({"persistence": {"existingClaim": "gateway-data"}})
+    assert "PersistentVolumeClaim" not in existing
+    pod = existing["Deployment"]["spec"]["template"]["spec"]
+    data = next(v for v in pod["volumes"] if v["name"] == "data")
+    assert data["persistentVolumeClaim"]["claimName"] == "gateway-data"
+    off = render({"persistence": {"enabled": False}})
+    assert "PersistentVolumeClaim" not in off and "strategy" not in off["Deployment"]["spec"]
+    pod = off["Deployment"]["spec"]["template"]["spec"]
+    data = next(v for v in pod["volumes"] if v["name"] == "data")
+    assert data["emptyDir"]["sizeLimit"] == "2Gi"

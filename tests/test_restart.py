@@ -67,3 +67,25 @@ def test_a_restart_changes_nothing_a_team_can_see(
         with pytest.raises(openai.RateLimitError) as spent:  # the budget was not reset
             b.responses.create(model="gpt-4.1", input="after the restart")
         assert spent.value.code == "insufficient_quota"
+
+
+def test_the_default_backend_is_a_state_file_and_memory_warns(
+    identity: Sim, tenants: Tenants, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without `state:` the gateway keeps its state in gateway-state.db in the working
+    directory; the memory backend, only when named, says at start and in /readyz that a
+    restart forgets."""
+    cfg = base_config({"swc": identity}, tenants)
+    with gateway(cfg) as gw:
+        a = openai.OpenAI(base_url=gw.url + "/openai/v1/", api_key=tenants.key("team-a"))
+        a.responses.create(model="gpt-4.1", input="hi")
+        ready = httpx.get(gw.url + "/readyz").json()
+        assert ready["ready"] and "warnings" not in ready
+    assert (tmp_path / "gateway-state.db").stat().st_size > 0
+    caplog.set_level("WARNING", logger="gateway")
+    with gateway(base_config({"swc": identity}, tenants, state={"backend": "memory"})) as gw:
+        ready = httpx.get(gw.url + "/readyz")
+        assert ready.status_code == 200 and ready.json()["ready"]
+        (warning,) = ready.json()["warnings"]
+        assert "memory" in warning and "restart forgets" in warning
+    assert "restart forgets" in caplog.text

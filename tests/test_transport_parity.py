@@ -75,7 +75,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         mp.setenv("IDENTITY_HEADER", IDENTITY_HEADER)
         tenants = Tenants()
         audit = tmp / "audit.jsonl"
-        cfg = base_config({"swc": sim}, tenants, audit={"path": str(audit)})
+        state = {"backend": "sqlite", "path": str(tmp / "state.db")}
+        cfg = base_config({"swc": sim}, tenants, audit={"path": str(audit)}, state=state)
         cfg["models"]["gpt-4.1"].append(
             {"resource": "swc", "deployment": "dep-41-batch", "batch": True}
         )

@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,7 @@ def test_usage_on_memory_is_served_by_the_admin_api_only(
 ) -> None:
     admin = new_key()
     cfg = base_config({"swc": identity}, tenants, prices={"gpt-4.1": PRICES})
+    cfg["state"] = {"backend": "memory"}
     day = datetime.now(UTC).date().isoformat()
     with gateway(cfg) as gw:
         # not configured: the admin API does not exist
@@ -155,6 +157,24 @@ def test_usage_on_memory_is_served_by_the_admin_api_only(
         _check(list(csv.DictReader(io.StringIO(r.text))), usages, day)
     done = subprocess.run(_usage_cli(tmp_path, cfg, day), capture_output=True, text=True)
     assert done.returncode == 2 and "/admin/usage" in done.stderr
+
+
+def test_usage_cli_reads_the_state_file_of_a_running_gateway(
+    identity: Sim, tenants: Tenants, tmp_path: Path
+) -> None:
+    """The default backend (sqlite): `gateway usage` reads the ledger from the state file,
+    read-only, while the gateway writing it serves."""
+    cfg = base_config({"swc": identity}, tenants, prices={"gpt-4.1": PRICES})
+    day = datetime.now(UTC).date().isoformat()
+    with gateway(cfg) as gw:
+        usages = _traffic(gw.url, tenants)
+        time.sleep(0.2)  # settles are committed within milliseconds
+        out = subprocess.run(_usage_cli(tmp_path, cfg, day), capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        _check(list(csv.DictReader(io.StringIO(out.stdout))), usages, day)
+    cfg["state"] = {"backend": "sqlite", "path": str(tmp_path / "missing.db")}
+    done = subprocess.run(_usage_cli(tmp_path, cfg, day), capture_output=True, text=True)
+    assert done.returncode == 1 and "no state file" in done.stderr
 
 
 def test_admin_key_may_not_be_a_tenant_key(identity: Sim, tenants: Tenants) -> None:

@@ -193,7 +193,8 @@ class TenantConfig(_Frozen):
 
 
 class StateConfig(_Frozen):
-    backend: Literal["memory", "redis", "sqlite"] = "memory"
+    # sqlite: durable, one replica; redis: several replicas; memory: forgets on restart.
+    backend: Literal["memory", "redis", "sqlite"] = "sqlite"
     path: str = "gateway-state.db"  # backend sqlite: the state file (WAL beside it)
     mode: Literal["single", "cluster"] = "single"
     url_env: str | None = None

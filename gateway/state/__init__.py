@@ -1,4 +1,4 @@
-"""State backends: one interface, chosen by config (memory or Redis)."""
+"""State backends: one interface, chosen by config (sqlite, memory or Redis)."""
 
 from __future__ import annotations
 
@@ -92,6 +92,13 @@ def ledger_increments(e: LedgerEntry) -> dict[str, int]:
         "estimated_requests": int(e.estimated),
         "estimated_cost_micro": e.cost if e.estimated else 0,
     }
+
+
+class LedgerReader(Protocol):
+    """What reads the usage ledger: every backend, and the state file read from outside."""
+
+    async def usage(self, tenant: str, day: str) -> dict[tuple[str, str], dict[str, int]]:
+        """The ledger of ``tenant`` for UTC ``day`` (YYYYMMDD): (model, resource) -> field -> n."""
 
 
 class StateBackend(Protocol):

@@ -25,11 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 import queue
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ..errors import StateError
@@ -69,9 +72,11 @@ class _Writer:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock: int | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self._lock = _exclusive(self.path)
         ready: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
         self._thread = threading.Thread(
             target=self._run, args=(ready,), name="sqlite-writer", daemon=True
@@ -79,6 +84,7 @@ class _Writer:
         self._thread.start()
         error = ready.get()
         if error is not None:
+            self._unlock()
             raise StateError(f"The state file {self.path} cannot be opened: {error}.") from error
 
     def _run(self, ready: queue.SimpleQueue[BaseException | None]) -> None:
@@ -144,6 +150,31 @@ class _Writer:
             self._queue.put(None)
             self._thread.join(10)
             self._thread = None
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor releases the lock
+            self._lock = None
+
+
+def _exclusive(path: str) -> int:
+    """Hold an exclusive lock on ``path``.lock for this process (released when it closes the
+    descriptor or dies): one gateway per state file, since each keeps its own quota engine."""
+    try:
+        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StateError(f"The state file {path} cannot be locked: {exc}.") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StateError(
+            f"Another gateway process uses the state file {path}. The sqlite backend"
+            " serves one replica; give each process its own state.path, or use"
+            " state.backend: redis for several replicas."
+        ) from None
+    return fd
 
 
 def _apply(db: sqlite3.Connection, statements: list[Statement]) -> None:
@@ -332,3 +363,33 @@ class SqliteKeyStore(MemoryKeyStore):
         self.writer.send(
             [("INSERT OR REPLACE INTO key_used VALUES (?, ?)", (k, self.used[k])) for k in used]
         )
+
+
+class LedgerFile:
+    """The usage ledger of a state file, read from outside the gateway that writes it
+    (``gateway usage``): a read-only connection, beside the running gateway (WAL)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    async def usage(self, tenant: str, day: str) -> dict[tuple[str, str], dict[str, int]]:
+        return await asyncio.to_thread(self._read, tenant, day)
+
+    def _read(self, tenant: str, day: str) -> dict[tuple[str, str], dict[str, int]]:
+        if not os.path.exists(self.path):
+            raise StateError(f"There is no state file at {self.path} (state.path).")
+        uri = Path(self.path).resolve().as_uri() + "?mode=ro"
+        try:
+            db = sqlite3.connect(uri, uri=True)
+            try:
+                rows = db.execute(
+                    "SELECT * FROM ledger WHERE tenant = ? AND day = ?", (tenant, day)
+                ).fetchall()
+            finally:
+                db.close()
+        except sqlite3.Error as exc:
+            raise StateError(f"The state file {self.path} cannot be read: {exc}.") from exc
+        return {
+            (model, resource): dict(zip(LEDGER_FIELDS, values, strict=True))
+            for _, _, model, resource, *values in rows
+        }

@@ -1,4 +1,5 @@
-"""The runtime key store on every backend: memory, one Redis, a Redis Cluster."""
+"""The runtime key store on every backend: memory, the embedded file, one Redis, a Redis
+Cluster."""
 
 from __future__ import annotations
 
@@ -10,10 +11,18 @@ import pytest
 from gateway.state.keystore import ApiKey, KeyStore, MemoryKeyStore
 
 
-@pytest.fixture(params=["memory", "redis", "cluster"])
-def store_factory(request: pytest.FixtureRequest) -> Any:
+@pytest.fixture(params=["memory", "sqlite", "redis", "cluster"])
+def store_factory(request: pytest.FixtureRequest, tmp_path: Any) -> Any:
     if request.param == "memory":
         return lambda: (MemoryKeyStore(), None)
+    if request.param == "sqlite":
+        from gateway.state.sqlite import SqliteState
+
+        def embedded() -> tuple[KeyStore, Any]:
+            state = SqliteState(str(tmp_path / "state.db"))
+            return state.key_store(), state
+
+        return embedded
     from gateway.state.redis import RedisState
 
     if request.param == "cluster":

@@ -152,3 +152,27 @@ def test_an_unwritable_file_is_a_state_error(tmp_path: Path) -> None:
             raise AssertionError("a directory opened as a state file")
 
     asyncio.run(main())
+
+
+def test_a_second_process_on_the_same_file_is_refused_with_the_reason(tmp_path: Path) -> None:
+    """Two gateways on one file would each keep their own quota engine: the second is
+    refused at start, saying what to do; the file is free again once the first closes."""
+    import pytest
+
+    from gateway.errors import StateError
+
+    path = str(tmp_path / "state.db")
+
+    async def main() -> None:
+        first = SqliteState(path)
+        await first.connect()
+        try:
+            with pytest.raises(StateError, match=r"one replica.*state\.backend: redis"):
+                await SqliteState(path).connect()
+        finally:
+            await first.aclose()
+        again = SqliteState(path)
+        await again.connect()
+        await again.aclose()
+
+    asyncio.run(main())
