@@ -135,6 +135,69 @@ class _Family:
         yield family
 
 
+def reference(registry: CollectorRegistry) -> list[tuple[str, str, tuple[str, ...], str]]:
+    """(name, type, labels, help) of every metric on ``registry``, as exposed."""
+    rows = []
+    for collector in list(registry._collector_to_names):
+        if isinstance(collector, _Family):
+            rows.append(
+                (
+                    collector.name,
+                    collector.kind,
+                    tuple(collector.labelnames),
+                    collector.documentation,
+                )
+            )
+        elif hasattr(collector, "_labelnames"):  # prometheus_client's Counter, Gauge
+            metric: Any = collector
+            kind = metric._type
+            name = metric._name + ("_total" if kind == "counter" else "")
+            rows.append((name, kind, tuple(metric._labelnames), metric._documentation))
+        else:  # a collector read at scrape time
+            for family in collector.collect():
+                labels = tuple(getattr(family, "_labelnames", ()))
+                rows.append((family.name, family.type, labels, family.documentation))
+    return rows
+
+
+METRICS_HEADER = """# Metrics
+
+Exposed on `/metrics` (or on `metrics.port`, then not on the API port). Label values are
+bounded: `tenant` and `model` are configured names or `other`; `operation` is an operation
+of the endpoint table or `unknown`; `server_label` is the first 100 sane labels seen, then
+`other`; `key_id` is a configured or runtime key's id.
+
+The metrics every request touches (requests, durations, time to first byte, tokens, cost,
+in-flight and stream gauges and the GenAI histograms) are kept as plain numbers, not
+prometheus_client's locked values: the event loop is their only writer. Their exposition
+is the same (`_total`, `_bucket` with the same `le` bounds, `_sum`, `_count`) except that
+they have no `_created` series.
+
+`deploy/grafana/dashboard.json` and `deploy/grafana/alerts.yaml` query only these; a test
+checks that every series they use is exposed.
+
+This page is generated from the metric registry (`gateway.metrics.markdown`; a test keeps
+it equal).
+
+| metric | type | labels | meaning |
+|---|---|---|---|
+"""
+
+
+def markdown() -> str:
+    """docs/metrics.md: every metric a gateway exposes."""
+    from .config import parse_config
+
+    cfg = parse_config({"resources": {}, "models": {}, "tenants": {}}, {}).config
+    metrics = Metrics(lambda: cfg)
+    metrics.watch_keys({})
+    lines = [
+        f"| `{name}` | {kind} | {', '.join(labels) or '—'} | {doc} |"
+        for name, kind, labels, doc in reference(metrics.registry)
+    ]
+    return METRICS_HEADER + "\n".join(lines) + "\n"
+
+
 class _Budgets:
     """``gateway_budget``: the money budgets of the current config (read at scrape)."""
 
@@ -168,7 +231,8 @@ class Metrics(BaseObserver):
         self.requests = _Family(
             "counter",
             "gateway_requests_total",
-            "Requests answered, by tenant, model, operation, status and transport.",
+            "Requests answered, by tenant, model, operation, status and transport"
+            " (http, websocket).",
             ["tenant", "model", "operation", "status", "transport"],
             registry=r,
         )
@@ -218,7 +282,7 @@ class Metrics(BaseObserver):
         )
         self.token_fetches = Counter(
             "gateway_entra_token_fetches_total",
-            "Microsoft Entra token fetches, by result.",
+            "Microsoft Entra token fetches, by result (success, failure).",
             ["result"],
             registry=r,
         )
@@ -248,13 +312,15 @@ class Metrics(BaseObserver):
         self.quota_refusals = _Family(
             "counter",
             "gateway_quota_refusals_total",
-            "Requests refused by a quota, by tenant and reason.",
+            "Requests refused by a quota, by tenant and reason (requests_per_minute,"
+            " tokens_per_minute, tokens_per_day, tokens_per_month, max_concurrent_requests,"
+            " budget_per_day, budget_per_month).",
             ["tenant", "reason"],
             registry=r,
         )
         self.state_errors = Counter(
             "gateway_state_errors_total",
-            "State backend (Redis) failures, by operation.",
+            "State backend (Redis) failures, by operation (admit, settle).",
             ["operation"],
             registry=r,
         )
@@ -404,7 +470,10 @@ class Metrics(BaseObserver):
         )
         r.register(_Budgets(config_source))
         self.config_reloads = Counter(
-            "gateway_config_reloads_total", "Config reloads, by result.", ["result"], registry=r
+            "gateway_config_reloads_total",
+            "Config reloads, by result (applied, rejected).",
+            ["result"],
+            registry=r,
         )
 
     def child(self, metric: Any, *labels: str) -> Any:
@@ -522,7 +591,8 @@ class Metrics(BaseObserver):
             def collect(self) -> Any:
                 family = GaugeMetricFamily(
                     "gateway_key_last_used_timestamp_seconds",
-                    "When this replica last authenticated a request with the key (epoch s)",
+                    "When this replica last authenticated a request with the key (epoch s),"
+                    " config and runtime keys.",
                     labels=["tenant", "key_id"],
                 )
                 for key_id, (tenant, at) in used.copy().items():
@@ -593,3 +663,7 @@ class Metrics(BaseObserver):
         tokens = self.gen_ai_tokens
         tokens.labels(operation, model, "input").observe(kinds["input"])
         tokens.labels(operation, model, "output").observe(kinds["output"])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(markdown(), end="")

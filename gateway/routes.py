@@ -288,7 +288,7 @@ _HOW = {
 
 
 def markdown() -> str:
-    """The endpoint table for the README, made from ``ENDPOINTS``."""
+    """The endpoint table for docs/api.md, made from ``ENDPOINTS``."""
     rows = [
         "| method | path under `/openai/v1` | operation | routed by | also on | objects |",
         "|---|---|---|---|---|---|",

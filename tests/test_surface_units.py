@@ -199,11 +199,13 @@ def test_container_settings_are_walked_whole() -> None:
     assert [(r.kind, r.param) for r in refs] == [("container", "tools[0].container.id")]
 
 
-def test_readme_endpoint_table_is_the_route_table() -> None:
+def test_the_endpoint_table_in_the_docs_is_the_route_table() -> None:
     import pathlib
 
     from gateway.routes import markdown
 
-    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
-    table = readme.split("<!-- routes:begin -->\n", 1)[1].split("<!-- routes:end -->", 1)[0]
-    assert table == markdown(), "README's endpoint table is stale: paste gateway.routes.markdown()"
+    page = (pathlib.Path(__file__).parent.parent / "docs" / "api.md").read_text()
+    table = page.split("<!-- routes:begin -->\n", 1)[1].split("<!-- routes:end -->", 1)[0]
+    assert table == markdown(), (
+        "docs/api.md's endpoint table is stale: paste gateway.routes.markdown()"
+    )
