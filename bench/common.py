@@ -123,6 +123,8 @@ def servers(
     with tempfile.TemporaryDirectory() as tmp:
         if production:
             cfg["audit"] = {"path": str(Path(tmp) / "audit.jsonl")}
+        if "state" not in cfg:  # the default backend (sqlite), its file in this run's directory
+            cfg["state"] = {"backend": "sqlite", "path": str(Path(tmp) / "gateway-state.db")}
         path = Path(tmp) / "gateway.yaml"
         path.write_text(yaml.safe_dump(cfg))
         simulate = ["simulate", "--port", str(sim_port)]

@@ -1,24 +1,32 @@
-"""The embedded durable backend: one process, one SQLite file (Python's own ``sqlite3``).
+"""The embedded durable backend, the default: one process, one SQLite file (Python's own
+``sqlite3``).
 
 The quota engine is the memory backend's (``MemoryState``), in this process; what a
-restart must not forget is also written to the file, which is read back at start:
+restart must not forget is also written down and read back at start:
 
 - object bindings (who owns each id, where it lives): durable *before* the call returns,
   so before the client sees the id (``Answer.work`` awaits the bind before the bytes that
-  carry it go on, on streams too);
-- runtime keys, their rotation graces and revocations (``SqliteKeyStore``): durable
-  before the admin API answers; last-used times within about a second;
+  carry it go on, on streams too). A bind is one ``write`` of a JSON line to the binding
+  log (``PATH-bindings.log``), on the loop: the page cache holds it, so a killed process
+  loses none, and no device is waited for. Every FOLD_SECONDS the log is sealed and
+  folded into the SQLite file on the thread; a log a kill left is folded at start;
+- runtime keys, their rotation graces and revocations (``SqliteKeyStore``): committed on
+  the thread before the admin API answers; last-used times within a second;
 - day and month token and money counters, the usage ledger and charge-once markers:
-  written with each settle, committed within milliseconds (group commit), so a budget
-  cannot be reset by a restart;
+  added up in memory and committed on the thread every FLUSH_SECONDS (0.1 s), so a
+  budget cannot be reset by a restart and a kill loses at most that tenth of a second;
 - open batches (the watcher charges them after a restart).
 
 Request-rate and token-per-minute buckets and concurrency leases stay in memory: they
-may restart with the process. The event loop never waits on disk: one writer thread owns
-the connection (WAL, ``synchronous=NORMAL``: durable across a killed process) and commits
-whatever has queued meanwhile in one transaction; callers that need durability await
-their write's commit. One replica only: several processes on one file would each keep
-their own quota engine (use Redis for more than one).
+may restart with the process.
+
+One thread owns the SQLite connection (WAL, ``synchronous=NORMAL``): every transaction,
+SQLite's checkpoints and their fsync, the log's folding, reads of bindings evicted from
+the cache. Why bindings are not written through it: handing each bind to a thread and
+back costs ~100 µs of CPU on a 2-core VM (two cross-thread wake-ups) and a commit in a
+busy process ~150 µs, where an appended line costs a few µs (docs/benchmarks.md). One
+process per file (an exclusive lock): several would each keep their own quota engine;
+use Redis for more than one replica.
 """
 
 from __future__ import annotations
@@ -26,12 +34,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
+import logging
+import mmap
 import os
-import queue
 import sqlite3
-import threading
 import time
-from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -41,121 +50,64 @@ from . import LEDGER_FIELDS, Binding, LedgerEntry, Settled, ledger_increments
 from .keystore import ApiKey, MemoryKeyStore
 from .memory import MemoryState
 
+log = logging.getLogger("gateway.state")
+
+FLUSH_SECONDS = 0.1  # spend, ledger, markers, last-used: committed this often
+FOLD_SECONDS = 10.0  # the log is folded into the file this often (or when it is full)
+PRUNE_SECONDS = 600.0  # expired rows and surplus markers are dropped this often
+
 _SCHEMA = (
+    # ``charged``: the expiry of the object's charge-once marker (None: not charged yet).
     "CREATE TABLE IF NOT EXISTS bindings (id TEXT PRIMARY KEY, tenant TEXT, resource TEXT,"
-    " model TEXT, kind TEXT, expires REAL)",
+    " model TEXT, kind TEXT, expires REAL, charged REAL) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS counters (tenant TEXT, model TEXT, window TEXT,"
-    " value INTEGER, PRIMARY KEY (tenant, model, window))",
+    " value INTEGER, PRIMARY KEY (tenant, model, window)) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS ledger (tenant TEXT, day TEXT, model TEXT, resource TEXT,"
     f" {', '.join(f'{f} INTEGER' for f in LEDGER_FIELDS)},"
-    " PRIMARY KEY (tenant, day, model, resource))",
-    "CREATE TABLE IF NOT EXISTS charged (once TEXT PRIMARY KEY, expires REAL)",
-    "CREATE TABLE IF NOT EXISTS batches (id TEXT PRIMARY KEY)",
-    "CREATE TABLE IF NOT EXISTS keys (id TEXT PRIMARY KEY, record TEXT)",
-    "CREATE TABLE IF NOT EXISTS key_used (id TEXT PRIMARY KEY, at REAL)",
-    "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER)",
+    " PRIMARY KEY (tenant, day, model, resource)) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS charged (once TEXT PRIMARY KEY, expires REAL) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS charged_expires ON charged (expires)",
+    "CREATE TABLE IF NOT EXISTS batches (id TEXT PRIMARY KEY) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS keys (id TEXT PRIMARY KEY, record TEXT) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS key_used (id TEXT PRIMARY KEY, at REAL) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER) WITHOUT ROWID",
 )
-_LEDGER_ADD = (
-    f"INSERT INTO ledger VALUES (?, ?, ?, ?, {', '.join('?' for _ in LEDGER_FIELDS)})"
+
+
+def _columns(n: int) -> str:
+    return ", ".join(f"value ->> {i}" for i in range(n))
+
+
+# Many rows in one statement: the rows go in as one JSON array that SQLite unpacks
+# (json_each), so a flush is one step per table. executemany steps once per row, and
+# every step lets go of the GIL and takes it back: on a busy event loop each take-back is
+# a thread switch (measured: the flushes cost the loop ~150 µs of CPU per request).
+_BULK_BIND = f"INSERT OR REPLACE INTO bindings SELECT {_columns(7)} FROM json_each(?)"
+_BULK_UNBIND = "DELETE FROM bindings WHERE id IN (SELECT value FROM json_each(?))"
+_BULK_COUNTERS = (
+    f"INSERT INTO counters SELECT {_columns(4)} FROM json_each(?) WHERE true"
+    " ON CONFLICT (tenant, model, window) DO UPDATE SET value = value + excluded.value"
+)
+_BULK_LEDGER = (
+    f"INSERT INTO ledger SELECT {_columns(4 + len(LEDGER_FIELDS))} FROM json_each(?) WHERE true"
     " ON CONFLICT (tenant, day, model, resource) DO UPDATE SET "
     + ", ".join(f"{f} = {f} + excluded.{f}" for f in LEDGER_FIELDS)
 )
+_BULK_CHARGED = f"INSERT OR REPLACE INTO charged SELECT {_columns(2)} FROM json_each(?)"
+_BULK_USED = f"INSERT OR REPLACE INTO key_used SELECT {_columns(2)} FROM json_each(?)"
+_BULK = {_BULK_BIND, _BULK_UNBIND, _BULK_COUNTERS, _BULK_LEDGER, _BULK_CHARGED, _BULK_USED}
 Statement = tuple[str, tuple[Any, ...]]
+# One statement and its rows: a _BULK_ one takes them all as one JSON array, any other
+# runs once per row.
+Batch = tuple[str, list[Any]]
 
 
-class _Writer:
-    """One thread that owns the SQLite connection: writes are committed in groups (all that
-    queued while the previous commit ran, in one transaction); reads run in order too."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._lock: int | None = None
-
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._lock = _exclusive(self.path)
-        ready: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(
-            target=self._run, args=(ready,), name="sqlite-writer", daemon=True
-        )
-        self._thread.start()
-        error = ready.get()
-        if error is not None:
-            self._unlock()
-            raise StateError(f"The state file {self.path} cannot be opened: {error}.") from error
-
-    def _run(self, ready: queue.SimpleQueue[BaseException | None]) -> None:
-        try:
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            for statement in _SCHEMA:
-                db.execute(statement)
-        except (sqlite3.Error, OSError) as exc:
-            ready.put(exc)
-            return
-        ready.put(None)
-        while True:
-            first = self._queue.get()
-            if first is None:
-                db.close()
-                return
-            group = [first]
-            with contextlib.suppress(queue.Empty):
-                while len(group) < 1000:
-                    item = self._queue.get_nowait()
-                    if item is None:
-                        self._queue.put(None)  # stop after this group
-                        break
-                    group.append(item)
-            self._commit(db, group)
-
-    def _commit(self, db: sqlite3.Connection, group: list[Any]) -> None:
-        results: list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]] = []
-        try:
-            db.execute("BEGIN")
-            for work, future in group:
-                value = None
-                if callable(work):
-                    value = work(db)
-                else:
-                    _apply(db, work)
-                results.append((future, value, None))
-            db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            results = [(future, None, exc) for _, future in group]
-        assert self._loop is not None
-        for future, value, error in results:
-            if future is not None:
-                self._loop.call_soon_threadsafe(_resolve, future, value, error)
-
-    def send(self, work: list[Statement] | Callable[[sqlite3.Connection], Any]) -> None:
-        """Queue ``work`` (committed within milliseconds; nobody waits)."""
-        self._queue.put((work, None))
-
-    async def run(self, work: list[Statement] | Callable[[sqlite3.Connection], Any]) -> Any:
-        """Queue ``work`` and wait for its commit (its result, for a read)."""
-        assert self._loop is not None
-        future = self._loop.create_future()
-        self._queue.put((work, future))
-        return await future
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(10)
-            self._thread = None
-        self._unlock()
-
-    def _unlock(self) -> None:
-        if self._lock is not None:
-            os.close(self._lock)  # closing the descriptor releases the lock
-            self._lock = None
+def _connect(path: str) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit never waits for the device
+    db.execute("PRAGMA journal_size_limit=67108864")  # the log shrinks back after a reset
+    return db
 
 
 def _exclusive(path: str) -> int:
@@ -164,7 +116,7 @@ def _exclusive(path: str) -> int:
     try:
         fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
-        raise StateError(f"The state file {path} cannot be locked: {exc}.") from exc
+        raise StateError(f"The state file {path} cannot be opened: {exc}.") from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -177,41 +129,77 @@ def _exclusive(path: str) -> int:
     return fd
 
 
-def _apply(db: sqlite3.Connection, statements: list[Statement]) -> None:
-    for sql, params in statements:
-        db.execute(sql, params)
+class _Pending:
+    """Additive writes nobody waits for (spend, ledger, markers, last used), added up."""
 
+    def __init__(self) -> None:
+        self.counters: dict[tuple[str, str, str], int] = {}
+        self.ledger: dict[tuple[str, str, str, str], list[int]] = {}
+        self.charged: dict[str, float] = {}
+        self.used: dict[str, float] = {}
 
-def _resolve(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(StateError(f"The state file could not be written: {error}."))
-    else:
-        future.set_result(value)
+    def additive(self) -> bool:
+        return bool(self.counters or self.ledger or self.charged or self.used)
+
+    def statements(self) -> list[Batch]:
+        """Every pending write, as (sql, rows)."""
+        out: list[Batch] = []
+        if self.counters:
+            out.append((_BULK_COUNTERS, [[*k, v] for k, v in self.counters.items()]))
+        if self.ledger:
+            out.append((_BULK_LEDGER, [[*k, *v] for k, v in self.ledger.items()]))
+        if self.charged:
+            out.append((_BULK_CHARGED, [*self.charged.items()]))
+        if self.used:
+            out.append((_BULK_USED, [*self.used.items()]))
+        return out
 
 
 class SqliteState(MemoryState):
     """``MemoryState`` whose bindings, spend, ledger, markers, batches and keys survive a
     restart (``state.backend: sqlite``)."""
 
-    local = False  # a bind awaits its commit
+    # A settle never suspends here either (its writes are added up for the next flush), so
+    # the lifecycle awaits it directly, as for the memory backend.
+    local = True
 
     def __init__(self, path: str, max_bindings: int = 250_000) -> None:
         super().__init__(max_bindings)
         self.path = path
-        self.writer = _Writer(path)
-        self.keys = SqliteKeyStore(self.writer)
+        self.keys = SqliteKeyStore(self)
+        self._lock: int | None = None
+        self._log = _Log(path)
+        self._pending = _Pending()
+        self._flush_later: asyncio.TimerHandle | None = None
+        self._fold_later: asyncio.TimerHandle | None = None
+        # One thread owns the SQLite connection: the load, every write, the log's folding,
+        # checkpoints (SQLite's own, on this connection) and reads of evicted bindings.
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite")
+        self._db: sqlite3.Connection | None = None
+        self._folding: asyncio.Future[None] | None = None
+        self._prune_at = 0.0  # the first fold prunes
+        self._open = False
 
     def key_store(self) -> SqliteKeyStore:
         return self.keys
 
+    async def _on_thread(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    # -- opening and closing ---------------------------------------------------------
+
     async def connect(self) -> None:
         """Open the file and read back what it holds (the app's lifespan calls this)."""
-        self.writer.start(asyncio.get_running_loop())
+        self._lock = _exclusive(self.path)
+        try:
+            rows = await self._on_thread(self._open_and_load)
+            self._log.open()
+        except (sqlite3.Error, OSError, StateError) as exc:
+            self._release()
+            message = exc.message if isinstance(exc, StateError) else str(exc)
+            raise StateError(f"The state file {self.path} cannot be opened: {message}.") from exc
         now, mono = time.time(), time.monotonic()
-        rows = await self.writer.run(_load)
-        for oid, tenant, resource, model, kind, expires in rows["bindings"][-self._max :]:
+        for oid, tenant, resource, model, kind, expires in rows["bindings"]:
             self._bindings[oid] = (Binding(tenant, resource, model, kind), mono + expires - now)
         for tenant, model, window, value in rows["counters"]:
             self._counters[(tenant, model, window)] = value
@@ -223,18 +211,155 @@ class SqliteState(MemoryState):
         for (bid,) in rows["batches"]:
             self._batches[bid] = None
         self.keys.load(rows)
+        self._open = True
+        self._fold_later = asyncio.get_running_loop().call_later(FOLD_SECONDS, self._fold_soon)
+
+    def _open_and_load(self) -> dict[str, list[Any]]:
+        """On the thread: the connection, the schema, the binding log folded into the file
+        (a kill may have left it), then what the file holds."""
+        db = self._db = _connect(self.path)
+        for statement in _SCHEMA:
+            db.execute(statement)
+        self._log.fold_into(db, current=True)
+        return _load(db, self._max)
+
+    async def aclose(self) -> None:
+        if not self._open:
+            self._thread.shutdown(wait=True)
+            self._release()
+            return
+        self._open = False
+        for handle in (self._flush_later, self._fold_later):
+            if handle is not None:
+                handle.cancel()
+        self._flush_later = self._fold_later = None
+        if self._folding is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._folding)
+        self._open = True  # one last record: what is added up
+        self._flush_now()
+        self._open = False
+        self._log.close()
+        if self._db is not None:
+            with contextlib.suppress(StateError, sqlite3.Error, OSError):
+                await self._on_thread(self._close_on_thread)
+        self._thread.shutdown(wait=True)
+        self._release()
+
+    def _close_on_thread(self) -> None:
+        db = self._db
+        assert db is not None
+        try:
+            self._log.fold_into(db, current=True)
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            db.close()
+            self._db = None
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor releases the lock
+            self._lock = None
+
+    # -- writing: the binding log on the loop, the rest on the thread -----------------
+
+    async def _write(self, *statements: Statement) -> None:
+        """Commit ``statements`` on the thread and return once they are in the file: keys
+        and batches, a few a minute."""
+        if not self._open:
+            raise StateError("The state file is not open.")
+        batches: list[Batch] = [(sql, [params]) for sql, params in statements]
+        error = await self._on_thread(_run_or_error, self._db, batches)
+        if error is not None:
+            raise error
+
+    def _later(self) -> None:
+        """The additive writes (spend, ledger, markers, last used) go in within
+        FLUSH_SECONDS, in one transaction on the thread."""
+        if self._flush_later is None and self._open:
+            loop = asyncio.get_running_loop()
+            self._flush_later = loop.call_later(FLUSH_SECONDS, self._flush_now)
+
+    def _flush_now(self) -> None:
+        """The added-up spend, ledger, markers and last-used times: one log record."""
+        self._flush_later = None
+        pending = self._pending
+        if not pending.additive() or not self._open:
+            return
+        record = [
+            "a",
+            [[*k, v] for k, v in pending.counters.items()],
+            [[*k, *v] for k, v in pending.ledger.items()],
+            [*pending.charged.items()],
+            [*pending.used.items()],
+        ]
+        try:
+            self._log.append(record)
+        except OSError as exc:
+            log.error("state.flush_failed", extra={"error": str(exc)})
+            self._later()  # kept: tried again
+            return
+        self._pending = _Pending()
+
+    def _fold_soon(self) -> None:
+        """Every FOLD_SECONDS the binding log is sealed and folded into the file on the
+        thread (a fresh log takes the new bindings meanwhile)."""
+        self._fold_later = None
+        if not self._open:
+            return
+        loop = asyncio.get_running_loop()
+        self._flush_now()  # what is added up goes into the log being sealed
+        if self._folding is None and self._log.written:
+            try:
+                self._log.seal()
+            except OSError as exc:
+                log.error("state.log_seal_failed", extra={"error": str(exc)})
+            else:
+                self._folding = loop.run_in_executor(self._thread, self._fold)
+                self._folding.add_done_callback(self._folded)
+        self._fold_later = loop.call_later(FOLD_SECONDS, self._fold_soon)
+
+    def _fold(self) -> None:
+        assert self._db is not None
+        self._log.fold_into(self._db)
+        if time.monotonic() >= self._prune_at:
+            self._prune_at = time.monotonic() + PRUNE_SECONDS
+            _prune(self._db, self._max)
+
+    def _folded(self, f: asyncio.Future[None]) -> None:
+        self._folding = None
+        if not f.cancelled() and f.exception() is not None:
+            # The sealed log stays on disk: folded at the next try or the next start.
+            log.error("state.fold_failed", extra={"error": repr(f.exception())})
+        else:
+            self._log.forget_sealed()
+
+    # -- the backend interface --------------------------------------------------------
 
     async def bind_response(self, response_id: str, binding: Binding, ttl: float) -> None:
+        """In the cache and appended to the binding log (one ``write`` to the page cache)
+        before it returns: durable across a killed process before the client sees the id."""
         await super().bind_response(response_id, binding, ttl)
-        row = (response_id, *binding, time.time() + ttl)
-        await self.writer.run([("INSERT OR REPLACE INTO bindings VALUES (?, ?, ?, ?, ?, ?)", row)])
+        if not self._open:
+            raise StateError("The state file is not open.")
+        try:
+            self._log.bind(response_id, binding, time.time() + ttl)
+        except OSError as exc:
+            raise StateError(f"The state log could not be written: {exc}.") from exc
 
     async def get_binding(self, response_id: str) -> Binding | None:
         found = await super().get_binding(response_id)
-        if found is not None or len(self._bindings) < self._max:
+        if found is not None or len(self._bindings) < self._max or not self._open:
             return found
-        # Evicted from the cache (it holds ``memory_max_objects``): the file still knows.
-        row = await self.writer.run(lambda db: _binding(db, response_id))
+        # Evicted from the cache (it holds ``memory_max_objects``): the log or the file knows.
+        known, logged = self._log.lookup(response_id)
+        if known:
+            row: Any = logged
+        else:
+            try:
+                row = await self._on_thread(_binding, self._db, response_id)
+            except sqlite3.Error as exc:
+                raise StateError(f"The state file could not be read: {exc}.") from exc
         if row is None or row[4] <= time.time():
             return None
         binding = Binding(*row[:4])
@@ -243,7 +368,12 @@ class SqliteState(MemoryState):
 
     async def delete_binding(self, response_id: str) -> None:
         await super().delete_binding(response_id)
-        await self.writer.run([("DELETE FROM bindings WHERE id = ?", (response_id,))])
+        if not self._open:
+            raise StateError("The state file is not open.")
+        try:
+            self._log.forget(response_id)
+        except OSError as exc:
+            raise StateError(f"The state log could not be written: {exc}.") from exc
 
     async def settle(
         self,
@@ -259,61 +389,278 @@ class SqliteState(MemoryState):
         settled = await super().settle(scopes, lease, tokens, w, once, ttl, cost, ledger)
         if not settled.charged:
             return settled
-        statements: list[Statement] = []
-        add = (
-            "INSERT INTO counters VALUES (?, ?, ?, ?) ON CONFLICT (tenant, model, window)"
-            " DO UPDATE SET value = value + excluded.value"
-        )
+        pending = self._pending
+        counters = pending.counters
         for s in scopes:
-            for window, amount in ((w.day, tokens), (w.month, tokens)):
-                statements.append((add, (s.tenant, s.model, window, amount)))
-            for window in (w.day, w.month):
-                statements.append((add, (s.tenant, s.model, "$" + window, cost)))
+            for window, amount in (
+                (w.day, tokens),
+                (w.month, tokens),
+                ("$" + w.day, cost),
+                ("$" + w.month, cost),
+            ):
+                key = (s.tenant, s.model, window)
+                counters[key] = counters.get(key, 0) + amount
         if ledger is not None:
             fields = ledger_increments(ledger)
-            values = tuple(fields[f] for f in LEDGER_FIELDS)
-            row = (ledger.tenant, w.day, ledger.model, ledger.resource, *values)
-            statements.append((_LEDGER_ADD, row))
-        if once is not None:
-            statements.append(("INSERT OR REPLACE INTO charged VALUES (?, ?)", (once, w.now + ttl)))
-        self.writer.send(statements)  # committed within milliseconds; nobody waits
+            row = pending.ledger.setdefault(
+                (ledger.tenant, w.day, ledger.model, ledger.resource), [0] * len(LEDGER_FIELDS)
+            )
+            for i, name in enumerate(LEDGER_FIELDS):
+                row[i] += fields[name]
+        if once is not None and not once.startswith("rq:"):
+            # A request's own marker (``rq:``) guards a settle tried again within that
+            # request: after a restart there is no such request, so it is not written.
+            pending.charged[once] = w.now + ttl
+        self._later()
         return settled
 
     async def batch_open(self, batch_id: str) -> None:
         await super().batch_open(batch_id)
-        await self.writer.run([("INSERT OR IGNORE INTO batches VALUES (?)", (batch_id,))])
+        await self._write(("INSERT OR IGNORE INTO batches VALUES (?)", (batch_id,)))
 
     async def batch_done(self, batch_id: str) -> None:
         await super().batch_done(batch_id)
-        await self.writer.run([("DELETE FROM batches WHERE id = ?", (batch_id,))])
+        await self._write(("DELETE FROM batches WHERE id = ?", (batch_id,)))
 
     async def ping(self) -> None:
-        await self.writer.run(lambda db: db.execute("SELECT 1").fetchone())
+        if not self._open:
+            raise StateError("The state file is not open.")
 
-    async def aclose(self) -> None:
-        await asyncio.to_thread(self.writer.stop)
+    def remember_used(self, used: dict[str, float]) -> None:
+        """Last-used times of keys, written with the next flush."""
+        pending = self._pending.used
+        for key_id, at in used.items():
+            pending[key_id] = max(at, pending.get(key_id, 0.0))
+        self._later()
 
 
-def _load(db: sqlite3.Connection) -> dict[str, list[Any]]:
+def _run(db: sqlite3.Connection | None, statements: list[Batch]) -> None:
+    """One transaction, on the thread."""
+    if not statements:
+        return
+    if db is None:
+        raise StateError("The state file is not open.")
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        for sql, rows in statements:
+            if sql in _BULK:
+                if rows:
+                    db.execute(sql, (json.dumps(rows),))
+            else:
+                db.executemany(sql, rows)
+        db.execute("COMMIT")
+    except sqlite3.Error:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
+
+
+def _run_or_error(db: sqlite3.Connection | None, statements: list[Batch]) -> StateError | None:
+    try:
+        _run(db, statements)
+    except (sqlite3.Error, StateError) as exc:
+        if isinstance(exc, StateError):
+            return exc
+        return StateError(f"The state file could not be written: {exc}.")
+    return None
+
+
+class _Log:
+    """What the loop writes down without waiting: bindings (``b``), deletes (``d``) and,
+    every FLUSH_SECONDS, the added-up spend, ledger, markers and last-used times (``a``),
+    as JSON lines stored into a memory-mapped, preallocated file. A store is a memory copy
+    (no system call); the kernel's page cache holds it, so a killed process loses none.
+    Every FOLD_SECONDS, or when the file is full, it is sealed (renamed ``PATH-log.N``) and
+    a fresh one mapped; the thread folds sealed logs into the SQLite file in order. Logs a
+    kill left are folded at the next start. ``recent`` and ``sealed`` answer for bindings
+    evicted from the cache before their fold (loop side only)."""
+
+    SIZE = 8 * 1024 * 1024
+
+    def __init__(self, path: str) -> None:
+        self.path = path + "-log"
+        self.seq = 0
+        self.fd: int | None = None
+        self.map: mmap.mmap | None = None
+        self.pos = 0
+        self.written = False
+        self.recent: dict[str, tuple[Any, ...] | None] = {}
+        self.sealed: dict[str, tuple[Any, ...] | None] = {}
+
+    def open(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, self.SIZE)  # blocks reserved: no SIGBUS when full
+            else:  # pragma: no cover - not Linux
+                os.ftruncate(fd, self.SIZE)
+            self.map = mmap.mmap(fd, self.SIZE)
+        except OSError:
+            os.close(fd)
+            raise
+        self.fd, self.pos, self.written = fd, 0, False
+
+    def close(self) -> None:
+        if self.map is not None:
+            self.map.close()
+            self.map = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def append(self, record: list[Any]) -> None:
+        data = json.dumps(record, separators=(",", ":")).encode() + b"\n"
+        if self.map is None:
+            raise OSError("the state log is not open")
+        if self.pos + len(data) > self.SIZE:
+            self.seal()
+            assert self.map is not None
+            if len(data) > self.SIZE:
+                raise OSError("a state log record larger than the log")
+        self.map[self.pos : self.pos + len(data)] = data
+        self.pos += len(data)
+        self.written = True
+
+    def bind(self, oid: str, binding: Binding, expires: float) -> None:
+        self.append(["b", oid, *binding, expires])
+        self.recent[oid] = (*binding, expires)
+
+    def forget(self, oid: str) -> None:
+        self.append(["d", oid])
+        self.recent[oid] = None
+
+    def lookup(self, oid: str) -> tuple[bool, tuple[Any, ...] | None]:
+        for index in (self.recent, self.sealed):
+            if oid in index:
+                return True, index[oid]
+        return False, None
+
+    def seal(self) -> None:
+        """Rename the log for folding and map a fresh one (on the loop: metadata only)."""
+        self.close()
+        while os.path.exists(f"{self.path}.{self.seq}"):
+            self.seq += 1
+        os.rename(self.path, f"{self.path}.{self.seq}")
+        self.seq += 1
+        self.open()
+        self.sealed, self.recent = {**self.sealed, **self.recent}, {}
+
+    def forget_sealed(self) -> None:
+        if not self._sealed_paths():
+            self.sealed = {}
+
+    def _sealed_paths(self) -> list[str]:
+        folder, name = os.path.split(self.path)
+        found = []
+        for entry in os.listdir(folder or "."):
+            head, _, seq = entry.rpartition(".")
+            if head == name and seq.isdigit():
+                found.append((int(seq), os.path.join(folder, entry)))
+        return [p for _, p in sorted(found)]
+
+    def fold_into(self, db: sqlite3.Connection, current: bool = False) -> None:
+        """On the thread: the sealed logs (with ``current``, the live one too: at start and
+        at close, when nothing writes it) into the SQLite file, in order, one transaction
+        each, then removed."""
+        paths = self._sealed_paths() + ([self.path] if current else [])
+        for path in paths:
+            if os.path.exists(path):
+                _fold_file(db, path)
+                os.unlink(path)
+
+
+def _fold_file(db: sqlite3.Connection, path: str) -> None:
+    with open(path, "rb") as f:
+        data = f.read()
+    data = data[: data.find(b"\0")] if b"\0" in data else data
+    binds: dict[str, list[Any] | None] = {}
+    pending = _Pending()
+    for line in data.split(b"\n"):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a record cut by a kill mid-store (only ever the last)
+        if not isinstance(record, list) or not record:
+            continue
+        kind = record[0]
+        if kind == "b" and len(record) == 7:
+            binds[record[1]] = [*record[1:], None]
+        elif kind == "d" and len(record) == 2:
+            binds[record[1]] = None
+        elif kind == "a" and len(record) == 5:
+            counters, ledger, charged, used = record[1:]
+            for *key, value in counters:
+                k = (key[0], key[1], key[2])
+                pending.counters[k] = pending.counters.get(k, 0) + value
+            for row in ledger:
+                k4 = (row[0], row[1], row[2], row[3])
+                totals = pending.ledger.setdefault(k4, [0] * len(LEDGER_FIELDS))
+                for n, value in enumerate(row[4:]):
+                    totals[n] += value
+            for once, expires in charged:
+                bound = binds.get(once)
+                if bound is not None:
+                    bound[6] = expires  # the marker rides on its object's row
+                else:
+                    pending.charged[once] = expires
+            for key_id, at in used:
+                pending.used[key_id] = max(at, pending.used.get(key_id, 0.0))
+    # In key order: the inserts walk the table's pages once, in order.
+    rows = sorted((row for row in binds.values() if row is not None), key=lambda r: r[0])
+    gone = sorted(oid for oid, row in binds.items() if row is None)
+    _run(db, [(_BULK_BIND, rows), (_BULK_UNBIND, gone), *pending.statements()])
+
+
+def _prune(db: sqlite3.Connection, keep: int) -> None:
+    """Drop expired bindings and markers, and all but the newest ``keep`` markers (the
+    memory backend keeps as many): the file does not grow with every response forever."""
+    now = time.time()
+    db.execute("BEGIN IMMEDIATE")
+    db.execute("DELETE FROM bindings WHERE expires <= ?", (now,))
+    db.execute("DELETE FROM charged WHERE expires <= ?", (now,))
+    db.execute(
+        "DELETE FROM charged WHERE once IN (SELECT once FROM charged"
+        " ORDER BY expires DESC, once DESC LIMIT -1 OFFSET ?)",
+        (keep,),
+    )
+    db.execute("COMMIT")
+
+
+def _outcome(future: asyncio.Future[StateError | None]) -> StateError | None:
+    """What a commit on the writer thread came to (an unexpected exception included)."""
+    if future.cancelled():
+        return StateError("The state file write was cancelled.")
+    exc = future.exception()
+    if exc is not None:
+        return StateError(f"The state file could not be written: {exc!r}.")
+    return future.result()
+
+
+def _load(db: sqlite3.Connection, keep: int) -> dict[str, list[Any]]:
     """Everything the file holds that is still alive (expired rows are dropped first)."""
     now = time.time()
     w = windows(now)
+    db.execute("BEGIN IMMEDIATE")
     db.execute("DELETE FROM bindings WHERE expires <= ?", (now,))
     db.execute("DELETE FROM charged WHERE expires <= ?", (now,))
     current = (w.day, w.month, "$" + w.day, "$" + w.month)
     db.execute("DELETE FROM counters WHERE window NOT IN (?, ?, ?, ?)", current)
+    db.execute("COMMIT")
     out: dict[str, list[Any]] = {}
-    for table, order in (
-        ("bindings", "ORDER BY expires"),
-        ("counters", ""),
-        ("ledger", ""),
-        ("charged", "ORDER BY expires"),
-        ("batches", ""),
-        ("keys", ""),
-        ("key_used", ""),
-        ("meta", ""),
-    ):
-        out[table] = db.execute(f"SELECT * FROM {table} {order}").fetchall()
+    for table in ("counters", "ledger", "batches", "keys", "key_used", "meta"):
+        out[table] = db.execute(f"SELECT * FROM {table}").fetchall()
+    # The newest ``keep`` bindings and markers: what the memory cache holds (oldest first).
+    out["bindings"] = db.execute(
+        "SELECT id, tenant, resource, model, kind, expires FROM bindings"
+        " ORDER BY expires DESC LIMIT ?",
+        (keep,),
+    ).fetchall()[::-1]
+    out["charged"] = db.execute(
+        "SELECT once, expires FROM (SELECT once, expires FROM charged UNION ALL"
+        " SELECT id, charged FROM bindings WHERE charged IS NOT NULL)"
+        " ORDER BY expires DESC LIMIT ?",
+        (keep,),
+    ).fetchall()[::-1]
     return out
 
 
@@ -326,9 +673,9 @@ def _binding(db: sqlite3.Connection, oid: str) -> Any:
 class SqliteKeyStore(MemoryKeyStore):
     """Runtime keys in memory (this replica's view) and in the state file."""
 
-    def __init__(self, writer: _Writer) -> None:
+    def __init__(self, state: SqliteState) -> None:
         super().__init__()
-        self.writer = writer
+        self.state = state
 
     def load(self, rows: dict[str, list[Any]]) -> None:
         for _, record in rows["keys"]:
@@ -341,28 +688,22 @@ class SqliteKeyStore(MemoryKeyStore):
 
     async def put(self, key: ApiKey, dropped: tuple[str, ...] = ()) -> None:
         await super().put(key, dropped)
-        await self.writer.run(
-            [
-                ("INSERT OR REPLACE INTO keys VALUES (?, ?)", (key.id, key.to_json())),
-                ("INSERT OR REPLACE INTO meta VALUES ('keys_version', ?)", (self._version,)),
-            ]
+        await self.state._write(
+            ("INSERT OR REPLACE INTO keys VALUES (?, ?)", (key.id, key.to_json())),
+            ("INSERT OR REPLACE INTO meta VALUES ('keys_version', ?)", (self._version,)),
         )
 
     async def delete(self, key: ApiKey) -> None:
         await super().delete(key)
-        await self.writer.run(
-            [
-                ("DELETE FROM keys WHERE id = ?", (key.id,)),
-                ("DELETE FROM key_used WHERE id = ?", (key.id,)),
-                ("INSERT OR REPLACE INTO meta VALUES ('keys_version', ?)", (self._version,)),
-            ]
+        await self.state._write(
+            ("DELETE FROM keys WHERE id = ?", (key.id,)),
+            ("DELETE FROM key_used WHERE id = ?", (key.id,)),
+            ("INSERT OR REPLACE INTO meta VALUES ('keys_version', ?)", (self._version,)),
         )
 
     async def touch(self, used: dict[str, float]) -> None:
         await super().touch(used)
-        self.writer.send(
-            [("INSERT OR REPLACE INTO key_used VALUES (?, ?)", (k, self.used[k])) for k in used]
-        )
+        self.state.remember_used({k: self.used[k] for k in used})
 
 
 class LedgerFile:

@@ -176,3 +176,36 @@ def test_a_second_process_on_the_same_file_is_refused_with_the_reason(tmp_path: 
         await again.aclose()
 
     asyncio.run(main())
+
+
+def test_markers_are_capped_and_request_markers_not_written(tmp_path: Path) -> None:
+    """The file keeps as many charge markers as the memory backend (the newest), none of a
+    request's own (``rq:``: no request outlives a restart), and no expired binding."""
+    import sqlite3
+
+    from gateway.state import sqlite as module
+
+    path = str(tmp_path / "state.db")
+
+    async def main() -> None:
+        state = SqliteState(path, max_bindings=50)
+        await state.connect()
+        try:
+            w = windows()
+            for n in range(120):
+                await state.settle([SCOPE], None, 1, w, f"resp_{n:03d}", 3600)
+                await state.settle([SCOPE], None, 1, w, f"rq:{n:03d}", 60)
+            await state.bind_response("resp_short", Binding("a", "r", "", "response"), 0.05)
+            await asyncio.sleep(0.2)  # flushed
+            state._log.seal()
+            await asyncio.get_running_loop().run_in_executor(state._thread, state._fold)
+        finally:
+            await state.aclose()
+
+    asyncio.run(main())
+    db = sqlite3.connect(path)
+    marks = [row[0] for row in db.execute("SELECT once FROM charged ORDER BY once")]
+    assert not any(m.startswith("rq:") for m in marks)
+    assert len(marks) == 50 and marks[0] == "resp_070" and marks[-1] == "resp_119"
+    assert db.execute("SELECT count(*) FROM bindings").fetchone() == (0,)
+    assert module.FLUSH_SECONDS <= 0.1
