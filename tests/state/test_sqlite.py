@@ -209,3 +209,30 @@ def test_markers_are_capped_and_request_markers_not_written(tmp_path: Path) -> N
     assert len(marks) == 50 and marks[0] == "resp_070" and marks[-1] == "resp_119"
     assert db.execute("SELECT count(*) FROM bindings").fetchone() == (0,)
     assert module.FLUSH_SECONDS <= 0.1
+
+
+def test_a_record_cut_by_a_kill_is_skipped_and_the_rest_folded(tmp_path: Path) -> None:
+    """A kill in the middle of storing a record leaves part of a line before the log's
+    zeros: folding skips it and keeps every whole record before it."""
+    import sqlite3
+
+    from gateway.state.sqlite import _SCHEMA, _connect, _Log
+
+    path = str(tmp_path / "state.db")
+    log = _Log(path)
+    log.open()
+    for n in range(3):
+        log.bind(f"resp_{n}", Binding("team-a", "swc", "m", "response"), time.time() + 60)
+    assert log.map is not None
+    half = b'["b","resp_cut","team-a","swc","m","resp'  # the start of a fourth record
+    log.map[log.pos : log.pos + len(half)] = half
+    log.close()
+    db = _connect(path)
+    for statement in _SCHEMA:
+        db.execute(statement)
+    log.fold_into(db, current=True)
+    ids = [row[0] for row in db.execute("SELECT id FROM bindings ORDER BY id")]
+    assert ids == ["resp_0", "resp_1", "resp_2"]
+    assert not os.path.exists(log.path)  # folded, then removed
+    db.close()
+    assert sqlite3.connect(path).execute("SELECT count(*) FROM bindings").fetchone() == (3,)
