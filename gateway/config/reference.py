@@ -92,7 +92,7 @@ MEANINGS: dict[str, str] = {
     "tenants.NAME.budgets.models": "per logical model `{MODEL: {per_day, per_month}}`, on top of the tenant's",
     # state
     "state.backend": "`sqlite` (one replica, durable: the state file), `redis` (several replicas share quotas, bindings and keys) or `memory` (one replica, forgets everything on restart: warned at start and in `/readyz`)",
-    "state.path": "`sqlite`: the state file (WAL; a memory-mapped log `PATH-log` and a `.lock` beside it). A binding is stored into the log before the client sees its id; spend, ledger and markers within 0.1 s; the log is folded into the file every 10 s on one thread, so the event loop never waits on the disk; rate buckets and concurrency slots start afresh after a restart. One process per file (a second is refused at start); see docs/operations.md \"State\"",
+    "state.path": '`sqlite`: the state file (WAL; a memory-mapped log `PATH-log` and a `.lock` beside it). A binding is stored into the log before the client sees its id; spend, ledger and markers within 0.1 s; the log is folded into the file every 10 s on one thread, so the event loop never waits on the disk; rate buckets and concurrency slots start afresh after a restart. One process per file (a second is refused at start); see docs/operations.md "State"',
     "state.mode": "`single` (one Redis server, or a proxy endpoint such as Azure's Enterprise cluster policy) or `cluster` (a Redis Cluster)",
     "state.url_env": "env var holding the Redis URL (`redis://`, `rediss://` for TLS; password in the URL)",
     "state.response_retention_days": "how long an id stays bound to its tenant (Azure keeps responses 30 days)",

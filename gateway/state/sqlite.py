@@ -40,6 +40,7 @@ import mmap
 import os
 import sqlite3
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,7 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS keys (id TEXT PRIMARY KEY, record TEXT) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS key_used (id TEXT PRIMARY KEY, at REAL) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS folded (log TEXT PRIMARY KEY, at REAL) WITHOUT ROWID",
 )
 
 
@@ -499,6 +501,10 @@ class _Log:
             os.close(fd)
             raise
         self.fd, self.pos, self.written = fd, 0, False
+        # Each log's name for the fold (``folded``), so a reader from outside counts a log
+        # either from the file or from the table, never both.
+        self.append(["h", uuid.uuid4().hex])
+        self.written = False
 
     def close(self) -> None:
         if self.map is not None:
@@ -575,6 +581,7 @@ def _fold_file(db: sqlite3.Connection, path: str) -> None:
     data = data[: data.find(b"\0")] if b"\0" in data else data
     binds: dict[str, list[Any] | None] = {}
     pending = _Pending()
+    name: list[str] = []
     for line in data.split(b"\n"):
         try:
             record = json.loads(line)
@@ -583,7 +590,9 @@ def _fold_file(db: sqlite3.Connection, path: str) -> None:
         if not isinstance(record, list) or not record:
             continue
         kind = record[0]
-        if kind == "b" and len(record) == 7:
+        if kind == "h" and len(record) == 2:
+            name.append(record[1])
+        elif kind == "b" and len(record) == 7:
             binds[record[1]] = [*record[1:], None]
         elif kind == "d" and len(record) == 2:
             binds[record[1]] = None
@@ -608,7 +617,10 @@ def _fold_file(db: sqlite3.Connection, path: str) -> None:
     # In key order: the inserts walk the table's pages once, in order.
     rows = sorted((row for row in binds.values() if row is not None), key=lambda r: r[0])
     gone = sorted(oid for oid, row in binds.items() if row is None)
-    _run(db, [(_BULK_BIND, rows), (_BULK_UNBIND, gone), *pending.statements()])
+    folded: list[Batch] = [
+        ("INSERT OR IGNORE INTO folded VALUES (?, ?)", [(n, time.time()) for n in name])
+    ]
+    _run(db, [(_BULK_BIND, rows), (_BULK_UNBIND, gone), *pending.statements(), *folded])
 
 
 def _prune(db: sqlite3.Connection, keep: int) -> None:
@@ -623,6 +635,7 @@ def _prune(db: sqlite3.Connection, keep: int) -> None:
         " ORDER BY expires DESC, once DESC LIMIT -1 OFFSET ?)",
         (keep,),
     )
+    db.execute("DELETE FROM folded WHERE at < ?", (now - 86400,))
     db.execute("COMMIT")
 
 
@@ -708,7 +721,9 @@ class SqliteKeyStore(MemoryKeyStore):
 
 class LedgerFile:
     """The usage ledger of a state file, read from outside the gateway that writes it
-    (``gateway usage``): a read-only connection, beside the running gateway (WAL)."""
+    (``gateway usage``): the logs not yet folded, then a read-only snapshot of the file
+    (WAL), beside the running gateway. A log folded in between is in the snapshot's
+    ``folded`` table and counted from there only."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -716,21 +731,71 @@ class LedgerFile:
     async def usage(self, tenant: str, day: str) -> dict[tuple[str, str], dict[str, int]]:
         return await asyncio.to_thread(self._read, tenant, day)
 
+    def _logs(self) -> list[tuple[str, list[list[Any]]]]:
+        """(log name, its ledger rows) of every log beside the file, read now."""
+        folder, base = os.path.split(self.path + "-log")
+        out: list[tuple[str, list[list[Any]]]] = []
+        for _ in range(3):  # a log sealed (renamed) between listing and reading: again
+            names = sorted(e for e in os.listdir(folder or ".") if e.startswith(base))
+            out, missed = [], False
+            for entry in names:
+                try:
+                    with open(os.path.join(folder, entry), "rb") as f:
+                        data = f.read()
+                except FileNotFoundError:
+                    missed = True
+                    break
+                out.append(_ledger_of(data))
+            if not missed:
+                break
+        return out
+
     def _read(self, tenant: str, day: str) -> dict[tuple[str, str], dict[str, int]]:
         if not os.path.exists(self.path):
             raise StateError(f"There is no state file at {self.path} (state.path).")
+        logs = self._logs()
         uri = Path(self.path).resolve().as_uri() + "?mode=ro"
         try:
-            db = sqlite3.connect(uri, uri=True)
+            db = sqlite3.connect(uri, uri=True, isolation_level=None)
             try:
+                db.execute("BEGIN")  # one snapshot for both reads
                 rows = db.execute(
                     "SELECT * FROM ledger WHERE tenant = ? AND day = ?", (tenant, day)
                 ).fetchall()
+                folded = {name for (name,) in db.execute("SELECT log FROM folded")}
+                db.execute("COMMIT")
             finally:
                 db.close()
         except sqlite3.Error as exc:
             raise StateError(f"The state file {self.path} cannot be read: {exc}.") from exc
-        return {
+        out = {
             (model, resource): dict(zip(LEDGER_FIELDS, values, strict=True))
             for _, _, model, resource, *values in rows
         }
+        for name, ledger in logs:
+            if name in folded:
+                continue
+            for row in ledger:
+                if row[0] != tenant or row[1] != day:
+                    continue
+                fields = out.setdefault((row[2], row[3]), dict.fromkeys(LEDGER_FIELDS, 0))
+                for field, value in zip(LEDGER_FIELDS, row[4:], strict=True):
+                    fields[field] += value
+        return out
+
+
+def _ledger_of(data: bytes) -> tuple[str, list[list[Any]]]:
+    """A log's name and the ledger rows of its ``a`` records."""
+    name, rows = "", []
+    for line in data.split(b"\n"):
+        if not line or line[0] != ord("["):
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record[:1] == ["h"] and len(record) == 2:
+            name = record[1]
+        elif record[:1] == ["a"] and len(record) == 5:
+            rows.extend(record[2])
+    return name, rows

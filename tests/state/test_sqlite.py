@@ -236,3 +236,45 @@ def test_a_record_cut_by_a_kill_is_skipped_and_the_rest_folded(tmp_path: Path) -
     assert not os.path.exists(log.path)  # folded, then removed
     db.close()
     assert sqlite3.connect(path).execute("SELECT count(*) FROM bindings").fetchone() == (3,)
+
+
+def test_the_ledger_read_from_outside_counts_each_log_once(tmp_path: Path) -> None:
+    """`gateway usage` reads the logs not yet folded and the file: a log already folded
+    but not yet removed (the fold commits, then unlinks) is counted from the file only."""
+    import shutil
+
+    from gateway.state import LedgerEntry
+    from gateway.state.sqlite import LedgerFile
+
+    path = str(tmp_path / "state.db")
+    entry = LedgerEntry("team-a", "gpt-4.1", "swc", 10, 0, 5, 0, 1000, False, 86400)
+
+    async def main() -> str:
+        state = SqliteState(path)
+        await state.connect()
+        try:
+            w = windows()
+            await state.settle([SCOPE], None, 15, w, "resp_1", 3600, 1000, entry)
+            await asyncio.sleep(0.25)  # in the log
+            assert (await LedgerFile(path).usage("team-a", w.day))[("gpt-4.1", "swc")][
+                "requests"
+            ] == 1  # from the log: not folded yet
+            state._log.seal()
+            (sealed,) = state._log._sealed_paths()
+            shutil.copy(sealed, str(tmp_path / "copy"))
+            await asyncio.get_running_loop().run_in_executor(state._thread, state._fold)
+            shutil.copy(str(tmp_path / "copy"), sealed)  # folded, but still there
+            rows = await LedgerFile(path).usage("team-a", w.day)
+            assert rows[("gpt-4.1", "swc")]["requests"] == 1
+            await state.settle([SCOPE], None, 15, w, "resp_2", 3600, 1000, entry)
+            await asyncio.sleep(0.25)
+            rows = await LedgerFile(path).usage("team-a", w.day)
+            assert rows[("gpt-4.1", "swc")]["requests"] == 2  # the file's and the live log's
+            os.unlink(sealed)
+            return w.day
+        finally:
+            await state.aclose()
+
+    day = asyncio.run(main())
+    rows = asyncio.run(LedgerFile(path).usage("team-a", day))
+    assert rows[("gpt-4.1", "swc")]["requests"] == 2  # all folded at close
