@@ -28,6 +28,7 @@ from .config import LoadedConfig
 from .credentials import TokenProvider, build_credential
 from .errors import GatewayError, MethodNotAllowed
 from .exchange import Observer
+from .guardrails import Guard
 from .headers import safe_request_id
 from .logs import AccessLog
 from .metrics import Metrics
@@ -209,7 +210,9 @@ def create_app(
                 "pip install 'azure-responses-gateway[tracing]'"
             ) from exc
         observers.insert(0, tracing)  # first: the span starts before the others look
-    needs_entra = any(r.auth == "entra" for r in cfg.resources.values())
+    needs_entra = any(
+        r.auth == "entra" for r in (*cfg.resources.values(), *cfg.content_safety.values())
+    )
     tokens = None
     if needs_entra:
         tokens = TokenProvider(
@@ -245,6 +248,7 @@ def create_app(
     metrics.watch_targets(breakers, [t.key for t in gateway.snap.router.all_targets()])
     metrics.watch_keys(gateway.keys.used)
     gateway.batches.metrics = metrics
+    gateway.guard = Guard(lambda: gateway.snap.loaded, tokens, on_verdict=metrics.guardrail)
     proxy = Proxy(gateway)
 
     reloader = None
@@ -301,6 +305,8 @@ def create_app(
             if tracing is not None:
                 await asyncio.to_thread(tracing.shutdown)
             await gateway.http.aclose()
+            if gateway.guard is not None:
+                await gateway.guard.aclose()
             await gateway.state.aclose()
             await gateway.audit.aclose()
             if gateway.tokens is not None:

@@ -157,6 +157,10 @@ class Auditor:
     def enabled(self) -> bool:
         return bool(self.sinks)
 
+    def base(self, ex: Exchange, event: str) -> Record:
+        """The fields every record of an exchange carries (who, where, when)."""
+        return self._base(ex, event)
+
     def _base(self, ex: Exchange, event: str) -> Record:
         now = time.time()
         return {

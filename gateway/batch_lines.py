@@ -59,6 +59,8 @@ def _at(line: int, exc: GatewayError) -> GatewayError:
     param = f"line {line}: {exc.param}" if exc.param else f"line {line}"
     out = type(exc)(f"line {line}: {exc.message}", code=exc.code, param=param)
     out.headers = exc.headers
+    if hasattr(exc, "result"):  # a content filter's verdict (guardrails.ContentFiltered)
+        out.result = exc.result  # type: ignore[attr-defined]
     return out
 
 
@@ -177,6 +179,8 @@ async def _check_line(
     request = Request(api=api, body=body, batch=True, render=render)
     try:
         checked = await check(gw, snap, principal, request)
+        if gw.guard is not None:  # the line's prompts and documents, as for a request
+            await gw.guard.check_request(checked.tenant_name, checked.tenant, checked.body)
     except GatewayError as exc:
         if exc.param and not exc.param.startswith("body."):
             exc.param = f"body.{exc.param}"

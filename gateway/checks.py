@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .breaker import OPEN
 from .config import TenantConfig
-from .errors import BadRequest, Unauthenticated
+from .errors import BadRequest, GatewayError, Unauthenticated
 from .exchange import Exchange
 from .keys import Principal
 from .objects import Refs, owned
@@ -283,13 +283,14 @@ async def commit(
         ex.model = checked.model
     if checked.pinned is not None:
         ex.pinned = checked.pinned
+    verdicts = await _guardrails(gw, ex, checked)
     if admit is not None:
         await gw.gate.admit(ex, checked.tenant_name, checked.tenant, ex.model or "", admit)
     if checked.operation == "batches.create":
         body = checked.body or {}
         await gw.batches.admit(ex, checked.tenant, checked.bindings, body.get("input_file_id"))
     audit = gw.audit
-    if not audit.enabled or not (checked.mcp or more_records):
+    if not audit.enabled or not (checked.mcp or more_records or verdicts):
         return
     restore = ex.target
     if ex.target is None:
@@ -299,6 +300,24 @@ async def commit(
         records = audit.request_records(ex, refs.tools, refs.mcp_items, checked.decisions)
         if more_records is not None:
             records += more_records(ex)
+        records += [{**audit.base(ex, "guardrail.verdict"), **v} for v in verdicts]
     finally:
         ex.target = restore
     await audit.write(ex, records, before_forward=True)
+
+
+async def _guardrails(gw: Gateway, ex: Exchange, checked: Checked) -> list[Record]:
+    """The tenant's Content Safety checks of what the request carries (``guardrails.py``);
+    a refusal's verdicts are audited before it is answered."""
+    if gw.guard is None:
+        return []
+    try:
+        return await gw.guard.check_request(checked.tenant_name, checked.tenant, checked.body)
+    except GatewayError as exc:
+        records = getattr(exc, "records", [])
+        if records and gw.audit.enabled:
+            if ex.target is None and checked.plans:
+                ex.target = checked.plans[0].target
+            base = gw.audit.base(ex, "guardrail.verdict")
+            await gw.audit.write(ex, [{**base, **r} for r in records], before_forward=False)
+        raise

@@ -11,7 +11,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -469,6 +469,20 @@ class Metrics(BaseObserver):
             registry=r,
         )
         r.register(_Budgets(config_source))
+        self.guardrail_checks = Counter(
+            "gateway_guardrail_checks_total",
+            "Content Safety checks, by tenant, check (prompt_shield, documents,"
+            " moderation_input, moderation_output) and verdict (pass, block, error, skipped).",
+            ["tenant", "check", "verdict"],
+            registry=r,
+        )
+        self.guardrail_seconds = Histogram(
+            "gateway_guardrail_seconds",
+            "Time of one Content Safety call, by check.",
+            ["check"],
+            buckets=_LATENCY,
+            registry=r,
+        )
         self.config_reloads = Counter(
             "gateway_config_reloads_total",
             "Config reloads, by result (applied, rejected).",
@@ -605,6 +619,11 @@ class Metrics(BaseObserver):
         """Read the breaker's state and queue length at scrape time."""
         self.state_open.set_function(lambda: float(guard.is_open))
         self.state_queue.set_function(lambda: float(guard.queued))
+
+    def guardrail(self, tenant: str, check: str, verdict: str, seconds: float) -> None:
+        self.guardrail_checks.labels(self.tenant_label(tenant), check, verdict).inc()
+        if seconds:
+            self.guardrail_seconds.labels(check).observe(seconds)
 
     def token_fetched(self, ok: bool) -> None:
         self.token_fetches.labels("success" if ok else "failure").inc()

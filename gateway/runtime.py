@@ -90,6 +90,9 @@ class Gateway:
         from .batches import BatchDesk
 
         self.batches = BatchDesk(self)
+        from .guardrails import Guard
+
+        self.guard: Guard | None = None  # set by the app (Content Safety checks)
 
     def swap(self, loaded: LoadedConfig) -> None:
         """Serve new requests with ``loaded`` (an attribute swap: atomic for readers)."""

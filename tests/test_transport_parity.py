@@ -87,6 +87,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             "require_approval": "always",
         }
         cfg["batches"] = {"poll_seconds": 3600}
+        # Guardrails: a prompt or a tool output the simulated Content Safety flags.
+        cfg["content_safety"] = {"cs": {"endpoint": sim.url, "region": sim.state.region}}
+        team["guardrails"] = {"prompt_shield": True, "documents": True}
         try:
             with gateway(cfg) as gw:
                 yield World(gw, sim, tenants, audit)
@@ -117,6 +120,13 @@ def requests(draw: st.DrawFn, world: World) -> tuple[str, dict[str, Any]]:
     if draw(st.booleans()):
         items.append(
             {"type": "mcp_approval_response", "approval_request_id": "mcpr_1", "approve": True}
+        )
+    flagged = draw(st.sampled_from([None] * 6 + ["prompt", "document"]))
+    if flagged == "prompt":
+        items[0]["content"].append({"type": "input_text", "text": "JAILBREAK-TEST now"})
+    elif flagged == "document":
+        items.append(
+            {"type": "function_call_output", "call_id": "c1", "output": "INDIRECT-ATTACK-TEST"}
         )
     body["input"] = items
     tools = draw(st.lists(st.sampled_from(TOOLS[:2] + TOOLS[3:4] + TOOLS[5:6] + TOOLS), max_size=3))
@@ -302,3 +312,27 @@ def test_a_transport_that_skips_a_rule_breaks_parity(
     # Realtime decided otherwise than the others, or forwarded a tool unrewritten.
     text = str(info.value)
     assert "'realtime': (" in text or "('realtime'," in text, text
+
+
+@pytest.mark.parametrize(
+    ("item", "param"),
+    [
+        (
+            {"role": "user", "content": [{"type": "input_text", "text": "JAILBREAK-TEST"}]},
+            "input[0].content[0].text",
+        ),
+        (
+            {"type": "function_call_output", "call_id": "c", "output": "INDIRECT-ATTACK-TEST"},
+            "input[0].output",
+        ),
+    ],
+)
+def test_every_transport_runs_the_guardrails(
+    world: World, item: dict[str, Any], param: str
+) -> None:
+    """A prompt or tool output Content Safety flags is refused alike on HTTP, both sockets
+    and in a batch line, with Azure's content-filter code and the same part named."""
+    raw = json.dumps({"model": "gpt-4.1", "input": [item]})
+    for name, send in TRANSPORTS.items():
+        decision, _ = send(world, raw)
+        assert decision == ("content_filter", param), name

@@ -11,6 +11,7 @@ from .models import (
     Config,
     CredentialConfig,
     EntraAdminConfig,
+    GuardrailsConfig,
     McpPolicyConfig,
     PriceConfig,
     QuotaConfig,
@@ -21,6 +22,7 @@ from .models import (
     TokenPrices,
     TracingConfig,
     UpstreamConfig,
+    guardrails_of,
     region_ok,
 )
 
@@ -34,6 +36,7 @@ __all__ = [
     "ConfigError",
     "CredentialConfig",
     "EntraAdminConfig",
+    "GuardrailsConfig",
     "LoadedConfig",
     "McpPolicyConfig",
     "PriceConfig",
@@ -46,6 +49,7 @@ __all__ = [
     "TokenPrices",
     "TracingConfig",
     "UpstreamConfig",
+    "guardrails_of",
     "load_config",
     "load_yaml",
     "parse_config",

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .models import _NAME, Config, TenantConfig, region_ok
+from .models import _NAME, Config, TenantConfig, guardrails_of, region_ok
 from .regions import unknown_region
 
 
@@ -60,6 +60,9 @@ def _cross_check(cfg: Config) -> list[str]:
             errors.append(f"resources.{name}: names use letters, digits, '.', '_' and '-'")
         if (why := unknown_region(res.region)) is not None:
             errors.append(f"resources.{name}.region: {why}")
+    for name, cs in cfg.content_safety.items():
+        if (why := unknown_region(cs.region)) is not None:
+            errors.append(f"content_safety.{name}.region: {why}")
     for model, targets in cfg.models.items():
         if not targets:
             errors.append(f"models.{model}: needs at least one {{resource, deployment}}")
@@ -92,6 +95,27 @@ def _cross_check(cfg: Config) -> list[str]:
             errors.append(
                 f"tenants.{tname}.files.resource: {home!r} is in "
                 f"{cfg.resources[home].region}, outside the tenant's regions"
+            )
+        guard = guardrails_of(cfg, tenant)
+        if (
+            guard is not None
+            and guard.any
+            and not any(region_ok(tenant, cs.region) for cs in cfg.content_safety.values())
+        ):
+            where = "guardrails" if tenant.guardrails is not None else "guardrails (defaults)"
+            errors.append(
+                f"tenants.{tname}.{where}: no content_safety resource is in the tenant's"
+                " regions, so its text cannot be checked there; add one"
+            )
+        if guard is not None and guard.moderation.output is not None:
+            errors.append(
+                f"tenants.{tname}.guardrails.moderation.output: output moderation is not"
+                " applied by this version yet; remove it rather than rely on it"
+            )
+        if guard is not None and guard.mode == "parallel":
+            errors.append(
+                f"tenants.{tname}.guardrails.mode: parallel is not applied by this version"
+                " yet; use before"
             )
         for model in tenant.model_quotas:
             if model not in cfg.models:
@@ -262,6 +286,11 @@ def parse_config(
             s = secret(res.api_key_env, f"resources.{name}.api_key_env")
             if s:
                 keys[name] = s
+    for name, cs in cfg.content_safety.items():
+        if cs.api_key_env:
+            s = secret(cs.api_key_env, f"content_safety.{name}.api_key_env")
+            if s:
+                keys[f"content_safety.{name}"] = s
     client_secret = None
     if cfg.credential.client_secret_env:
         client_secret = secret(cfg.credential.client_secret_env, "credential.client_secret_env")

@@ -180,6 +180,38 @@ class TenantFilesConfig(_Frozen):
     resource: str | None = None  # where uploads (and other home-routed objects) land
 
 
+class ModerationConfig(_Frozen):
+    """text:analyze thresholds: refuse at severity >= N (0-7); a side omitted is off."""
+
+    input: Annotated[int, Field(ge=0, le=7)] | None = None
+    output: Annotated[int, Field(ge=0, le=7)] | None = None
+
+
+class GuardrailsConfig(_Frozen):
+    """Azure AI Content Safety checks on a tenant's traffic (all off by default)."""
+
+    prompt_shield: bool = False  # user prompts -> Prompt Shields userPrompt
+    documents: bool = False  # tool / MCP / function outputs -> Prompt Shields documents
+    moderation: ModerationConfig = ModerationConfig()
+    stream_window_chars: Annotated[int, Field(ge=64, le=10_000)] = 600
+    mode: Literal["before", "parallel"] = "before"
+    on_error: Literal["closed", "open"] = "closed"
+    timeout_seconds: PositiveFloat = 2.0
+
+    @property
+    def inputs(self) -> bool:
+        """Whether anything a request carries is checked."""
+        return self.prompt_shield or self.documents or self.moderation.input is not None
+
+    @property
+    def any(self) -> bool:
+        return self.inputs or self.moderation.output is not None
+
+
+class DefaultsConfig(_Frozen):
+    guardrails: GuardrailsConfig | None = None  # for tenants without their own block
+
+
 class TenantConfig(_Frozen):
     files: TenantFilesConfig = TenantFilesConfig()
     keys: tuple[KeyConfig, ...] = ()
@@ -190,6 +222,7 @@ class TenantConfig(_Frozen):
     mcp: McpPolicyConfig = McpPolicyConfig()
     tools: ToolPolicyConfig = ToolPolicyConfig()
     budgets: BudgetConfig | None = None
+    guardrails: GuardrailsConfig | None = None  # replaces defaults.guardrails whole
 
 
 class StateConfig(_Frozen):
@@ -403,6 +436,9 @@ class MetricsConfig(_Frozen):
 class Config(_Frozen):
     credential: CredentialConfig = CredentialConfig()
     resources: dict[str, ResourceConfig]
+    # Azure AI Content Safety resources (same fields as ``resources``), for guardrails.
+    content_safety: dict[str, ResourceConfig] = {}
+    defaults: DefaultsConfig = DefaultsConfig()
     models: dict[str, tuple[TargetConfig, ...]]
     tenants: dict[str, TenantConfig]
     state: StateConfig = StateConfig()
@@ -416,6 +452,11 @@ class Config(_Frozen):
     server: ServerConfig = ServerConfig()
     audit: AuditConfig = AuditConfig()
     metrics: MetricsConfig = MetricsConfig()
+
+
+def guardrails_of(cfg: Config, tenant: TenantConfig) -> GuardrailsConfig | None:
+    """A tenant's guardrails: its own block, else ``defaults.guardrails`` (no merge)."""
+    return tenant.guardrails if tenant.guardrails is not None else cfg.defaults.guardrails
 
 
 def region_ok(tenant: TenantConfig, region: str) -> bool:

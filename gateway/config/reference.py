@@ -29,6 +29,7 @@ _KEY = {
 }
 # Mappings of a model documented as one row ("the same fields as …"), not field by field.
 _WHOLE = {
+    "defaults.guardrails",
     "prices.MODEL.resources",
     "tenants.NAME.budgets.models",
     "tenants.NAME.model_quotas",
@@ -55,6 +56,13 @@ MEANINGS: dict[str, str] = {
     "models.MODEL[].priority": "lower first; default: list order, so a plain list is an ordered fallback list (PTU first, then pay-as-you-go)",
     "models.MODEL[].weight": "share of traffic within its priority group",
     "models.MODEL[].batch": "a GlobalBatch/DataZoneBatch deployment: only batch lines go to it, interactive traffic never does",
+    # content safety
+    "content_safety.NAME.endpoint": "an Azure AI Content Safety resource, `https://NAME.cognitiveservices.azure.com` (guardrails)",
+    "content_safety.NAME.region": "its Azure region: a tenant's text is checked only on resources in the tenant's regions",
+    "content_safety.NAME.auth": "`entra` (the gateway's credential) or `api_key`",
+    "content_safety.NAME.api_key_env": "env var holding the resource key (`auth: api_key`)",
+    "content_safety.NAME.scope": "Entra scope of the tokens sent to it",
+    "defaults.guardrails": "guardrails for tenants without their own block (the same fields as `tenants.NAME.guardrails`)",
     # prices
     "prices.MODEL.currency": "ISO 4217 code (`EUR`); budgets use the same",
     "prices.MODEL.input": "per 1M input tokens",
@@ -90,6 +98,14 @@ MEANINGS: dict[str, str] = {
     "tenants.NAME.budgets.per_month": "money per UTC calendar month",
     "tenants.NAME.budgets.warn_at": "share of a budget at which `budget.warning` is logged and counted (no refusal)",
     "tenants.NAME.budgets.models": "per logical model `{MODEL: {per_day, per_month}}`, on top of the tenant's",
+    "tenants.NAME.guardrails.prompt_shield": "user prompts go to Prompt Shields (`userPrompt`); an attack → 400 `content_filter` (`jailbreak`)",
+    "tenants.NAME.guardrails.documents": "tool, function and MCP outputs a request carries go to Prompt Shields (`documents`); an attack → 400 `content_filter` (`indirect_attack`)",
+    "tenants.NAME.guardrails.moderation.input": "prompts go to `text:analyze`; a category at this severity (0-7) or above → 400 `content_filter`",
+    "tenants.NAME.guardrails.moderation.output": "answers checked at this severity: not applied yet by this version (refused at start rather than ignored)",
+    "tenants.NAME.guardrails.stream_window_chars": "streamed output is released in checked windows of this many characters (with `moderation.output`)",
+    "tenants.NAME.guardrails.mode": "`before`: nothing goes upstream until the verdict (`parallel`: not applied yet by this version, refused at start)",
+    "tenants.NAME.guardrails.on_error": "Content Safety slow, failing or its breaker open: `closed` → 503 `guardrail_unavailable` with `retry-after`; `open` → forwarded, audited `guardrail.skipped`",
+    "tenants.NAME.guardrails.timeout_seconds": "one Content Safety call; past it the call counts as failed",
     # state
     "state.backend": "`sqlite` (one replica, durable: the state file), `redis` (several replicas share quotas, bindings and keys) or `memory` (one replica, forgets everything on restart: warned at start and in `/readyz`)",
     "state.path": '`sqlite`: the state file (WAL; a memory-mapped log `PATH-log` and a `.lock` beside it). A binding is stored into the log before the client sees its id; spend, ledger and markers within 0.1 s; the log is folded into the file every 10 s on one thread, so the event loop never waits on the disk; rate buckets and concurrency slots start afresh after a restart. One process per file (a second is refused at start); see docs/operations.md "State"',

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from . import batches, models, objects, responses, sockets
+from . import batches, models, objects, responses, safety, sockets
 from .base import IDENTITY_HEADER, Ctx, Recorded, SimState
 from .shapes import _error
 
@@ -47,6 +47,7 @@ def create_simulator(state: SimState | None = None) -> Starlette:
     routes += responses.routes(ctx) + objects.routes(ctx) + models.routes(ctx)
     routes += sockets.routes(ctx)
     routes += batches.routes(ctx)
+    routes += safety.routes(ctx)
 
     async def unknown(request: Request, exc: Exception) -> Response:
         """Paths and methods Azure does not have: its JSON 404 (not Starlette's text)."""

@@ -71,6 +71,10 @@ class SimState:
     realtime_started: list[str] = field(default_factory=list)  # responses begun by VAD
     realtime_cancelled: list[str] = field(default_factory=list)  # responses cancelled
 
+    # Content Safety (``safety.py``): every answer waits this long; the next calls fail.
+    safety_delay: float = 0.0
+    safety_fail_queue: list[int] = field(default_factory=list)
+
     max_stored: int = 2_000
 
     def forget_oldest(self) -> None:
