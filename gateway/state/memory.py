@@ -28,6 +28,20 @@ class _Bucket:
         return self.level
 
 
+def add_to_windows(
+    counters: dict[tuple[str, str, str], int], s: QuotaScope, w: Windows, tokens: int, cost: int
+) -> None:
+    """Add ``tokens`` and ``cost`` to the scope's day and month counters (money under "$")."""
+    for window, amount in (
+        (w.day, tokens),
+        (w.month, tokens),
+        ("$" + w.day, cost),
+        ("$" + w.month, cost),
+    ):
+        key = (s.tenant, s.model, window)
+        counters[key] = counters.get(key, 0) + amount
+
+
 class MemoryState:
     """Response bindings and quota counters in dicts; bindings evicted oldest first."""
 
@@ -181,14 +195,7 @@ class MemoryState:
         for s in scopes:
             if s.tpm and tokens > 0:
                 self._bucket(s, "tk", s.tpm, w.now).level -= tokens
-            for window, amount in (
-                (w.day, tokens),
-                (w.month, tokens),
-                ("$" + w.day, cost),
-                ("$" + w.month, cost),
-            ):
-                key = (s.tenant, s.model, window)
-                counters[key] = counters.get(key, 0) + amount
+            add_to_windows(counters, s, w, tokens, cost)
             spent.append(
                 (
                     counters[(s.tenant, s.model, "$" + w.day)],

@@ -49,7 +49,7 @@ from ..errors import StateError
 from ..quotas import QuotaScope, Windows, windows
 from . import LEDGER_FIELDS, Binding, LedgerEntry, Settled, ledger_increments
 from .keystore import ApiKey, MemoryKeyStore
-from .memory import MemoryState
+from .memory import MemoryState, add_to_windows
 
 log = logging.getLogger("gateway.state")
 
@@ -394,14 +394,7 @@ class SqliteState(MemoryState):
         pending = self._pending
         counters = pending.counters
         for s in scopes:
-            for window, amount in (
-                (w.day, tokens),
-                (w.month, tokens),
-                ("$" + w.day, cost),
-                ("$" + w.month, cost),
-            ):
-                key = (s.tenant, s.model, window)
-                counters[key] = counters.get(key, 0) + amount
+            add_to_windows(counters, s, w, tokens, cost)
         if ledger is not None:
             fields = ledger_increments(ledger)
             row = pending.ledger.setdefault(
