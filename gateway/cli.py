@@ -361,9 +361,18 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def demo_config(sim_port: int, key: str) -> LoadedConfig:
-    """An in-memory config on the local simulator via Entra: one tenant, and a model for
-    every flow the README shows (Responses, chat, embeddings, audio, Realtime, batch)."""
+def demo_config(sim_port: int, key: str, guarded_key: str | None = None) -> LoadedConfig:
+    """A config on the local simulator via Entra: a tenant without guardrails and a model
+    for every flow the README shows (Responses, chat, embeddings, audio, Realtime, batch),
+    and a guarded tenant whose prompts and tool outputs the simulator's Content Safety
+    checks."""
+    guarded = {
+        "guarded": {
+            "keys": [{"id": "guarded-key", "sha256": hash_key(guarded_key or "")}],
+            "models": ["gpt-4.1"],
+            "guardrails": {"prompt_shield": True, "documents": True, "moderation": {"input": 4}},
+        }
+    }
     return parse_config(
         {
             "credential": {"type": "managed_identity"},
@@ -388,7 +397,11 @@ def demo_config(sim_port: int, key: str) -> LoadedConfig:
                         "gpt-4o-transcribe",
                         "gpt-realtime",
                     ],
-                }
+                },
+                **(guarded if guarded_key else {}),
+            },
+            "content_safety": {
+                "sim-cs": {"endpoint": f"http://127.0.0.1:{sim_port}", "region": "swedencentral"}
             },
         },
         environ={},
@@ -410,8 +423,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # azure-identity's managed-identity flow, served by the simulator (App Service protocol).
     os.environ["IDENTITY_ENDPOINT"] = f"http://127.0.0.1:{sim_port}/msi/token"
     os.environ["IDENTITY_HEADER"] = IDENTITY_HEADER
-    key = new_key()
-    loaded = demo_config(sim_port, key)
+    key, guarded_key = new_key(), new_key()
+    loaded = demo_config(sim_port, key, guarded_key)
     state_path = loaded.config.state.path
     app = create_app(loaded)
     base = f"http://{args.host}:{args.port}"
@@ -425,6 +438,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"""
 Gateway demo: gateway on {base}, simulated Azure OpenAI on 127.0.0.1:{sim_port}.
 Demo key (tenant 'demo', model 'gpt-4.1'): {key}
+Guarded key (tenant 'guarded', Content Safety on prompts and tool outputs): {guarded_key}
 
   curl -s {base}/openai/v1/responses -H "api-key: {key}" \\
        -H "content-type: application/json" -d '{{"model": "gpt-4.1", "input": "Hello"}}'
@@ -451,6 +465,9 @@ with client.realtime.connect(model="gpt-realtime") as rt:
 batch_file = client.files.create(file=("b.jsonl", b"{line}"), purpose="batch")
 print(client.batches.create(input_file_id=batch_file.id, endpoint="/v1/responses",
     completion_window="24h").status)'
+
+With the guarded key, a prompt containing JAILBREAK-TEST is refused (400 content_filter),
+as Azure's own content filter would; see docs/guardrails.md for the other markers.
 
 The simulator serves Responses, Files, conversations, vector stores, containers, chat
 completions, embeddings, images, audio, Realtime and batch jobs, on the /openai/v1 and

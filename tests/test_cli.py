@@ -45,6 +45,17 @@ def test_demo_end_to_end() -> None:
                 time.sleep(0.1)
         client = openai.OpenAI(base_url=base + "/openai/v1/", api_key=key)
         assert client.responses.create(model="gpt-4.1", input="Hello").output_text == "Echo: Hello"
+        # The guarded tenant: the simulator's Content Safety refuses a marked prompt.
+        guarded = re.search(r"Guarded key .*: (gk-\S+)", printed)
+        assert guarded is not None
+        careful = openai.OpenAI(base_url=base + "/openai/v1/", api_key=guarded.group(1))
+        assert careful.responses.create(model="gpt-4.1", input="Hello").output_text
+        try:
+            careful.responses.create(model="gpt-4.1", input="JAILBREAK-TEST")
+        except openai.BadRequestError as exc:
+            assert exc.code == "content_filter"
+        else:
+            raise AssertionError("the guarded tenant's jailbreak prompt went through")
         # The Python snippet the demo prints runs as printed, with the demo's own Python:
         # responses, files, chat, embeddings, Realtime, a batch job.
         assert f"{sys.executable} -m pip install" in printed
