@@ -16,7 +16,7 @@ from its spool one line at a time, never held whole.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 from .body import Part
@@ -52,6 +52,8 @@ class BatchFile:
     size: int
     # The lines with MCP content, for the audit trail: (line, custom_id, the checked line).
     mcp: list[tuple[int, str, Checked]]
+    # The guardrail verdicts of the lines, for the audit trail: (line, custom_id, records).
+    verdicts: list[tuple[int, str, list[dict[str, Any]]]] = field(default_factory=list)
 
 
 def _at(line: int, exc: GatewayError) -> GatewayError:
@@ -78,6 +80,7 @@ async def check_batch_file(
     model_of_file = ""
     count = estimated = size = 0
     mcp: list[tuple[int, str, Checked]] = []
+    verdicts: list[tuple[int, str, list[dict[str, Any]]]] = []
     try:
         number = 0
         while raw := src.readline(limit + 2):
@@ -95,12 +98,14 @@ async def check_batch_file(
             if not text.strip():
                 continue
             try:
-                line, checked = await _check_line(gw, snap, principal, text)
+                line, checked, records = await _check_line(gw, snap, principal, text)
             except GatewayError as exc:
                 raise _at(number, exc) from None
             target, model = checked.plans[0].target, checked.model or ""
             if checked.mcp:
                 mcp.append((number, line["custom_id"], checked))
+            if records:
+                verdicts.append((number, line["custom_id"], records))
             if chosen is None:
                 chosen, model_of_file = target, model
             elif (target.resource, target.deployment) != (chosen.resource, chosen.deployment):
@@ -130,14 +135,14 @@ async def check_batch_file(
         out.close()
         raise
     out.seek(0)
-    return BatchFile(chosen, model_of_file, count, estimated, out, size, mcp)
+    return BatchFile(chosen, model_of_file, count, estimated, out, size, mcp, verdicts)
 
 
 async def _check_line(
     gw: Gateway, snap: Snapshot, principal: Principal, text: bytes
-) -> tuple[dict[str, Any], Checked]:
+) -> tuple[dict[str, Any], Checked, list[dict[str, Any]]]:
     """One line's envelope read, its body through the rulebook: (the line, the checked
-    request, whose one plan renders the line to upload)."""
+    request, whose one plan renders the line to upload, its guardrail verdicts)."""
     line = parse_json(text, snap.loaded.config.server.max_json_depth)
     if not isinstance(line, dict):
         raise BadRequest("A batch line must be a JSON object.", code="invalid_batch_line")
@@ -177,12 +182,15 @@ async def _check_line(
         return dump_json({**line, "body": checked_body}) + b"\n"
 
     request = Request(api=api, body=body, batch=True, render=render)
+    records: list[dict[str, Any]] = []
     try:
         checked = await check(gw, snap, principal, request)
         if gw.guard is not None:  # the line's prompts and documents, as for a request
-            await gw.guard.check_request(checked.tenant_name, checked.tenant, checked.body)
+            records = await gw.guard.check_request(
+                checked.tenant_name, checked.tenant, checked.body
+            )
     except GatewayError as exc:
         if exc.param and not exc.param.startswith("body."):
             exc.param = f"body.{exc.param}"
         raise
-    return line, checked
+    return line, checked, records

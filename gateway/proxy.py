@@ -113,7 +113,9 @@ class Proxy:
             ex.pinned = checked.pinned
             batch = await self._batch_file(snap, principal, checked, parsed, ex)
             attempts = self._outbound(match, parsed, checked, batch)
-            lines = (lambda ex: self._batch_records(ex, batch)) if batch and batch.mcp else None
+            lines = None
+            if batch and (batch.mcp or batch.verdicts):
+                lines = lambda ex: self._batch_records(ex, batch)  # noqa: E731
             await commit(gw, ex, checked, "all", lines)
             deleted = parsed.refs.refs[0].id if ep.deletes else None
             keeper = Keeper(
@@ -365,6 +367,10 @@ class Proxy:
             for rec in audit.request_records(ex, tools, items, line.decisions):
                 extra = {"batch_line": number, "custom_id": audit.redactor.value(custom_id)}
                 records.append({**rec, **extra})
+        for number, custom_id, verdicts in batch.verdicts:
+            extra = {"batch_line": number, "custom_id": audit.redactor.value(custom_id)}
+            base = audit.base(ex, "guardrail.verdict")
+            records += [{**base, **v, **extra} for v in verdicts]
         return records
 
 

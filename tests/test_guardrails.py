@@ -287,3 +287,30 @@ def test_what_is_extracted_and_how_it_is_cut() -> None:
     assert [severity_label(n) for n in range(8)] == ["safe"] * 2 + ["low"] * 2 + ["medium"] * 2 + [
         "high"
     ] * 2
+
+
+def test_a_batch_files_verdicts_are_audited_per_line(
+    identity: Sim, tenants: Tenants, tmp_path: Path
+) -> None:
+    cfg = _cfg({"swc": identity}, tenants)
+    cfg["audit"] = {"path": str(tmp_path / "audit.jsonl")}
+    cfg["models"]["gpt-4.1"].append({"resource": "swc", "deployment": "dep-b", "batch": True})
+    body = {"model": "gpt-4.1", "input": "hi"}
+    lines = [
+        {"custom_id": f"c{n}", "method": "POST", "url": "/v1/responses", "body": body}
+        for n in (1, 2)
+    ]
+    with gateway(cfg) as gw:
+        r = httpx.post(
+            gw.url + "/openai/v1/files",
+            files={"file": ("b.jsonl", b"\n".join(json.dumps(x).encode() for x in lines))},
+            data={"purpose": "batch"},
+            headers={"api-key": tenants.key("team-a")},
+        )
+    assert r.status_code == 200, r.text
+    records = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    verdicts = [r for r in records if r["event"] == "guardrail.verdict"]
+    assert {(v["batch_line"], v["custom_id"], v["check"]) for v in verdicts} == {
+        (n, f"c{n}", check) for n in (1, 2) for check in ("prompt_shield", "moderation_input")
+    }
+    assert all(v["verdict"] == "pass" and v["part"] == "input" for v in verdicts)
