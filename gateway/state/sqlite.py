@@ -6,15 +6,15 @@ restart must not forget is also written down and read back at start:
 
 - object bindings (who owns each id, where it lives): durable *before* the call returns,
   so before the client sees the id (``Answer.work`` awaits the bind before the bytes that
-  carry it go on, on streams too). A bind is one ``write`` of a JSON line to the binding
-  log (``PATH-bindings.log``), on the loop: the page cache holds it, so a killed process
+  carry it go on, on streams too). A bind is a JSON line stored into a memory-mapped log
+  (``PATH-log``, ``_Log``), on the loop: the page cache holds it, so a killed process
   loses none, and no device is waited for. Every FOLD_SECONDS the log is sealed and
   folded into the SQLite file on the thread; a log a kill left is folded at start;
 - runtime keys, their rotation graces and revocations (``SqliteKeyStore``): committed on
   the thread before the admin API answers; last-used times within a second;
 - day and month token and money counters, the usage ledger and charge-once markers:
-  added up in memory and committed on the thread every FLUSH_SECONDS (0.1 s), so a
-  budget cannot be reset by a restart and a kill loses at most that tenth of a second;
+  added up in memory and stored into the log as one record every FLUSH_SECONDS (0.1 s),
+  so a budget cannot be reset by a restart and a kill loses at most that tenth of a second;
 - open batches (the watcher charges them after a restart).
 
 Request-rate and token-per-minute buckets and concurrency leases stay in memory: they
@@ -24,7 +24,7 @@ One thread owns the SQLite connection (WAL, ``synchronous=NORMAL``): every trans
 SQLite's checkpoints and their fsync, the log's folding, reads of bindings evicted from
 the cache. Why bindings are not written through it: handing each bind to a thread and
 back costs ~100 µs of CPU on a 2-core VM (two cross-thread wake-ups) and a commit in a
-busy process ~150 µs, where an appended line costs a few µs (docs/benchmarks.md). One
+busy process ~150 µs, where a stored line costs a few µs (docs/benchmarks.md). One
 process per file (an exclusive lock): several would each keep their own quota engine;
 use Redis for more than one replica.
 """
@@ -41,6 +41,7 @@ import os
 import sqlite3
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -143,18 +144,35 @@ class _Pending:
     def additive(self) -> bool:
         return bool(self.counters or self.ledger or self.charged or self.used)
 
+    def rows(self) -> list[list[Any]]:
+        """The writes as rows: counters, ledger, markers, last used (an ``a`` record's
+        body, and the rows of the bulk statements)."""
+        return [
+            [[*k, v] for k, v in self.counters.items()],
+            [[*k, *v] for k, v in self.ledger.items()],
+            [[*item] for item in self.charged.items()],
+            [[*item] for item in self.used.items()],
+        ]
+
+    def merge(self, rows: list[list[Any]]) -> None:
+        """Add the rows of an ``a`` record (``rows()``'s shape) to these."""
+        counters, ledger, charged, used = rows
+        for tenant, model, window, value in counters:
+            key = (tenant, model, window)
+            self.counters[key] = self.counters.get(key, 0) + value
+        for tenant, day, model, resource, *values in ledger:
+            totals = self.ledger.setdefault((tenant, day, model, resource), [0] * len(values))
+            for n, value in enumerate(values):
+                totals[n] += value
+        for once, expires in charged:
+            self.charged[once] = expires
+        for key_id, at in used:
+            self.used[key_id] = max(at, self.used.get(key_id, 0.0))
+
     def statements(self) -> list[Batch]:
         """Every pending write, as (sql, rows)."""
-        out: list[Batch] = []
-        if self.counters:
-            out.append((_BULK_COUNTERS, [[*k, v] for k, v in self.counters.items()]))
-        if self.ledger:
-            out.append((_BULK_LEDGER, [[*k, *v] for k, v in self.ledger.items()]))
-        if self.charged:
-            out.append((_BULK_CHARGED, [*self.charged.items()]))
-        if self.used:
-            out.append((_BULK_USED, [*self.used.items()]))
-        return out
+        sqls = (_BULK_COUNTERS, _BULK_LEDGER, _BULK_CHARGED, _BULK_USED)
+        return [(sql, rows) for sql, rows in zip(sqls, self.rows(), strict=True) if rows]
 
 
 class SqliteState(MemoryState):
@@ -238,9 +256,7 @@ class SqliteState(MemoryState):
         if self._folding is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._folding)
-        self._open = True  # one last record: what is added up
-        self._flush_now()
-        self._open = False
+        self._store_pending()  # one last record: what is added up
         self._log.close()
         if self._db is not None:
             with contextlib.suppress(StateError, sqlite3.Error, OSError):
@@ -276,27 +292,24 @@ class SqliteState(MemoryState):
             raise error
 
     def _later(self) -> None:
-        """The additive writes (spend, ledger, markers, last used) go in within
-        FLUSH_SECONDS, in one transaction on the thread."""
+        """The additive writes (spend, ledger, markers, last used) go into the log within
+        FLUSH_SECONDS, as one record."""
         if self._flush_later is None and self._open:
             loop = asyncio.get_running_loop()
             self._flush_later = loop.call_later(FLUSH_SECONDS, self._flush_now)
 
     def _flush_now(self) -> None:
-        """The added-up spend, ledger, markers and last-used times: one log record."""
         self._flush_later = None
+        if self._open:
+            self._store_pending()
+
+    def _store_pending(self) -> None:
+        """The added-up spend, ledger, markers and last-used times: one log record."""
         pending = self._pending
-        if not pending.additive() or not self._open:
+        if not pending.additive():
             return
-        record = [
-            "a",
-            [[*k, v] for k, v in pending.counters.items()],
-            [[*k, *v] for k, v in pending.ledger.items()],
-            [*pending.charged.items()],
-            [*pending.used.items()],
-        ]
         try:
-            self._log.append(record)
+            self._log.append(["a", *pending.rows()])
         except OSError as exc:
             log.error("state.flush_failed", extra={"error": str(exc)})
             self._later()  # kept: tried again
@@ -310,7 +323,7 @@ class SqliteState(MemoryState):
         if not self._open:
             return
         loop = asyncio.get_running_loop()
-        self._flush_now()  # what is added up goes into the log being sealed
+        self._store_pending()  # what is added up goes into the log being sealed
         if self._folding is None and self._log.written:
             try:
                 self._log.seal()
@@ -453,9 +466,9 @@ def _run(db: sqlite3.Connection | None, statements: list[Batch]) -> None:
 def _run_or_error(db: sqlite3.Connection | None, statements: list[Batch]) -> StateError | None:
     try:
         _run(db, statements)
-    except (sqlite3.Error, StateError) as exc:
-        if isinstance(exc, StateError):
-            return exc
+    except StateError as exc:
+        return exc
+    except sqlite3.Error as exc:
         return StateError(f"The state file could not be written: {exc}.")
     return None
 
@@ -568,20 +581,26 @@ class _Log:
                 os.unlink(path)
 
 
-def _fold_file(db: sqlite3.Connection, path: str) -> None:
-    with open(path, "rb") as f:
-        data = f.read()
-    data = data[: data.find(b"\0")] if b"\0" in data else data
-    binds: dict[str, list[Any] | None] = {}
-    pending = _Pending()
-    name: list[str] = []
-    for line in data.split(b"\n"):
+def _records(data: bytes) -> Iterator[list[Any]]:
+    """The whole records of a log's bytes, in order (up to the preallocated zeros; a record
+    cut by a kill mid-store, only ever the last, is skipped)."""
+    end = data.find(b"\0")
+    for line in (data if end < 0 else data[:end]).split(b"\n"):
         try:
             record = json.loads(line)
         except ValueError:
-            continue  # a record cut by a kill mid-store (only ever the last)
-        if not isinstance(record, list) or not record:
             continue
+        if isinstance(record, list) and record:
+            yield record
+
+
+def _fold_file(db: sqlite3.Connection, path: str) -> None:
+    with open(path, "rb") as f:
+        data = f.read()
+    binds: dict[str, list[Any] | None] = {}
+    pending = _Pending()
+    name: list[str] = []
+    for record in _records(data):
         kind = record[0]
         if kind == "h" and len(record) == 2:
             name.append(record[1])
@@ -590,23 +609,12 @@ def _fold_file(db: sqlite3.Connection, path: str) -> None:
         elif kind == "d" and len(record) == 2:
             binds[record[1]] = None
         elif kind == "a" and len(record) == 5:
-            counters, ledger, charged, used = record[1:]
-            for *key, value in counters:
-                k = (key[0], key[1], key[2])
-                pending.counters[k] = pending.counters.get(k, 0) + value
-            for row in ledger:
-                k4 = (row[0], row[1], row[2], row[3])
-                totals = pending.ledger.setdefault(k4, [0] * len(LEDGER_FIELDS))
-                for n, value in enumerate(row[4:]):
-                    totals[n] += value
-            for once, expires in charged:
-                bound = binds.get(once)
-                if bound is not None:
-                    bound[6] = expires  # the marker rides on its object's row
-                else:
-                    pending.charged[once] = expires
-            for key_id, at in used:
-                pending.used[key_id] = max(at, pending.used.get(key_id, 0.0))
+            pending.merge(record[1:])
+    for once, expires in list(pending.charged.items()):
+        bound = binds.get(once)
+        if bound is not None:
+            bound[6] = expires  # the marker rides on its object's row
+            del pending.charged[once]
     # In key order: the inserts walk the table's pages once, in order.
     rows = sorted((row for row in binds.values() if row is not None), key=lambda r: r[0])
     gone = sorted(oid for oid, row in binds.items() if row is None)
@@ -780,15 +788,9 @@ class LedgerFile:
 def _ledger_of(data: bytes) -> tuple[str, list[list[Any]]]:
     """A log's name and the ledger rows of its ``a`` records."""
     name, rows = "", []
-    for line in data.split(b"\n"):
-        if not line or line[0] != ord("["):
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record[:1] == ["h"] and len(record) == 2:
+    for record in _records(data):
+        if record[0] == "h" and len(record) == 2:
             name = record[1]
-        elif record[:1] == ["a"] and len(record) == 5:
+        elif record[0] == "a" and len(record) == 5:
             rows.extend(record[2])
     return name, rows
