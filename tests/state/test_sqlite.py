@@ -278,3 +278,40 @@ def test_the_ledger_read_from_outside_counts_each_log_once(tmp_path: Path) -> No
     day = asyncio.run(main())
     rows = asyncio.run(LedgerFile(path).usage("team-a", day))
     assert rows[("gpt-4.1", "swc")]["requests"] == 2  # all folded at close
+
+
+def test_an_id_bound_again_keeps_its_charge_marker(tmp_path: Path) -> None:
+    """A response charged in one fold and bound again in a later one is still charged after
+    a restart (the rebinding once replaced the row, marker and all)."""
+    path = str(tmp_path / "state.db")
+    binding = Binding("team-a", "swc", "gpt-4.1", "response")
+
+    async def fold(state: SqliteState) -> None:
+        state._store_pending()
+        state._log.seal()
+        await asyncio.get_running_loop().run_in_executor(state._thread, state._fold)
+
+    async def first() -> None:
+        state = SqliteState(path)
+        await state.connect()
+        try:
+            await state.bind_response("resp_again", binding, 3600)
+            await state.settle([SCOPE], None, 5, windows(), "resp_again", 3600, 10)
+            await fold(state)
+            await state.bind_response("resp_again", binding, 3600)
+            await fold(state)
+        finally:
+            await state.aclose()
+
+    async def second() -> None:
+        state = SqliteState(path)
+        await state.connect()
+        try:
+            assert await state.charged("team-a", "resp_again")
+            again = await state.settle([SCOPE], None, 5, windows(), "resp_again", 3600, 10)
+            assert not again.charged
+        finally:
+            await state.aclose()
+
+    asyncio.run(first())
+    asyncio.run(second())
