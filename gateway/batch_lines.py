@@ -15,6 +15,7 @@ from its spool one line at a time, never held whole.
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -58,11 +59,10 @@ class BatchFile:
 
 def _at(line: int, exc: GatewayError) -> GatewayError:
     """``exc`` as the error of line ``line`` of the file."""
-    param = f"line {line}: {exc.param}" if exc.param else f"line {line}"
-    out = type(exc)(f"line {line}: {exc.message}", code=exc.code, param=param)
-    out.headers = exc.headers
-    if hasattr(exc, "result"):  # a content filter's verdict (guardrails.ContentFiltered)
-        out.result = exc.result  # type: ignore[attr-defined]
+    out = copy.copy(exc)  # every field its class carries (a content filter's result too)
+    out.message = f"line {line}: {exc.message}"
+    out.args = (out.message,)
+    out.param = f"line {line}: {exc.param}" if exc.param else f"line {line}"
     return out
 
 

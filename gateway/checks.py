@@ -32,8 +32,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .breaker import OPEN
 from .config import TenantConfig
-from .errors import BadRequest, GatewayError, Unauthenticated
+from .errors import BadRequest, Unauthenticated
 from .exchange import Exchange
+from .guardrails import ContentFiltered, GuardrailUnavailable
 from .keys import Principal
 from .objects import Refs, owned
 from .policy import check_tool_policy
@@ -313,11 +314,13 @@ async def _guardrails(gw: Gateway, ex: Exchange, checked: Checked) -> list[Recor
         return []
     try:
         return await gw.guard.check_request(checked.tenant_name, checked.tenant, checked.body)
-    except GatewayError as exc:
-        records = getattr(exc, "records", [])
-        if records and gw.audit.enabled:
+    except (ContentFiltered, GuardrailUnavailable) as exc:
+        if exc.records and gw.audit.enabled:
+            restore = ex.target
             if ex.target is None and checked.plans:
                 ex.target = checked.plans[0].target
             base = gw.audit.base(ex, "guardrail.verdict")
-            await gw.audit.write(ex, [{**base, **r} for r in records], before_forward=False)
+            ex.target = restore
+            records = [{**base, **r} for r in exc.records]
+            await gw.audit.write(ex, records, before_forward=False)
         raise

@@ -58,6 +58,7 @@ class ContentFiltered(BadRequest):
     """A refusal shaped like Azure's own content filter (400 ``content_filter``)."""
 
     code = "content_filter"
+    records: list[Record] = []  # the verdicts of the refused request, for the audit trail
 
     def __init__(
         self,
@@ -88,6 +89,7 @@ class ContentFiltered(BadRequest):
 
 class GuardrailUnavailable(ServiceUnavailable):
     code = "guardrail_unavailable"
+    records: list[Record] = []  # the verdicts of the refused request, for the audit trail
 
 
 def severity_label(severity: int) -> str:
@@ -306,7 +308,7 @@ class Guard:
                         result=result_body,
                     )
         if blocked is not None:
-            blocked.records = records  # type: ignore[attr-defined]
+            blocked.records = records
             raise blocked
         if unavailable is not None and guard.on_error == "closed":
             error = GuardrailUnavailable(
@@ -314,7 +316,7 @@ class Guard:
                 " forwarded. Retry after the time in retry-after.",
                 headers={"retry-after": str(max(1, round(unavailable.retry_after)))},
             )
-            error.records = records  # type: ignore[attr-defined]
+            error.records = records
             raise error
         return records
 

@@ -81,11 +81,8 @@ def test_a_jailbreak_prompt_is_refused_like_azures_content_filter(
         assert len(_safety(identity)) == n
         metrics = httpx.get(gw.url + "/metrics").text
     assert re.search(
+        # labels in the exposition's (alphabetical) order
         r'gateway_guardrail_checks_total\{check="prompt_shield",tenant="team-a",'
-        r'verdict="block"\} 2\.0',
-        metrics,
-    ) or re.search(
-        r'gateway_guardrail_checks_total\{tenant="team-a",check="prompt_shield",'
         r'verdict="block"\} 2\.0',
         metrics,
     )
